@@ -1,0 +1,8 @@
+"""The embedded default: handwritten digits, reference models and a classifier module."""
+
+from lightning_compress.demo.data import DigitsDataModule, EpochSeededSampler
+from lightning_compress.demo.models import MLP, BasicBlock, PlainCNN, ResidualCNN
+from lightning_compress.demo.module import ClassifierModule
+
+__all__ = ["MLP", "BasicBlock", "ClassifierModule", "DigitsDataModule", "EpochSeededSampler", "PlainCNN",
+           "ResidualCNN"]

@@ -1,0 +1,111 @@
+"""A LightningModule that trains any backbone as a classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULERS = ("cosine", "step", "none")
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of ``backbone`` with accuracy logged as ``train/acc``, ``val/acc`` and ``test/acc``.
+
+    ``compression_target`` is the backbone, so compression callbacks resolve layer names inside the user's network
+    (``stage1.0.conv1``, not ``backbone.stage1.0.conv1``).
+
+    Args:
+        backbone: any network mapping a batch of inputs to ``(B, num_classes)`` logits.
+        num_classes: number of classes.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with Nesterov momentum).
+        lr: learning rate.
+        weight_decay: weight decay.
+        momentum: momentum for SGD.
+        lr_scheduler: ``"cosine"`` (annealed to 0 over ``trainer.max_epochs``), ``"step"`` or ``"none"``.
+        step_size: epochs between decays for ``"step"``.
+        gamma: decay factor for ``"step"``.
+
+    Raises:
+        ValueError: for an unknown optimizer or scheduler, a non-positive learning rate or class count.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        lr_scheduler: str = "cosine",
+        step_size: int = 10,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        if lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr!r}.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @property
+    def compression_target(self) -> nn.Module:
+        return self.backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def _shared_step(self, batch: Any, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = F.cross_entropy(logits, targets)
+        accuracy(logits, targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(inputs).argmax(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
+                                        weight_decay=hp.weight_decay)
+        else:
+            optimizer_class = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+            optimizer = optimizer_class(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_scheduler == "none":
+            return optimizer
+        scheduler: torch.optim.lr_scheduler.LRScheduler
+        if hp.lr_scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

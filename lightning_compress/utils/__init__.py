@@ -1,0 +1,23 @@
+"""Helpers shared by every compression family: layer selection, logging, the compression target."""
+
+from lightning_compress.utils.layers import LAYER_TYPES, resolve_layer_types, select_layers
+from lightning_compress.utils.logging import (
+    log_histogram,
+    log_image,
+    log_scalars,
+    log_text,
+    tensorboard_writers,
+)
+from lightning_compress.utils.target import compression_target
+
+__all__ = [
+    "LAYER_TYPES",
+    "compression_target",
+    "log_histogram",
+    "log_image",
+    "log_scalars",
+    "log_text",
+    "resolve_layer_types",
+    "select_layers",
+    "tensorboard_writers",
+]

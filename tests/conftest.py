@@ -1,0 +1,57 @@
+"""Shared fixtures: deterministic seeds, a quiet Trainer factory and the digits data."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    pl.seed_everything(0, workers=True, verbose=False)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def make_trainer(root: Any, **overrides: Any) -> pl.Trainer:
+    """A quiet CPU Trainer writing TensorBoard logs under ``root``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    options: dict[str, Any] = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": TensorBoardLogger(str(root), name="run"),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(root),
+        "deterministic": True,
+    }
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+@pytest.fixture
+def trainer_factory(tmp_path):  # type: ignore[no-untyped-def]
+    def factory(**overrides: Any) -> pl.Trainer:
+        return make_trainer(tmp_path, **overrides)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def digits():  # type: ignore[no-untyped-def]
+    from lightning_compress.demo import DigitsDataModule
+
+    datamodule = DigitsDataModule(batch_size=64, seed=0)
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
