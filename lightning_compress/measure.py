@@ -95,7 +95,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         density = _weight_density(module) if module is not None and not list(module.children()) else None
         if density is not None:
             saved += (1.0 - density) * sum(ops.values()) / 2
-    return int(dense), int(round(dense - saved))
+    return int(dense), round(dense - saved)
 
 
 def measure_latency(

@@ -96,12 +96,13 @@ class CompressionReport(Callback):
             path = Path(baseline)
             if not path.is_file():
                 raise ValueError(f"baseline report {str(baseline)!r} does not exist.")
-            baseline = json.loads(path.read_text())
-        self.baseline = baseline
+            self.baseline = json.loads(path.read_text())
+        else:
+            self.baseline = baseline
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Public override point: the batch the model is measured on (``batch_size`` validation inputs)."""
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         loaders = []
         if datamodule is not None:
             loaders = [datamodule.val_dataloader, datamodule.train_dataloader]

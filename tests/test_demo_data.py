@@ -28,7 +28,7 @@ def test_split_is_fixed_by_the_seed():
     first, second, other = DigitsDataModule(seed=3), DigitsDataModule(seed=3), DigitsDataModule(seed=4)
     for datamodule in (first, second, other):
         datamodule.setup()
-    for a, b in zip(first.split_indices, second.split_indices):
+    for a, b in zip(first.split_indices, second.split_indices, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first.split_indices[0], other.split_indices[0])
     torch.testing.assert_close(first.train_set.tensors[0], second.train_set.tensors[0])

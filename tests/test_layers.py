@@ -7,7 +7,7 @@ from lightning_compress.utils import select_layers
 
 def test_default_selects_convs_and_linears_in_order():
     selected = select_layers(ResidualCNN(width=4))
-    assert list(selected)[0] == "stem.conv" and list(selected)[-1] == "fc"
+    assert next(iter(selected)) == "stem.conv" and list(selected)[-1] == "fc"
     assert all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in selected.values())
 
 
@@ -26,7 +26,7 @@ def test_a_pattern_matching_nothing_is_named_with_the_choices():
 
 
 def test_pattern_of_the_wrong_type_matches_nothing():
-    with pytest.raises(ValueError, match="'stem.bn' matches no layer of type"):
+    with pytest.raises(ValueError, match=r"'stem\.bn' matches no layer of type"):
         select_layers(ResidualCNN(width=4), "stem.bn")
 
 

@@ -1,7 +1,7 @@
 import lightning.pytorch as pl
 import torch
 
-from lightning_compress.demo import ClassifierModule, DigitsDataModule, MLP
+from lightning_compress.demo import MLP, ClassifierModule, DigitsDataModule
 from lightning_compress.testing import read_scalars, read_tags, read_text
 from lightning_compress.utils import log_histogram, log_image, log_scalars, log_text
 

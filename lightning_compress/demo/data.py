@@ -43,8 +43,8 @@ def _stratified_split(
     parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
     for label in np.unique(labels):
         indices = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(fractions[1] * len(indices)))
-        n_test = int(round(fractions[2] * len(indices)))
+        n_val = round(fractions[1] * len(indices))
+        n_test = round(fractions[2] * len(indices))
         n_train = len(indices) - n_val - n_test
         parts[0].append(indices[:n_train])
         parts[1].append(indices[n_train : n_train + n_val])

@@ -92,20 +92,21 @@ class ClassifierModule(pl.LightningModule):
         return self(inputs).argmax(dim=1)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = dict(self.hparams)
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
-                                        weight_decay=hp.weight_decay)
+        if hp["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["momentum"] > 0,
+                                        weight_decay=hp["weight_decay"])
         else:
-            optimizer_class = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
-            optimizer = optimizer_class(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.lr_scheduler == "none":
+            optimizer_class = torch.optim.Adam if hp["optimizer"] == "adam" else torch.optim.AdamW
+            optimizer = optimizer_class(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        if hp["lr_scheduler"] == "none":
             return optimizer
         scheduler: torch.optim.lr_scheduler.LRScheduler
-        if hp.lr_scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        if hp["lr_scheduler"] == "cosine":
+            epochs = max(1, self.trainer.max_epochs or 1)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         else:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp["step_size"], gamma=hp["gamma"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

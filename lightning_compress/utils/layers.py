@@ -40,7 +40,8 @@ def resolve_layer_types(types: Iterable[str | type[nn.Module]]) -> tuple[type[nn
         elif isinstance(layer_type, str) and layer_type in LAYER_TYPES:
             resolved.append(LAYER_TYPES[layer_type])
         else:
-            raise ValueError(f"Unknown layer type {layer_type!r}; allowed: {sorted(LAYER_TYPES)} or an nn.Module class.")
+            allowed = f"{sorted(LAYER_TYPES)} or an nn.Module class"
+            raise ValueError(f"Unknown layer type {layer_type!r}; allowed: {allowed}.")
     return tuple(resolved)
 
 
