@@ -15,19 +15,9 @@ from typing_extensions import override
 
 from lightning_compress.measure import format_markdown, measure_model
 from lightning_compress.utils import compression_target, log_scalars, log_text
+from lightning_compress.utils.data import first_tensor
 
 __all__ = ["CompressionReport", "measure_model"]
-
-
-def _first_tensor(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return _first_tensor(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _first_tensor(next(iter(batch.values())))
-    raise TypeError(f"Cannot find an input tensor in a batch of type {type(batch).__name__}; "
-                    "override CompressionReport.example_inputs.")
 
 
 class CompressionReport(Callback):
@@ -116,7 +106,7 @@ class CompressionReport(Callback):
                 continue
             loader = loader[0] if isinstance(loader, (list, tuple)) else loader
             for batch in loader:
-                chunks.append(_first_tensor(batch))
+                chunks.append(first_tensor(batch))
                 if sum(len(c) for c in chunks) >= self.batch_size:
                     break
             if chunks:

@@ -1,5 +1,6 @@
 """Helpers shared by every compression family: layer selection, logging, the compression target."""
 
+from lightning_compress.utils.data import execution_order, first_tensor
 from lightning_compress.utils.layers import LAYER_TYPES, resolve_layer_types, select_layers
 from lightning_compress.utils.logging import (
     log_histogram,
@@ -13,6 +14,8 @@ from lightning_compress.utils.target import compression_target
 __all__ = [
     "LAYER_TYPES",
     "compression_target",
+    "execution_order",
+    "first_tensor",
     "log_histogram",
     "log_image",
     "log_scalars",

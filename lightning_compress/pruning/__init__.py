@@ -1,0 +1,88 @@
+"""Pruning: criteria (scores and masks), schedules, dependency groups and physical compaction.
+
+The math lives in pure modules (no Lightning import): :mod:`~lightning_compress.pruning.criteria` (magnitude,
+threshold, splicing), :mod:`~lightning_compress.pruning.structured` (vector, kernel, filter, channel norms),
+:mod:`~lightning_compress.pruning.masks` (strategy objects), :mod:`~lightning_compress.pruning.schedules`,
+:mod:`~lightning_compress.pruning.dependency` (channel groups by tracing) and
+:mod:`~lightning_compress.pruning.compact` (a smaller dense model). Note that ``lightning_compress.pruning.compact``
+is the function; the module is reachable as ``lightning_compress.pruning.compaction``.
+"""
+
+import sys
+
+from lightning_compress.pruning import schedules
+from lightning_compress.pruning.compact import (
+    CompactionPlan,
+    plan_compaction,
+    zero_bn_for_pruned_filters,
+    zero_filter_indices,
+)
+from lightning_compress.pruning.compact import compact as _compact_function
+from lightning_compress.pruning.criteria import (
+    global_magnitude_masks,
+    magnitude_mask,
+    splicing_mask,
+    splicing_thresholds,
+    threshold_mask,
+)
+from lightning_compress.pruning.dependency import ChannelGroup, build_graph, filter_groups
+from lightning_compress.pruning.masks import (
+    FilterNorm,
+    Magnitude,
+    PruningMethod,
+    Splicing,
+    Structured,
+    Threshold,
+    apply_mask,
+)
+from lightning_compress.pruning.schedules import AGP, Constant, Cosine, Exponential, Linear, Schedule
+from lightning_compress.pruning.structured import (
+    channel_norms,
+    filter_mask,
+    filter_norms,
+    kernel_mask,
+    kernel_scores,
+    vector_mask,
+    vector_scores,
+)
+
+compaction = sys.modules["lightning_compress.pruning.compact"]
+compact = _compact_function
+
+__all__ = [
+    "AGP",
+    "ChannelGroup",
+    "CompactionPlan",
+    "Constant",
+    "Cosine",
+    "Exponential",
+    "FilterNorm",
+    "Linear",
+    "Magnitude",
+    "PruningMethod",
+    "Schedule",
+    "Splicing",
+    "Structured",
+    "Threshold",
+    "apply_mask",
+    "build_graph",
+    "channel_norms",
+    "compact",
+    "compaction",
+    "filter_groups",
+    "filter_mask",
+    "filter_norms",
+    "global_magnitude_masks",
+    "kernel_mask",
+    "kernel_scores",
+    "magnitude_mask",
+    "plan_compaction",
+    "schedules",
+    "splicing_mask",
+    "splicing_thresholds",
+    "threshold_mask",
+    "vector_mask",
+    "vector_scores",
+    "zero_bn_for_pruned_filters",
+    "zero_filter_indices",
+]

@@ -1,0 +1,49 @@
+"""Finding the model input inside a batch, and the order in which layers run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def first_tensor(batch: Any) -> torch.Tensor:
+    """The first tensor of a batch: the batch itself, its first element, or its first dictionary value.
+
+    >>> first_tensor((torch.zeros(2, 3), torch.ones(2))).shape
+    torch.Size([2, 3])
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return first_tensor(batch[0])
+    if isinstance(batch, dict) and batch:
+        return first_tensor(next(iter(batch.values())))
+    raise TypeError(f"Cannot find an input tensor in a batch of type {type(batch).__name__}.")
+
+
+def execution_order(model: nn.Module, example_inputs: Any, names: list[str] | None = None) -> list[str]:
+    """Qualified names of the leaf modules of ``model`` (or of ``names``) in the order one forward pass calls them.
+
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> execution_order(model, torch.zeros(1, 2), names=["2", "0"])
+    ['0', '2']
+    """
+    modules = dict(model.named_modules())
+    watched = names if names is not None else [n for n, m in modules.items() if n and not list(m.children())]
+    order: list[str] = []
+    handles = [
+        modules[name].register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name in watched
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            model(*args)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
