@@ -7,51 +7,68 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_compress.pruning.batchnorm import batchnorm_after, recalibrate_batchnorm, zero_batchnorm_channels
+from lightning_compress.pruning.batchnorm import batchnorm_after, recalibrate_batchnorm
 from lightning_compress.pruning.callback_base import PruningCallback
-from lightning_compress.pruning.criteria import check_sparsity
+from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
+from lightning_compress.pruning.filter_groups import (
+    PrunableGroup,
+    from_dependency_group,
+    group_scores,
+    zero_group_channels,
+)
 from lightning_compress.pruning.schedules import Schedule
-from lightning_compress.pruning.structured import check_p, filter_mask, filter_norms, filters_to_prune
+from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.utils import first_tensor
 
 MODES = ("soft", "hard")
+GRANULARITIES = ("filter", "channel")
 
 
 class FilterPruning(PruningCallback):
-    """Prune the filters (output channels) of lowest Lp norm in each chosen convolution or linear layer.
+    """Prune the filters (output channels) of lowest Lp norm, per dependency group, soft or hard.
+
+    Channels tied across layers (residual additions, concatenations, depthwise convolutions) form one group, found
+    by tracing one forward pass: they are scored together (the Lp norm of all weights tied to the channel) and kept
+    or pruned together, so :func:`lightning_compress.pruning.compact` can remove them. A group is pruned only if
+    every producing layer is selected; the final classifier is not pruned by default.
 
     ``mode="soft"`` is Soft Filter Pruning (He et al., IJCAI 2018): at every scheduled update (by default before
-    training and after every epoch) the lowest-norm ``rate`` of each layer's filters are zeroed, weight and bias only,
-    so they keep receiving gradients and may regrow; when training ends the final selection is made permanent:
-    pruned channels' BatchNorm scale and shift are zeroed (eval-mode BN would otherwise turn a zero filter into the
-    constant ``beta - gamma * mu / sigma``) and BatchNorm statistics are re-estimated on ``recalibration_batches``
-    training batches. The four steps are select (norms), prune (zero), reconstruct (BN zeroing and re-estimation) and
-    compact (:func:`lightning_compress.pruning.compact` builds the smaller dense model).
+    training and after every epoch) the lowest-scoring ``rate`` of each group's channels are zeroed, in the
+    producing weights and biases only, so they keep receiving gradients and may regrow. When training ends the
+    final selection is made permanent: pruned channels' BatchNorm scale and shift are zeroed (in eval mode BN would
+    otherwise turn a zero filter into the constant ``beta - gamma * mu / sigma``) and BatchNorm statistics are
+    re-estimated on ``recalibration_batches`` training batches (averaged across DDP ranks). The four steps are
+    select (scores), prune (zero), reconstruct (BN zeroing and re-estimation) and compact
+    (:func:`~lightning_compress.pruning.compact`).
 
-    ``mode="hard"``: a pruned filter stays pruned (masks only grow along the schedule); weight, bias and BatchNorm
-    channel are zeroed after every optimizer step.
+    ``mode="hard"``: a pruned channel stays pruned (masks only grow along the schedule); weights, biases and
+    BatchNorm channels are zeroed after every optimizer step.
+
+    ``granularity="filter"`` scores producing filters; ``"channel"`` scores the consumers' input channels that read
+    each channel (the same group is then removed).
 
     Args:
-        sparsity: fraction of filters pruned per layer, in [0, 1); or a mapping from layer name/regex to a rate
-            (the first matching pattern wins; unmatched layers are not pruned).
+        sparsity: fraction of each group's channels pruned, in [0, 1); or a mapping from layer name/regex to a rate
+            (first matching pattern wins; a group takes the smallest rate of its layers; unmatched: not pruned).
         mode: ``"soft"`` or ``"hard"``.
         p: the norm scoring filters (1 or 2).
-        schedule: progress towards the rates (default: full rate from the start, updated every epoch).
-        recalibration_batches: training batches used to re-estimate BatchNorm statistics after the final prune
-            (0 keeps the statistics).
+        granularity: ``"filter"`` or ``"channel"``.
+        schedule: progress towards the rates (default: the full rate from the start, updated every epoch).
+        recalibration_batches: training batches to re-estimate BatchNorm statistics after the final prune.
         layers: names or regexes of layers to prune.
         types: layer types considered.
-        exclude: names or regexes to skip.
-        prune_classifier: also prune the last layer (its filters are the classes: rarely wanted).
+        exclude: names or regexes to skip (their whole group is skipped).
+        prune_classifier: also prune the last layer.
         log_histograms: per-layer sparsity histogram in TensorBoard.
 
     Raises:
-        ValueError: for a rate outside [0, 1), an unknown mode, ``p`` not in {1, 2}, a rate that would remove every
-            filter of a layer (before the first training step), or a pattern matching nothing.
+        ValueError: for a rate outside [0, 1), an unknown mode or granularity, ``p`` not in {1, 2}, a rate that
+            would remove every channel of a group (before the first training step), or a pattern matching nothing.
     """
 
     def __init__(
@@ -59,6 +76,7 @@ class FilterPruning(PruningCallback):
         sparsity: float | dict[str, float] = 0.4,
         mode: str = "soft",
         p: int = 2,
+        granularity: str = "filter",
         schedule: Schedule | None = None,
         recalibration_batches: int = 20,
         layers: str | list[str] | None = None,
@@ -72,18 +90,21 @@ class FilterPruning(PruningCallback):
             check_sparsity(rate, f"sparsity[{pattern!r}]" if isinstance(sparsity, dict) else "sparsity")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
         check_p(p)
         if recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be >= 0, got {recalibration_batches!r}.")
-        super().__init__(1.0 if isinstance(sparsity, dict) else sparsity, schedule, layers,
-                         types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier, log_histograms)
+        super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
+                         log_histograms)
         self.sparsity = sparsity  # type: ignore[assignment]
         self.rates = rates
-        self.mode, self.p = mode, p
+        self.mode, self.p, self.granularity = mode, p, granularity
         self.recalibration_batches = recalibration_batches
         self.finalized = False
         self.revived_filters = 0
-        self._batchnorms: dict[str, str] = {}
+        self.groups: list[PrunableGroup] = []
+        self.skipped: dict[str, str] = {}
 
     # -- resolution -------------------------------------------------------------------------------------------
     def rate_of(self, name: str) -> float:
@@ -93,60 +114,99 @@ class FilterPruning(PruningCallback):
                 return rate
         return 0.0
 
+    def group_rate(self, group: PrunableGroup) -> float:
+        return min(self.rate_of(name) for name in group.producers)
+
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
-        self._batchnorms = batchnorm_after(self._target, first_tensor(batch).to(pl_module.device), self._modules)
+        self._all_modules = dict(self._target.named_modules())
+        self.groups, self.skipped = self._resolve_groups(first_tensor(batch).to(pl_module.device))
+        if not self.groups:
+            raise ValueError(f"FilterPruning found no group of filters it may prune; skipped: {self.skipped}.")
+        self._modules = {name: self._all_modules[name] for g in self.groups for name in g.producers}
+        self.validate_groups()
+        if self.skipped:
+            rank_zero_warn(f"FilterPruning leaves these layers unpruned: {self.skipped}")
 
-    def validate_layers(self, modules: dict[str, nn.Module]) -> None:
-        for name, module in modules.items():
-            # Raises, naming the rate, when it would remove every filter of the layer.
+    def _resolve_groups(self, example: torch.Tensor) -> tuple[list[PrunableGroup], dict[str, str]]:
+        from lightning_compress.pruning.dependency import filter_groups
+
+        selected, skipped = set(self._modules), {}
+        try:
+            traced = filter_groups(self._target, example)
+        except Exception as err:  # an exotic model the tracer cannot follow: each layer on its own
+            rank_zero_warn(f"FilterPruning could not trace dependency groups ({err}); scoring each layer alone.")
+            return self._single_layer_groups(example), {}
+        groups = []
+        for dependency_group in traced:
+            group = from_dependency_group(dependency_group)
+            names = list(group.producers)
+            if not selected & set(names):
+                continue
+            if not set(names) <= selected:
+                skipped[group.name] = f"tied to unselected layers {sorted(set(names) - selected)}"
+            elif dependency_group.blocked:
+                skipped[group.name] = "; ".join(dependency_group.blocked)
+            elif self.group_rate(group) > 0:
+                groups.append(group)
+        return groups, skipped
+
+    def _single_layer_groups(self, example: torch.Tensor) -> list[PrunableGroup]:
+        bns = batchnorm_after(self._target, example, self._modules)
+        groups = []
+        for name, module in self._modules.items():
+            index = torch.arange(module.weight.shape[0])
+            groups.append(PrunableGroup({name: index}, batchnorms={bns[name]: index} if name in bns else {}))
+        return groups
+
+    def validate_groups(self) -> None:
+        for group in self.groups:
             try:
-                filters_to_prune(torch.ones(module.weight.shape[0]), self.rate_of(name))
+                filters_to_prune(torch.ones(group.size), self.group_rate(group))
             except ValueError as err:
-                raise ValueError(f"Layer {name!r}: {err}") from err
+                raise ValueError(f"Layers {list(group.producers)}: {err}") from err
 
     def target_at(self, position: int) -> float:
-        return self.schedule.progress(position)  # progress; each layer scales its own rate
+        return self.schedule.progress(position)  # progress; each group scales its own rate
 
     # -- masks ------------------------------------------------------------------------------------------------
     def compute_masks(self, modules: dict[str, nn.Module], progress: float, position: int) -> dict[str, torch.Tensor]:
-        masks = {}
-        for name, module in modules.items():
-            keep = filter_mask(module.weight.detach(), self.rate_of(name) * progress, self.p)
-            previous = self.masks.get(name)
-            if previous is not None:
-                if self.mode == "hard":
-                    keep = self._grow_hard(module, previous.to(keep.device), self.rate_of(name) * progress)
-                else:
-                    self.revived_filters += int((keep.cpu() & ~previous).sum())
-            masks[name] = keep
+        masks: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            scores = group_scores(group, self._all_modules, self.p, self.granularity)
+            k = filters_to_prune(scores, self.group_rate(group) * progress)
+            previous = self._group_keep(group)
+            if previous is not None and self.mode == "hard":
+                scores[~previous] = -1.0  # already pruned channels rank lowest and stay pruned
+                k = max(k, int((~previous).sum()))
+            keep = lowest_k_mask(scores, k)
+            if previous is not None and self.mode == "soft":
+                self.revived_filters += int((keep & ~previous).sum())
+            masks.update(self._producer_masks(group, keep))
         return masks
 
-    def _grow_hard(self, module: nn.Module, previous: torch.Tensor, rate: float) -> torch.Tensor:
-        """Hard mode: keep every earlier pruned filter pruned; prune more of the survivors to reach ``rate``."""
-        scores = filter_norms(module.weight.detach(), self.p).clone()
-        scores[~previous] = -1.0  # already pruned filters rank lowest
-        k = max(filters_to_prune(scores, rate), int((~previous).sum()))
-        order = torch.sort(scores, stable=True).indices
-        keep = torch.ones_like(previous)
-        keep[order[:k]] = False
-        return keep
+    def _group_keep(self, group: PrunableGroup) -> torch.Tensor | None:
+        name, index = next(iter(group.producers.items()))
+        mask = self.masks.get(name)
+        return None if mask is None else mask.cpu()[index.clamp(min=0)]
+
+    def _producer_masks(self, group: PrunableGroup, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        masks = {}
+        for name, index in group.producers.items():
+            mask = torch.ones(self._all_modules[name].weight.shape[0], dtype=torch.bool)
+            valid = index >= 0
+            mask[index[valid]] = keep[valid]
+            masks[name] = mask
+        return masks
 
     def enforce(self) -> None:
-        with torch.no_grad():
-            for name, keep in self.masks.items():
-                module = self._modules[name]
-                keep = keep.to(module.weight.device)
-                module.weight.mul_(keep.view(-1, *([1] * (module.weight.dim() - 1))))
-                if module.bias is not None:
-                    module.bias.mul_(keep)
-                if self.mode == "hard" or self.finalized:
-                    self._zero_batchnorm(name, keep)
-
-    def _zero_batchnorm(self, name: str, keep: torch.Tensor) -> None:
-        bn_name = self._batchnorms.get(name)
-        if bn_name is not None:
-            zero_batchnorm_channels(self._target.get_submodule(bn_name), keep)
+        if not self.masks:
+            return
+        zero_bn = self.mode == "hard" or self.finalized
+        for group in self.groups:
+            keep = self._group_keep(group)
+            if keep is not None:
+                zero_group_channels(group, self._all_modules, keep, batchnorm=zero_bn)
 
     def after_step(self, trainer: pl.Trainer) -> None:
         if self.mode == "hard" or self.finalized:
@@ -166,10 +226,10 @@ class FilterPruning(PruningCallback):
 
     def finalize(self, trainer: pl.Trainer) -> None:
         """Make the current selection permanent: zero filters and their BatchNorm channels, re-estimate BN."""
-        self._update(trainer, self.schedule.end, force=True)
+        self._update(trainer, max(self.schedule.end, self.position or 0), force=True)
         self.finalized = True
         self.enforce()
-        if self.recalibration_batches and self._batchnorms:
+        if self.recalibration_batches and any(g.batchnorms for g in self.groups):
             recalibrate_batchnorm(self._target, self._training_inputs(trainer), trainer.lightning_module.device)
             self._average_batchnorm_statistics(trainer)
             self.enforce()
@@ -185,8 +245,7 @@ class FilterPruning(PruningCallback):
                     buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
     def _training_inputs(self, trainer: pl.Trainer) -> Any:
-        loader = trainer.train_dataloader
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(trainer.train_dataloader):
             if index >= self.recalibration_batches:
                 return
             yield first_tensor(batch)

@@ -1,0 +1,108 @@
+"""Filter groups for FilterPruning: the channels that must be scored, kept and pruned together.
+
+A group ties the output channels of several layers (residual additions, depthwise convolutions, concatenations) as
+found by :func:`lightning_compress.pruning.dependency.filter_groups`; a plain layer is a group of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_compress.pruning.structured import check_p
+
+
+@dataclass
+class PrunableGroup:
+    """Output channels shared by ``producers``; each mapping gives, per group channel, the layer's index or -1.
+
+    Attributes:
+        producers: layers whose filters are these channels.
+        depthwise: depthwise convolutions carrying them (filter ``i`` reads channel ``i``).
+        batchnorms: BatchNorm layers normalising them.
+        consumers: layers reading them, with the input indices of each channel (for channel scores).
+    """
+
+    producers: dict[str, torch.Tensor]
+    depthwise: dict[str, torch.Tensor] = field(default_factory=dict)
+    batchnorms: dict[str, torch.Tensor] = field(default_factory=dict)
+    consumers: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.producers.values())))
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.producers)
+
+
+def _indices(mapping: dict[str, list[int | None]]) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([-1 if i is None else i for i in idx], dtype=torch.long) for name, idx in
+            mapping.items()}
+
+
+def from_dependency_group(group: object) -> PrunableGroup:
+    """Convert a ``ChannelGroup`` of the dependency analysis."""
+    return PrunableGroup(
+        producers=_indices(group.producers),  # type: ignore[attr-defined]
+        depthwise=_indices(group.depthwise),  # type: ignore[attr-defined]
+        batchnorms=_indices(group.batchnorms),  # type: ignore[attr-defined]
+        consumers=dict(group.consumers),  # type: ignore[attr-defined]
+    )
+
+
+def _rows(weight: torch.Tensor, index: torch.Tensor, along: int) -> torch.Tensor:
+    """Per group channel, the ``|w|^p``-ready slice sums; channels the layer lacks (-1) contribute 0."""
+    valid = index >= 0
+    picked = weight.detach().abs().movedim(along, 0)[index.clamp(min=0)].flatten(1)
+    return picked * valid.unsqueeze(1)
+
+
+def group_scores(group: PrunableGroup, modules: dict[str, nn.Module], p: int, granularity: str = "filter"
+                 ) -> torch.Tensor:
+    """The Lp norm of all weights tied to each channel of ``group``.
+
+    ``granularity="filter"`` scores the producers' filters (Li et al. 2017; He et al. 2018, on a group as in
+    DepGraph, Fang et al. 2023); ``"channel"`` scores the consumers' input slices that read the channel.
+    """
+    check_p(p)
+    total = torch.zeros(group.size, dtype=torch.float64)
+    if granularity == "filter":
+        for name, index in group.producers.items():
+            total += _rows(modules[name].weight, index, 0).double().pow(p).sum(dim=1)
+    else:
+        for name, reads in group.consumers.items():
+            if name not in modules or getattr(modules[name], "groups", 1) != 1:
+                continue  # the model output, or a grouped convolution whose inputs are not columns
+            weight = modules[name].weight.detach().abs().double()
+            for k, columns in enumerate(reads):
+                if columns:
+                    total[k] += weight[:, columns].pow(p).sum()
+    return total.pow(1.0 / p)
+
+
+def zero_group_channels(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor,
+                        batchnorm: bool, consumers: bool = False) -> None:
+    """Zero the pruned channels of ``group``: producer filters and biases, depthwise filters, optionally the
+    BatchNorm scale and shift, optionally the consumers' input slices."""
+    drop = ~keep.to(torch.bool)
+    with torch.no_grad():
+        for mapping, is_bn in ((group.producers, False), (group.depthwise, False), (group.batchnorms, True)):
+            if is_bn and not batchnorm:
+                continue
+            for name, index in mapping.items():
+                rows = index[drop & (index >= 0)]
+                module = modules[name]
+                if rows.numel():
+                    module.weight[rows.to(module.weight.device)] = 0
+                    if module.bias is not None:
+                        module.bias[rows.to(module.bias.device)] = 0
+        if consumers:
+            for name, reads in group.consumers.items():
+                if name in modules and getattr(modules[name], "groups", 1) == 1:
+                    columns = [c for k in torch.nonzero(drop).flatten().tolist() for c in reads[k]]
+                    if columns:
+                        modules[name].weight[:, columns] = 0
