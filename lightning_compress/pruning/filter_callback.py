@@ -23,7 +23,7 @@ from lightning_compress.pruning.filter_groups import (
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
-from lightning_compress.utils import first_tensor
+from lightning_compress.utils import first_tensor, replace_compression_target
 
 MODES = ("soft", "hard")
 GRANULARITIES = ("filter", "channel")
@@ -60,6 +60,9 @@ class FilterPruning(PruningCallback):
         granularity: ``"filter"`` or ``"channel"``.
         schedule: progress towards the rates (default: the full rate from the start, updated every epoch).
         recalibration_batches: training batches to re-estimate BatchNorm statistics after the final prune.
+        compact_on_fit_end: at the end of ``fit`` replace the compression target inside the LightningModule by its
+            compacted copy (fewer filters and channels, same outputs); a later ``fit`` (fine-tuning) builds its
+            optimizer over the compact network, and this callback then leaves it alone.
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip (their whole group is skipped).
@@ -79,6 +82,7 @@ class FilterPruning(PruningCallback):
         granularity: str = "filter",
         schedule: Schedule | None = None,
         recalibration_batches: int = 20,
+        compact_on_fit_end: bool = False,
         layers: str | list[str] | None = None,
         types: list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -101,6 +105,9 @@ class FilterPruning(PruningCallback):
         self.rates = rates
         self.mode, self.p, self.granularity = mode, p, granularity
         self.recalibration_batches = recalibration_batches
+        self.compact_on_fit_end = compact_on_fit_end
+        self.compacted = False
+        self.compaction: dict[str, Any] = {}
         self.finalized = False
         self.revived_filters = 0
         self.groups: list[PrunableGroup] = []
@@ -117,8 +124,26 @@ class FilterPruning(PruningCallback):
     def group_rate(self, group: PrunableGroup) -> float:
         return min(self.rate_of(name) for name in group.producers)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.compacted:
+            super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.compacted:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.compacted:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
+        self._example = first_tensor(batch)[:2].detach().clone()
         self._all_modules = dict(self._target.named_modules())
         self.groups, self.skipped = self._resolve_groups(first_tensor(batch).to(pl_module.device))
         if not self.groups:
@@ -234,6 +259,26 @@ class FilterPruning(PruningCallback):
             self._average_batchnorm_statistics(trainer)
             self.enforce()
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.compact_on_fit_end and self.finalized and not self.compacted:
+            self.compact(pl_module)
+
+    def compact(self, pl_module: pl.LightningModule) -> nn.Module:
+        """Replace the compression target by its compacted copy; returns the copy."""
+        from lightning_compress.measure import count_parameters
+        from lightning_compress.pruning.compact import compact
+
+        before = count_parameters(self._target)
+        small, plan = compact(self._target, self._example.to(pl_module.device), return_plan=True)
+        replace_compression_target(pl_module, small)
+        self.compaction = {"parameters_before": before, "parameters_after": count_parameters(small),
+                           "channels_removed": plan.num_removable,
+                           "skipped": [f"group {g}: {len(p)} channels kept ({why})" for g, p, why in plan.skipped]}
+        self.compacted, self.masks, self.groups = True, {}, []
+        self._target, self._modules, self._ready = small, {}, False
+        return small
+
     def _average_batchnorm_statistics(self, trainer: pl.Trainer) -> None:
         """Each rank re-estimated statistics on its own shard: average them so every rank holds the same model."""
         if trainer.world_size == 1:
@@ -262,10 +307,12 @@ class FilterPruning(PruningCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters}
+        return {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
+                "compacted": self.compacted}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.finalized = state_dict.get("finalized", False)
         self.revived_filters = state_dict.get("revived_filters", 0)
+        self.compacted = state_dict.get("compacted", False)

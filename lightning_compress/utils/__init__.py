@@ -9,7 +9,7 @@ from lightning_compress.utils.logging import (
     log_text,
     tensorboard_writers,
 )
-from lightning_compress.utils.target import compression_target
+from lightning_compress.utils.target import compression_target, replace_compression_target
 
 __all__ = [
     "LAYER_TYPES",
@@ -20,6 +20,7 @@ __all__ = [
     "log_image",
     "log_scalars",
     "log_text",
+    "replace_compression_target",
     "resolve_layer_types",
     "select_layers",
     "tensorboard_writers",

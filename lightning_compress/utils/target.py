@@ -19,3 +19,22 @@ def compression_target(pl_module: nn.Module) -> nn.Module:
             f"{type(pl_module).__name__}.compression_target must be an nn.Module, got {type(target).__name__}."
         )
     return target
+
+
+def replace_compression_target(pl_module: nn.Module, new: nn.Module) -> str:
+    """Put ``new`` where ``pl_module``'s compression target sits (e.g. a compacted copy); returns its attribute path.
+
+    Raises:
+        ValueError: if the compression target is the LightningModule itself (it cannot replace itself).
+    """
+    old = compression_target(pl_module)
+    for name, module in pl_module.named_modules():
+        if module is old and name:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+            setattr(parent, attribute, new)
+            return name
+    raise ValueError(
+        f"{type(pl_module).__name__} has no compression_target submodule to replace; define the "
+        "`compression_target` property returning the network (as ClassifierModule does with its backbone)."
+    )

@@ -2,6 +2,8 @@
 
 import itertools
 
+import lightning.pytorch as pl
+
 import pytest
 import torch
 from torch import nn
@@ -194,3 +196,34 @@ def test_bad_models_fail_before_the_first_step_and_stay_untouched(trainer_factor
         trainer.fit(FailOnStep(backbone), DigitsDataModule(batch_size=16))
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+def test_compact_on_fit_end_replaces_the_network_and_fine_tuning_goes_on(trainer_factory, tiny_input):
+    from lightning_compress import CompressionReport
+
+    callback = FilterPruning(sparsity=0.4, compact_on_fit_end=True, recalibration_batches=2)
+    report = CompressionReport(batch_size=8, latency_runs=2, warmup=0)
+    trainer = trainer_factory(callbacks=[callback, report], max_epochs=2, limit_train_batches=3, limit_val_batches=2)
+    module = ClassifierModule(ResidualCNN(width=8), lr=3e-3)
+    dense_parameters = sum(p.numel() for p in module.backbone.parameters())
+    masked = None
+
+    class Snapshot(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            nonlocal masked
+            masked = pl_module.backbone
+
+    trainer.callbacks.insert(0, Snapshot())
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    compact_model = module.backbone
+    assert compact_model is not masked and callback.compacted
+    assert compact_model.stage2[0].conv1.out_channels == 10  # 16 - round(0.4 * 16)
+    assert report.report["parameters"] == callback.compaction["parameters_after"] < 0.45 * dense_parameters
+    masked.eval(), compact_model.eval()
+    torch.testing.assert_close(compact_model(tiny_input), masked(tiny_input), atol=1e-4, rtol=0)
+    # Fine-tune the compact model with the same callback list: the optimizer is built over the new parameters.
+    again = trainer_factory(callbacks=[callback], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    again.fit(module, DigitsDataModule(batch_size=32))
+    optimizer_params = {id(p) for group in again.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in compact_model.parameters()} <= optimizer_params
+    assert compact_model.stage2[0].conv1.out_channels == 10
