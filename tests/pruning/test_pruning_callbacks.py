@@ -3,7 +3,6 @@
 import itertools
 
 import lightning.pytorch as pl
-
 import pytest
 import torch
 from torch import nn
