@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_compress.pruning.batchnorm import batchnorm_after, recalibrate_batchnorm
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
-from lightning_compress.pruning.filter_groups import (
+from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
     group_scores,
