@@ -7,11 +7,13 @@ found by :func:`lightning_compress.pruning.dependency.filter_groups`; a plain la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_compress.pruning.structured import check_p
+from lightning_compress.pruning.criteria import lowest_k_mask
+from lightning_compress.pruning.structured import check_p, filters_to_prune
 
 
 @dataclass
@@ -106,3 +108,27 @@ def zero_group_channels(group: PrunableGroup, modules: dict[str, nn.Module], kee
                     columns = [c for k in torch.nonzero(drop).flatten().tolist() for c in reads[k]]
                     if columns:
                         modules[name].weight[:, columns] = 0
+
+
+def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
+    """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
+    output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm scale and
+    shift, so :func:`~lightning_compress.pruning.compact` removes them. Returns the number of channels zeroed.
+
+    >>> from lightning_compress.demo import PlainCNN
+    >>> prune_filter_groups(PlainCNN(width=4), torch.randn(2, 1, 8, 8), 0.5)
+    10
+    """
+    from lightning_compress.pruning.dependency import filter_groups
+
+    modules = dict(model.named_modules())
+    zeroed = 0
+    for dependency_group in filter_groups(model, example_inputs):
+        if dependency_group.blocked:
+            continue
+        group = from_dependency_group(dependency_group)
+        scores = group_scores(group, modules, p)
+        keep = lowest_k_mask(scores, filters_to_prune(scores, sparsity))
+        zero_group_channels(group, modules, keep, batchnorm=True)
+        zeroed += int((~keep).sum())
+    return zeroed
