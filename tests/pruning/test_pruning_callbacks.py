@@ -60,7 +60,8 @@ def test_step_schedule_updates_every_n_steps(trainer_factory):
     callback.compute_masks = lambda modules, sparsity, position: updates.append((position, sparsity)) or original(
         modules, sparsity, position)
     fit(trainer_factory, callback, epochs=1, batches=8)
-    assert updates == pytest.approx([(0, 0.0), (2, 0.5 / 3), (4, 1 / 3), (6, 0.5), (8, 0.5)])
+    assert [position for position, _ in updates] == [0, 2, 4, 6, 8]
+    assert [sparsity for _, sparsity in updates] == pytest.approx([0.0, 0.5 / 3, 1 / 3, 0.5, 0.5])
 
 
 def test_threshold_method_prunes_below_the_threshold(trainer_factory):
