@@ -3,9 +3,12 @@
 The math lives in pure modules (no Lightning import): :mod:`~lightning_compress.pruning.criteria` (magnitude,
 threshold, splicing), :mod:`~lightning_compress.pruning.structured` (vector, kernel, filter, channel norms),
 :mod:`~lightning_compress.pruning.masks` (strategy objects), :mod:`~lightning_compress.pruning.schedules`,
-:mod:`~lightning_compress.pruning.dependency` (channel groups by tracing) and
-:mod:`~lightning_compress.pruning.compact` (a smaller dense model). Note that ``lightning_compress.pruning.compact``
-is the function; the module is reachable as ``lightning_compress.pruning.compaction``.
+:mod:`~lightning_compress.pruning.tracing` (one recorded forward pass, torch.fx or hooks),
+:mod:`~lightning_compress.pruning.dependency` (channel groups; tables in ``channel_ops``, groups in
+``channel_groups``), :mod:`~lightning_compress.pruning.compact` (a smaller dense model) and
+:mod:`~lightning_compress.pruning.optimizer_state` (continuing training after compaction). Note that
+``lightning_compress.pruning.compact`` is the function; the module is reachable as
+``lightning_compress.pruning.compaction``.
 """
 
 import sys
@@ -13,6 +16,7 @@ import sys
 from lightning_compress.pruning import schedules
 from lightning_compress.pruning.compact import (
     CompactionPlan,
+    Replacement,
     plan_compaction,
     zero_bn_for_pruned_filters,
     zero_filter_indices,
@@ -35,6 +39,7 @@ from lightning_compress.pruning.masks import (
     Threshold,
     apply_mask,
 )
+from lightning_compress.pruning.optimizer_state import slice_optimizer_state
 from lightning_compress.pruning.schedules import AGP, Constant, Cosine, Exponential, Linear, Schedule
 from lightning_compress.pruning.structured import (
     channel_norms,
@@ -60,6 +65,7 @@ __all__ = [
     "Linear",
     "Magnitude",
     "PruningMethod",
+    "Replacement",
     "Schedule",
     "Splicing",
     "Structured",
@@ -78,6 +84,7 @@ __all__ = [
     "magnitude_mask",
     "plan_compaction",
     "schedules",
+    "slice_optimizer_state",
     "splicing_mask",
     "splicing_thresholds",
     "threshold_mask",

@@ -32,7 +32,28 @@ from torch import Tensor, nn
 
 from lightning_compress.pruning.dependency import ChannelGroup, DependencyGraph, build_graph
 
-__all__ = ["CompactionPlan", "compact", "plan_compaction", "zero_bn_for_pruned_filters", "zero_filter_indices"]
+__all__ = [
+    "CompactionPlan",
+    "Replacement",
+    "compact",
+    "plan_compaction",
+    "zero_bn_for_pruned_filters",
+    "zero_filter_indices",
+]
+
+
+@dataclass
+class Replacement:
+    """A parameter swapped by :func:`compact`: ``new`` holds ``old`` indexed by ``index`` along its leading dims.
+
+    ``old`` is ``None`` (and ``index`` empty) for a bias created to absorb a folded constant.
+    """
+
+    module: str
+    name: str
+    old: nn.Parameter | None
+    new: nn.Parameter
+    index: tuple[Tensor, ...]
 
 
 @dataclass
@@ -45,12 +66,14 @@ class CompactionPlan:
         skipped: ``(group index, channel positions, reason)`` for pruned channels (all producer filters zero)
             that are kept.
         graph: the dependency analysis.
+        replacements: filled by :func:`compact`: every parameter it replaced.
     """
 
     groups: list[ChannelGroup]
     removable: list[list[int]]
     skipped: list[tuple[int, list[int], str]] = field(default_factory=list)
     graph: DependencyGraph | None = None
+    replacements: list[Replacement] = field(default_factory=list)
 
     @property
     def num_removable(self) -> int:
@@ -89,7 +112,8 @@ def zero_filter_indices(model: nn.Module) -> dict[str, list[int]]:
 def _dead_reason(reads: list[tuple[str, int, float, bool]]) -> str | None:
     for consumer, _, value, foldable in reads:
         if value != value:  # nan
-            return f"{consumer!r} reads it as a non-constant"
+            return (f"{consumer!r} reads it as a non-constant (e.g. a BatchNorm constant spread by a padded depthwise "
+                    "convolution; zero_bn_for_pruned_filters may free it)")
         if value != 0 and not foldable:
             return (f"{consumer!r} is a padded convolution reading a non-zero constant (BatchNorm of a zero "
                     "filter); zero the BatchNorm scale and shift first (zero_bn_for_pruned_filters)")
@@ -110,7 +134,8 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
     groups = graph.groups()
     plan = CompactionPlan(groups, [], [], graph)
     for g, group in enumerate(groups):
-        removable, kept_reasons = [], {}
+        removable: list[int] = []
+        kept_reasons: dict[str, list[int]] = {}
         for k, root in enumerate(group.roots):
             meta = merged[root]
             producers = [(m, i) for m, role, i in meta.members if role == "producer"]
@@ -120,26 +145,36 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
                 removable.append(k)
             elif pruned:
                 kept_reasons.setdefault(reason or "", []).append(k)
-        if removable and len(removable) == group.size:
-            kept_reasons.setdefault("a layer keeps at least one channel", []).append(removable.pop(0))
+        for carried in (*group.producers.values(), *group.depthwise.values()):
+            positions = [k for k, index in enumerate(carried) if index is not None]
+            if positions and all(k in removable for k in positions):  # never an empty layer
+                removable.remove(positions[0])
+                kept_reasons.setdefault("a layer keeps at least one channel", []).append(positions[0])
         plan.removable.append(removable)
         plan.skipped += [(g, positions, reason) for reason, positions in kept_reasons.items()]
     return plan
 
 
 def compact(
-    model: nn.Module, example_inputs: Any, *, method: str = "auto", return_plan: bool = False
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    method: str = "auto",
+    return_plan: bool = False,
+    inplace: bool = False,
 ) -> nn.Module | tuple[nn.Module, CompactionPlan]:
-    """A physically smaller deep copy of ``model`` without its dead filters and channels.
+    """A physically smaller model without the dead filters and channels of ``model``.
 
-    The copy's eval-mode outputs equal ``model``'s (up to float rounding); ``model`` is not changed. Groups that
-    cannot shrink safely stay intact and are listed in the plan (``return_plan=True``).
+    The result's eval-mode outputs equal ``model``'s (up to float rounding). Groups that cannot shrink safely stay
+    intact and are listed in the plan (``return_plan=True``), whose ``replacements`` map every replaced parameter to
+    its successor (see :func:`~lightning_compress.pruning.optimizer_state.slice_optimizer_state`).
 
     Args:
         model: the pruned network, e.g. after soft or hard filter pruning.
         example_inputs: a tensor or tuple the model is called with (a batch of at least 2).
         method: tracing front end: ``"auto"``, ``"fx"`` or ``"hooks"``.
         return_plan: also return the :class:`CompactionPlan`.
+        inplace: shrink ``model``'s own layers (references to its submodules stay valid) instead of a deep copy.
     """
     plan = plan_compaction(model, example_inputs, method)
     assert plan.graph is not None
@@ -153,10 +188,10 @@ def compact(
                 out_remove.setdefault(module, set()).add(index)
             for consumer, index, value, _ in meta.reads:
                 in_remove.setdefault(consumer, {})[index] = value
-    compacted = copy.deepcopy(model)
+    compacted = model if inplace else copy.deepcopy(model)
     for name, module in compacted.named_modules():
         if name in out_remove or name in in_remove:
-            _shrink(module, out_remove.get(name, set()), in_remove.get(name, {}))
+            plan.replacements += _shrink(name, module, out_remove.get(name, set()), in_remove.get(name, {}))
     return (compacted, plan) if return_plan else compacted
 
 
@@ -164,17 +199,25 @@ def _keep(n: int, removed: Any, device: torch.device) -> Tensor:
     return torch.tensor([i for i in range(n) if i not in removed], dtype=torch.long, device=device)
 
 
-def _shrink(module: nn.Module, out_removed: set[int], in_removed: dict[int, float]) -> None:
+def _replace(name: str, module: nn.Module, attr: str, value: Tensor, index: tuple[Tensor, ...]) -> Replacement:
+    old = getattr(module, attr)
+    new = nn.Parameter(value.clone(), requires_grad=old.requires_grad if old is not None else True)
+    setattr(module, attr, new)
+    return Replacement(name, attr, old, new, index if old is not None else ())
+
+
+def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dict[int, float]) -> list[Replacement]:
+    replaced = []
     with torch.no_grad():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             keep = _keep(module.num_features, out_removed, module.running_mean.device)  # type: ignore[union-attr]
             for attr in ("weight", "bias"):
                 if getattr(module, attr) is not None:
-                    setattr(module, attr, nn.Parameter(getattr(module, attr)[keep].clone()))
+                    replaced.append(_replace(name, module, attr, getattr(module, attr)[keep], (keep,)))
             module.running_mean = module.running_mean[keep].clone()  # type: ignore[index]
             module.running_var = module.running_var[keep].clone()  # type: ignore[index]
             module.num_features = len(keep)
-            return
+            return replaced
         assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         weight = module.weight.detach()
         keep_out = _keep(weight.shape[0], out_removed, weight.device)
@@ -185,19 +228,19 @@ def _shrink(module: nn.Module, out_removed: set[int], in_removed: dict[int, floa
         if folds and not depthwise:
             columns = weight[:, list(folds)].flatten(2).sum(2) if weight.dim() > 2 else weight[:, list(folds)]
             delta = columns.double() @ torch.tensor(list(folds.values()), dtype=torch.float64, device=weight.device)
-            bias = (bias if bias is not None else weight.new_zeros(weight.shape[0])) + delta.to(
-                weight.dtype)
+            bias = (bias if bias is not None else weight.new_zeros(weight.shape[0])) + delta.to(weight.dtype)
+        index = (keep_out,) if depthwise else (keep_out, keep_in)
         new_weight = weight[keep_out] if depthwise else weight[keep_out][:, keep_in]
-        module.weight = nn.Parameter(new_weight.clone(), requires_grad=module.weight.requires_grad)
+        replaced.append(_replace(name, module, "weight", new_weight, index))
         if bias is not None:
-            module.bias = nn.Parameter(bias[keep_out].clone())
+            replaced.append(_replace(name, module, "bias", bias[keep_out], (keep_out,)))
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = len(keep_out), len(keep_in)
         else:
-            module.out_channels, module.in_channels = len(keep_out), len(keep_in) * (1 if depthwise else
-                                                                                   module.groups)
-            if depthwise:
-                module.groups = len(keep_out)
+            module.in_channels = len(keep_in) if depthwise else len(keep_in) * module.groups
+            module.out_channels = len(keep_out)
+            module.groups = len(keep_out) if depthwise else module.groups
+    return replaced
 
 
 def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: str = "auto") -> int:

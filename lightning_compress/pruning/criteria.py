@@ -45,7 +45,7 @@ def num_pruned(sparsity: float, n: int) -> int:
     >>> num_pruned(0.25, 10), num_pruned(0.5, 5)
     (3, 3)
     """
-    return min(int(math.floor(check_sparsity(sparsity) * n + 0.5)), n)
+    return min(math.floor(check_sparsity(sparsity) * n + 0.5), n)
 
 
 def lowest_k_mask(scores: Tensor, k: int) -> Tensor:

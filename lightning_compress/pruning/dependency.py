@@ -14,8 +14,12 @@ it as zero or as a constant that folds exactly into the consumer's bias (always 
 only without padding, since zero padding makes a constant channel's contribution vary at the borders).
 
 Channels are blocked (kept) where they meet something the analysis does not model: the model's inputs and
-outputs, grouped (not depthwise) convolutions, ``Linear`` on inputs with more than 2 dimensions, modules called
-more than once, indexing, splits, norms over channels and any other unknown operation.
+outputs, grouped convolutions other than depthwise with one filter per channel, transposed convolutions,
+``Linear`` on inputs with more than 2 dimensions, modules called more than once, indexing, splits, reductions over
+channels, norms other than BatchNorm with running statistics, functional convolutions (``F.conv2d`` with weights of
+its own) and any other unknown operation; the reasons are listed in each group's ``blocked``. Not detected: a
+forward whose control flow depends on channel counts (the compact model may take another branch) and parameters
+shared between layers.
 
 >>> import torch.nn.functional as F
 >>> class Net(nn.Module):
@@ -32,36 +36,28 @@ more than once, indexing, splits, norms over channels and any other unknown oper
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.pruning.channel_groups import ChannelGroup, ChannelInfo, collect_groups
+from lightning_compress.pruning.channel_ops import (
+    CONCATS,
+    ELEMENTWISE,
+    REDUCTIONS,
+    RESHAPES,
+    bn_affine,
+    has_padding,
+    indexes_positions_only,
+    keeps_batch_and_channels,
+    nan_values,
+    unpadded,
+)
 from lightning_compress.pruning.tracing import Call, Trace, eval_mode, tensors_in, trace
 
 __all__ = ["ChannelGroup", "DependencyGraph", "build_graph", "filter_groups"]
-
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "truediv", "true_divide", "neg", "relu", "relu6", "leaky_relu", "gelu", "silu",
-    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "elu", "selu", "celu", "softplus", "mish", "clamp",
-    "clip", "clamp_min", "clamp_max", "abs", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "exp", "square", "sqrt", "pow",
-    "ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardtanh", "Hardswish", "Hardsigmoid", "ELU",
-    "SELU", "CELU", "Softplus", "Mish", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity",
-}  # fmt: skip
-_RESHAPES = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "Flatten"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_CONCATS = {"cat", "concat", "concatenate"}
-
-
-@dataclass
-class _Var:
-    blocked: list[str] = field(default_factory=list)
-    members: list[tuple[str, str, int]] = field(default_factory=list)  # (module, role, index)
-    reads: list[tuple[str, int, float, bool]] = field(default_factory=list)  # (consumer, index, value, foldable)
-
 
 @dataclass
 class _Tensor:
@@ -69,50 +65,20 @@ class _Tensor:
     value: Tensor  # (C,) float64, nan where not provably constant
 
 
-@dataclass
-class ChannelGroup:
-    """Channels tied across layers (by residual additions, depthwise convolutions, ...), pruned together.
-
-    Each mapping gives, for every channel of the group in order, the module's index (``None`` where the module
-    does not carry that channel). ``consumers`` give lists of input indices (a flatten reads several features).
-
-    Attributes:
-        producers: conv/linear layers whose output channels (filters) these are.
-        batchnorms: BatchNorm layers normalizing them.
-        depthwise: depthwise convolutions carrying them (filter ``i`` reads channel ``i``).
-        consumers: layers reading them as input channels or features.
-        blocked: reasons why channels of this group cannot be removed (empty when free).
-        roots: the union-find roots, one per channel (internal).
-    """
-
-    producers: dict[str, list[int | None]]
-    batchnorms: dict[str, list[int | None]]
-    depthwise: dict[str, list[int | None]]
-    consumers: dict[str, list[list[int]]]
-    blocked: list[str]
-    roots: list[int]
-
-    @property
-    def size(self) -> int:
-        """Number of channels in the group."""
-        return len(self.roots)
-
-
 class DependencyGraph:
     """The result of :func:`build_graph`: channel variables, their members, reads, values and blocks."""
 
     def __init__(self, model: nn.Module, recorded: Trace) -> None:
         self.model, self.trace = model, recorded
-        self.names = recorded.names
         self.parent: list[int] = []
-        self.vars: list[_Var] = []
+        self.vars: list[ChannelInfo] = []
         self.tensors: dict[int, _Tensor] = {}
         self.calls_per_module: dict[str, int] = {}
         for call in recorded.calls:
             if call.module is not None:
                 self.calls_per_module[call.name] = self.calls_per_module.get(call.name, 0) + 1
         for x in recorded.inputs:
-            self._set(x, self._fresh(x.shape[1] if x.dim() >= 2 else 0, "model input"), _nan(x))
+            self._set(x, self._fresh(x.shape[1] if x.dim() >= 2 else 0, "model input"), nan_values(x))
         for call in recorded.calls:
             self._visit(call)
         for x in recorded.outputs:
@@ -134,18 +100,22 @@ class DependencyGraph:
         start = len(self.vars)
         for _ in range(n):
             self.parent.append(len(self.vars))
-            self.vars.append(_Var(blocked=[reason] if reason else []))
+            self.vars.append(ChannelInfo(blocked=[reason] if reason else []))
         return list(range(start, start + n))
 
-    def var(self, v: int) -> _Var:
+    def var(self, v: int) -> ChannelInfo:
         """Merged metadata of the channel whose union-find root is ``v``."""
         return self.merged()[self.find(v)]
 
-    def merged(self) -> dict[int, _Var]:
+    def groups(self) -> list[ChannelGroup]:
+        """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
+        return collect_groups(self.merged())
+
+    def merged(self) -> dict[int, ChannelInfo]:
         """Metadata of every channel, merged over united variables, keyed by root."""
-        roots: dict[int, _Var] = {}
+        roots: dict[int, ChannelInfo] = {}
         for v, meta in enumerate(self.vars):
-            out = roots.setdefault(self.find(v), _Var())
+            out = roots.setdefault(self.find(v), ChannelInfo())
             out.blocked += meta.blocked
             out.members += meta.members
             out.reads += meta.reads
@@ -160,7 +130,7 @@ class DependencyGraph:
             self.tensors[id(x)] = _Tensor(variables, value)
         else:
             self.tensors[id(x)] = _Tensor(self._fresh(x.shape[1] if x.dim() >= 2 else 0, "unmodelled shape"),
-                                          _nan(x))
+                                          nan_values(x))
 
     def _block(self, t: _Tensor | None, reason: str) -> None:
         if t is not None:
@@ -171,7 +141,7 @@ class DependencyGraph:
         for x in tensors_in((call.args, call.kwargs)):
             self._block(self._get(x), reason)
         for y in tensors_in(call.output):
-            self._set(y, self._fresh(y.shape[1] if y.dim() >= 2 else 0, reason), _nan(y))
+            self._set(y, self._fresh(y.shape[1] if y.dim() >= 2 else 0, reason), nan_values(y))
 
     # visiting calls -------------------------------------------------------------------------------------------
     def _visit(self, call: Call) -> None:
@@ -192,37 +162,39 @@ class DependencyGraph:
             return self._linear(call, module)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return self._batchnorm(call, module)
-        if op in _ELEMENTWISE:
+        if op in ELEMENTWISE:
             return self._elementwise(call)
         if "pool" in op.lower() or op in ("interpolate", "upsample", "Upsample"):
             return self._pool(call)
-        if op in _RESHAPES or op in _REDUCTIONS:
+        if op in RESHAPES or op in REDUCTIONS:
             return self._reshape(call)
-        if op in _CONCATS:
+        if op in CONCATS:
             return self._concat(call)
+        if op == "getitem" and indexes_positions_only(call.args[1]):
+            return self._reshape(call)
         return self._opaque(call, f"unsupported operation {call.name!r} ({op})")
 
     def _conv(self, call: Call, conv: nn.modules.conv._ConvNd) -> None:
         x, y = call.args[0], call.output
         t = self._get(x)
-        weight = conv.weight.detach().cpu().double()
-        bias = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(conv.out_channels,
-                                                                                               dtype=torch.float64)
         if isinstance(conv, nn.modules.conv._ConvTransposeNd) or t is None:
             return self._opaque(call, f"unsupported layer {call.name!r} ({type(conv).__name__})")
-        unpadded = _unpadded(conv)
-        zero_filter = weight.flatten(1).abs().sum(1) == 0
+        bias = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                                               dtype=torch.float64)
+        no_padding = unpadded(conv)
+        zero_filter = conv.weight.detach().flatten(1).eq(0).all(1).cpu()
         if conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1:  # depthwise, multiplier 1
             for i, v in enumerate(t.vars):
                 self.vars[v].members.append((call.name, "depthwise", i))
             c = t.value
-            through = torch.where((c == 0) | torch.tensor(unpadded), c * weight.flatten(1).sum(1), torch.nan)
+            sums = conv.weight.detach().flatten(1).double().sum(1).cpu()
+            through = torch.where((c == 0) | torch.tensor(no_padding), c * sums, torch.nan)
             value = torch.where(zero_filter, bias, through + bias)
             return self._set(y, list(t.vars), value)
         if conv.groups != 1:
             return self._opaque(call, f"grouped convolution {call.name!r} (groups={conv.groups}) is kept intact")
         for i, (v, c) in enumerate(zip(t.vars, t.value.tolist(), strict=True)):
-            self.vars[v].reads.append((call.name, i, c, unpadded))
+            self.vars[v].reads.append((call.name, i, c, no_padding))
         out = self._fresh(conv.out_channels)
         for o, v in enumerate(out):
             self.vars[v].members.append((call.name, "producer", o))
@@ -256,8 +228,10 @@ class DependencyGraph:
 
     def _elementwise(self, call: Call) -> None:
         y = call.output
-        operands = [x for x in tensors_in((call.args, call.kwargs))]
-        traced = [(x, self._get(x)) for x in operands if self._get(x) is not None]
+        if y.dim() < 2:
+            return self._opaque(call, f"{call.op} gives a {y.dim()}-d result")
+        operands = list(tensors_in((call.args, call.kwargs)))
+        traced = [(x, t) for x in operands if (t := self._get(x)) is not None]
         others = [x for x in operands if self._get(x) is None]
         if any(x.numel() != 1 for x in others):
             return self._opaque(call, f"{call.op} with a non-scalar untraced tensor")
@@ -272,6 +246,9 @@ class DependencyGraph:
             value = self._evaluate(call, y)
         except Exception:  # an argument pattern we cannot replay on channel values
             value = torch.full((y.shape[1],), torch.nan, dtype=torch.float64)
+        if call.op == "mul":  # zero times anything (e.g. a squeeze-excitation scale) is zero
+            for _, t in full:
+                value = torch.where(t.value == 0, torch.zeros(()), value)
         self._set(y, list(first.vars), value)
 
     def _evaluate(self, call: Call, y: Tensor) -> Tensor:
@@ -283,7 +260,7 @@ class DependencyGraph:
                 return t.value.clone().view(1, -1, *[1] * (value.dim() - 2))
             if isinstance(value, (list, tuple)):
                 return type(value)(substitute(v) for v in value)
-            return value.double() if isinstance(value, Tensor) else value
+            return value.detach().cpu().double() if isinstance(value, Tensor) else value
 
         result = call.apply(*substitute(call.args), **substitute(call.kwargs))
         if not isinstance(result, Tensor) or result.numel() != y.shape[1]:
@@ -297,7 +274,7 @@ class DependencyGraph:
             return self._opaque(call, f"pooling {call.name!r} changes channels")
         padding = call.kwargs.get("padding", getattr(call.module, "padding", call.args[3] if len(call.args) > 3
                                                      else 0))
-        exact = not (("avg" in call.op.lower() and "adaptive" not in call.op.lower() and _nonzero(padding))
+        exact = not (("avg" in call.op.lower() and "adaptive" not in call.op.lower() and has_padding(padding))
                      or "lp" in call.op.lower())
         value = t.value if exact else torch.where(t.value == 0, t.value, torch.nan)
         self._set(y, list(t.vars), value)
@@ -307,13 +284,13 @@ class DependencyGraph:
         t = self._get(x)
         if t is None or y.dim() < 2 or y.shape[0] != x.shape[0]:
             return self._opaque(call, f"{call.op} {tuple(x.shape)} -> {tuple(y.shape)} moves channels")
-        if call.op in _REDUCTIONS and not _keeps_batch_and_channels(call, x.dim()):
+        if call.op in REDUCTIONS and not keeps_batch_and_channels(call, x.dim()):
             return self._opaque(call, f"{call.op} over the batch or channel dimension")
         if y.shape[1] == x.shape[1] and y.dim() >= 2:
             factor = x.numel() / y.numel() if call.op == "sum" else 1.0
             return self._set(y, list(t.vars), t.value * factor)
         block = math.prod(x.shape[2:])
-        if call.op not in _RESHAPES or y.dim() != 2 or y.shape[1] != x.shape[1] * block:
+        if call.op not in RESHAPES or y.dim() != 2 or y.shape[1] != x.shape[1] * block:
             return self._opaque(call, f"{call.op} {tuple(x.shape)} -> {tuple(y.shape)} moves channels")
         variables = [v for v in t.vars for _ in range(block)]
         self._set(y, variables, t.value.repeat_interleave(block))
@@ -322,8 +299,8 @@ class DependencyGraph:
         parts = call.args[0] if call.args else call.kwargs.get("tensors", [])
         dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", call.kwargs.get("axis", 0))
         y = call.output
-        traced = [self._get(x) for x in parts]
-        if any(t is None for t in traced) or y.dim() < 2:
+        traced = [t for x in parts if (t := self._get(x)) is not None]
+        if len(traced) != len(parts) or y.dim() < 2:
             return self._opaque(call, "concatenation with untraced tensors")
         if dim % y.dim() == 1:
             variables = [v for t in traced for v in t.vars]
@@ -335,87 +312,6 @@ class DependencyGraph:
         values = torch.stack([t.value for t in traced])
         same = (values == values[0]).all(0)
         self._set(y, list(first.vars), torch.where(same, values[0], torch.nan))
-
-    # groups ---------------------------------------------------------------------------------------------------
-    def groups(self) -> list[ChannelGroup]:
-        """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
-        merged = self.merged()
-        producer_roots: dict[str, list[int]] = {}
-        for root, meta in merged.items():
-            for module, role, index in meta.members:
-                if role == "producer":
-                    producer_roots.setdefault(module, []).append((index, root))  # type: ignore[arg-type]
-        # connect producers sharing a root
-        owner: dict[int, str] = {}
-        link: dict[str, str] = {m: m for m in producer_roots}
-
-        def top(m: str) -> str:
-            while link[m] != m:
-                m = link[m]
-            return m
-
-        for module, pairs in producer_roots.items():
-            for _, root in pairs:
-                if root in owner and top(owner[root]) != top(module):
-                    link[top(module)] = top(owner[root])
-                owner.setdefault(root, module)
-        order = list(producer_roots)
-        components: dict[str, list[str]] = {}
-        for module in order:
-            components.setdefault(top(module), []).append(module)
-        result = []
-        for modules in components.values():
-            roots: list[int] = []
-            for module in modules:
-                for _, root in sorted(producer_roots[module]):
-                    if root not in roots:
-                        roots.append(root)
-            result.append(self._group(roots, merged))
-        return result
-
-    def _group(self, roots: list[int], merged: dict[int, _Var]) -> ChannelGroup:
-        maps: dict[str, dict[str, list]] = {"producer": {}, "batchnorm": {}, "depthwise": {}, "consumer": {}}
-        blocked: list[str] = []
-        for k, root in enumerate(roots):
-            meta = merged[root]
-            for module, role, index in meta.members:
-                maps[role].setdefault(module, [None] * len(roots))[k] = index
-            for module, index, _, _ in meta.reads:
-                maps["consumer"].setdefault(module, [[] for _ in roots])[k].append(index)
-            blocked += [reason for reason in meta.blocked if reason not in blocked]
-        return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots)
-
-
-def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel (float64, on the CPU)."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    mean, var = bn.running_mean.detach().cpu().double(), bn.running_var.detach().cpu().double()
-    gamma = bn.weight.detach().cpu().double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.detach().cpu().double() if bn.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
-
-
-def _nan(x: Tensor) -> Tensor:
-    return torch.full((x.shape[1] if x.dim() >= 2 else 0,), torch.nan, dtype=torch.float64)
-
-
-def _nonzero(padding: Any) -> bool:
-    values = padding if isinstance(padding, Iterable) and not isinstance(padding, str) else [padding]
-    return any(p != 0 for p in values)
-
-
-def _keeps_batch_and_channels(call: Call, ndim: int) -> bool:
-    dims = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", call.kwargs.get("axis"))
-    if dims is None or isinstance(dims, Tensor):
-        return False
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    return all(d % ndim > 1 for d in dims)
-
-
-def _unpadded(conv: nn.modules.conv._ConvNd) -> bool:
-    return (isinstance(conv.padding, tuple) and not _nonzero(conv.padding)) or conv.padding == "valid"
-
 
 def build_graph(model: nn.Module, example_inputs: Any, method: str = "auto") -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and analyse its channel dependencies (see the module docstring)."""

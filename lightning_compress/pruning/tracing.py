@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +79,6 @@ class Trace:
     outputs: list[Tensor]
     method: str
     fx_error: str | None = None
-    names: dict[int, str] = field(default_factory=dict)
 
 
 def tensors_in(value: Any) -> list[Tensor]:
@@ -99,16 +98,15 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, names: dict[int, str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.calls: list[Call] = []
-        self.names = names
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         if n.op in ("call_module", "call_function", "call_method"):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            module = self.fetch_attr(n.target) if n.op == "call_module" else None
+            module = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
             op = op_name(module if module is not None else n.target)
             name = str(n.target) if module is not None else op
             self.calls.append(Call(name, op, n.target, tuple(args), dict(kwargs), result, module))
@@ -116,12 +114,11 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def _trace_fx(model: nn.Module, inputs: tuple) -> Trace:
-    names = {id(m): name for name, m in model.named_modules()}
     graph = _LeafTracer().trace(model)
     gm = torch.fx.GraphModule(model, graph)
-    recorder = _Recorder(gm, names)
+    recorder = _Recorder(gm)
     output = recorder.run(*inputs)
-    return Trace(recorder.calls, tensors_in(inputs), tensors_in(output), "fx", names=names)
+    return Trace(recorder.calls, tensors_in(inputs), tensors_in(output), "fx")
 
 
 class _FunctionRecorder(TorchFunctionMode):
@@ -141,7 +138,6 @@ class _FunctionRecorder(TorchFunctionMode):
 def _trace_hooks(model: nn.Module, inputs: tuple) -> Trace:
     calls: list[Call] = []
     depth = [0]
-    names = {id(m): name for name, m in model.named_modules()}
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         depth[0] += 1
@@ -165,7 +161,7 @@ def _trace_hooks(model: nn.Module, inputs: tuple) -> Trace:
     finally:
         for handle in handles:
             handle.remove()
-    return Trace(calls, tensors_in(inputs), tensors_in(output), "hooks", names=names)
+    return Trace(calls, tensors_in(inputs), tensors_in(output), "hooks")
 
 
 @contextlib.contextmanager
@@ -190,6 +186,11 @@ def trace(model: nn.Module, example_inputs: Any, method: str = "auto") -> Trace:
 
     Raises:
         ValueError: for an unknown ``method``.
+
+    >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1))
+    >>> recorded = trace(model, torch.randn(2, 1, 3, 3))
+    >>> recorded.method, [(call.name, call.op) for call in recorded.calls]
+    ('fx', [('0', 'Conv2d'), ('1', 'ReLU'), ('2', 'Flatten'), ('3', 'Linear')])
     """
     if method not in ("auto", "fx", "hooks"):
         raise ValueError(f"method must be 'auto', 'fx' or 'hooks', got {method!r}.")
