@@ -1,9 +1,10 @@
 """lightning_compress: knowledge distillation, pruning and quantization for the PyTorch Lightning Trainer."""
 
 from lightning_compress.pruning.filter_callback import FilterPruning
+from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
 from lightning_compress.report import CompressionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressionReport", "FilterPruning", "MagnitudePruning", "__version__"]
+__all__ = ["CompressionReport", "FilterPruning", "LayerPruning", "MagnitudePruning", "__version__"]
