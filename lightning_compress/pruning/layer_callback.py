@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.pruning.blocks import block_scores, remove_blocks, removable_blocks, zero_block
+from lightning_compress.pruning.blocks import block_scores, removable_blocks, remove_blocks, zero_block
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
 from lightning_compress.pruning.schedules import Schedule

@@ -63,5 +63,5 @@ def test_bad_models_fail_before_the_first_step(trainer_factory, callback, backbo
 def test_bad_arguments():
     with pytest.raises(ValueError, match="'medium'"):
         LayerPruning(mode="medium")
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1\.5"):
         LayerPruning(sparsity=1.5)
