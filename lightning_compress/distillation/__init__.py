@@ -1,0 +1,31 @@
+"""Knowledge distillation for the Lightning Trainer.
+
+- :mod:`~lightning_compress.distillation.losses`: the pure loss functions (no Lightning).
+- :mod:`~lightning_compress.distillation.features`: forward-hook taps on named layers and the layer-pair check.
+- :class:`DistillationModule`: offline (one or several frozen teachers; response, feature and relation knowledge).
+- :class:`MutualLearningModule`: online (Deep Mutual Learning peers).
+- :class:`SelfDistillationModule`: self-distillation (Be Your Own Teacher exit heads).
+- :func:`slim_copy`, :func:`born_again`: students built from a reference model.
+"""
+
+from lightning_compress.distillation import losses
+from lightning_compress.distillation.features import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
+from lightning_compress.distillation.module import DistillationModule
+from lightning_compress.distillation.mutual import MutualLearningModule
+from lightning_compress.distillation.self_distillation import ExitHead, SelfDistillationModule
+from lightning_compress.distillation.students import born_again, reinitialize, slim_copy
+
+__all__ = [
+    "DistillationModule",
+    "ExitHead",
+    "FeatureTaps",
+    "LayerPair",
+    "MutualLearningModule",
+    "SelfDistillationModule",
+    "born_again",
+    "check_layer_pairs",
+    "inspect_layer_pairs",
+    "losses",
+    "reinitialize",
+    "slim_copy",
+]

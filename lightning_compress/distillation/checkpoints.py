@@ -1,0 +1,65 @@
+"""Loading a network's weights out of a Lightning checkpoint (or a plain state dict) written by any module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def find_prefix(state_dict: Mapping[str, Any], network: nn.Module) -> str:
+    """The key prefix under which ``state_dict`` holds every entry of ``network.state_dict()`` with the same shapes
+    (``""``, ``"backbone."``, ``"student."``, ...); the shortest when several fit.
+
+    Raises:
+        ValueError: when no prefix covers all of the network's keys with matching shapes.
+
+    >>> net = nn.Linear(2, 2)
+    >>> find_prefix({"backbone.weight": torch.zeros(2, 2), "backbone.bias": torch.zeros(2), "other": 0}, net)
+    'backbone.'
+    """
+    reference = network.state_dict()
+    first = next(iter(reference))
+    candidates = {
+        key[: -len(first)] for key in state_dict
+        if key.endswith(first) and (key == first or key[: -len(first)].endswith("."))
+    }
+
+    def fits(prefix: str) -> bool:
+        return all(
+            prefix + name in state_dict and getattr(state_dict[prefix + name], "shape", None) == value.shape
+            for name, value in reference.items()
+        )
+
+    complete = sorted((prefix for prefix in candidates if fits(prefix)), key=len)
+    if not complete:
+        raise ValueError(
+            f"The checkpoint holds no complete set of {type(network).__name__} weights with matching shapes "
+            f"(looked for keys ending in {list(reference)[:3]}...); some checkpoint keys: {list(state_dict)[:5]}."
+        )
+    return complete[0]
+
+
+def load_network_weights(network: nn.Module, path: str | Path, prefix: str | None = None) -> nn.Module:
+    """Load ``network``'s weights from a checkpoint file (a trusted file: it is unpickled).
+
+    The file may be a Lightning checkpoint (its ``state_dict``) of any LightningModule that holds the network
+    (``ClassifierModule`` stores it under ``backbone.``, :class:`~.module.DistillationModule` its student under
+    ``student.``) or a plain state dict. ``prefix=None`` finds the prefix with :func:`find_prefix`.
+
+    Returns:
+        ``network``, loaded strictly.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
+    prefix = find_prefix(state, network) if prefix is None else prefix
+    network.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+    missing = [k for k in network.state_dict() if prefix + k not in state]
+    if missing:
+        raise ValueError(f"{str(path)!r} has no weights under prefix {prefix!r} for {missing[:5]}.")
+    return network

@@ -1,0 +1,72 @@
+"""The feature and relation terms of :class:`~.module.DistillationModule` over tapped layer pairs (no Lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from lightning_compress.distillation import losses
+
+#: Response terms, computed from the logits.
+RESPONSE_TERMS = ("soft", "hard")
+
+#: Terms that read the tapped layers, and the layer-pair verdicts (:class:`~.features.LayerPair`) each accepts.
+FEATURE_TERMS: dict[str, tuple[str, ...]] = {
+    "hint": ("same", "channels", "spatial", "channels+spatial"),
+    "attention": ("same", "channels", "spatial", "channels+spatial"),
+    "fsp": ("same", "spatial"),
+    "similarity": ("same", "channels", "spatial", "channels+spatial", "rank"),
+    "rkd_distance": ("same", "channels", "spatial", "channels+spatial", "rank"),
+    "rkd_angle": ("same", "channels", "spatial", "channels+spatial", "rank"),
+    "pairwise": ("same", "channels", "spatial", "channels+spatial"),
+}
+
+_PER_PAIR = {
+    "similarity": losses.similarity_preserving_loss,
+    "rkd_distance": losses.rkd_distance_loss,
+    "rkd_angle": losses.rkd_angle_loss,
+    "pairwise": losses.pairwise_similarity_loss,
+}
+
+_MIN_BATCH = {"rkd_distance": 2, "rkd_angle": 3}
+
+
+def feature_terms(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    active: Sequence[str],
+    regressors: Sequence[nn.Module] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Unweighted feature terms over paired tapped layers ``student[i] <-> teacher[i]``.
+
+    ``hint``: sum over pairs of :func:`~.losses.hint_loss` through ``regressors[i]``; ``attention``:
+    :func:`~.losses.attention_loss` summed over pairs; ``fsp``: :func:`~.losses.fsp_loss` over consecutive layers
+    ``(l0, l1), (l1, l2), ...`` of each network; ``similarity``, ``rkd_distance``, ``rkd_angle``, ``pairwise``: the
+    loss summed over pairs. Only the names in ``active`` are computed. A batch too small for RKD (fewer than 2
+    samples for distances, 3 for angles) gives 0 for that term.
+
+    >>> x = [torch.ones(2, 3, 4, 4)]
+    >>> feature_terms(x, x, ["attention", "similarity"])
+    {'attention': tensor(0.), 'similarity': tensor(0.)}
+    """
+    terms: dict[str, torch.Tensor] = {}
+    pairs = list(zip(student, teacher, strict=True))
+    if "hint" in active:
+        regressors = list(regressors) if regressors is not None else [nn.Identity()] * len(pairs)
+        terms["hint"] = torch.stack(
+            [losses.hint_loss(s, t, r) for (s, t), r in zip(pairs, regressors, strict=True)]
+        ).sum()
+    if "attention" in active:
+        terms["attention"] = losses.attention_loss(list(student), list(teacher))
+    if "fsp" in active:
+        terms["fsp"] = losses.fsp_loss(list(pairwise(student)), list(pairwise(teacher)))
+    for name, loss in _PER_PAIR.items():
+        if name in active:
+            if pairs and pairs[0][0].shape[0] < _MIN_BATCH.get(name, 1):
+                terms[name] = pairs[0][0].new_zeros(())  # e.g. a last batch of one sample: no relation to keep
+            else:
+                terms[name] = torch.stack([loss(s, t) for s, t in pairs]).sum()
+    return terms

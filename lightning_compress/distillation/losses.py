@@ -1,0 +1,59 @@
+"""Pure distillation losses (no Lightning): the public import place ``lightning_compress.distillation.losses``.
+
+Response: :func:`soft_target_loss`, :func:`hard_target_loss`, :func:`multi_teacher_soft_target_loss`,
+:func:`distillation_loss`. Features: :func:`hint_loss` with :class:`HintRegressor`, :func:`attention_map`,
+:func:`attention_loss`, :func:`fsp_matrix`, :func:`fsp_loss`. Relations and structure:
+:func:`similarity_preserving_loss`, :func:`rkd_distance_loss`, :func:`rkd_angle_loss`,
+:func:`pairwise_similarity_loss`. Online and self: :func:`mutual_learning_loss`, :func:`be_your_own_teacher_loss`,
+:func:`be_your_own_teacher_terms`.
+"""
+
+from lightning_compress.distillation.losses_feature import (
+    HintRegressor,
+    attention_loss,
+    attention_map,
+    fsp_loss,
+    fsp_matrix,
+    hint_loss,
+)
+from lightning_compress.distillation.losses_online import (
+    be_your_own_teacher_loss,
+    be_your_own_teacher_terms,
+    mutual_learning_loss,
+)
+from lightning_compress.distillation.losses_relation import (
+    batch_similarity,
+    pairwise_similarity_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    similarity_preserving_loss,
+    spatial_similarity,
+)
+from lightning_compress.distillation.losses_response import (
+    distillation_loss,
+    hard_target_loss,
+    multi_teacher_soft_target_loss,
+    soft_target_loss,
+)
+
+__all__ = [
+    "HintRegressor",
+    "attention_loss",
+    "attention_map",
+    "batch_similarity",
+    "be_your_own_teacher_loss",
+    "be_your_own_teacher_terms",
+    "distillation_loss",
+    "fsp_loss",
+    "fsp_matrix",
+    "hard_target_loss",
+    "hint_loss",
+    "multi_teacher_soft_target_loss",
+    "mutual_learning_loss",
+    "pairwise_similarity_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
+    "soft_target_loss",
+    "spatial_similarity",
+]
