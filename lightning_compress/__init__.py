@@ -1,5 +1,8 @@
 """lightning_compress: knowledge distillation, pruning and quantization for the PyTorch Lightning Trainer."""
 
+from lightning_compress.distillation.module import DistillationModule
+from lightning_compress.distillation.mutual import MutualLearningModule
+from lightning_compress.distillation.self_distillation import SelfDistillationModule
 from lightning_compress.pruning.filter_callback import FilterPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
@@ -7,4 +10,13 @@ from lightning_compress.report import CompressionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressionReport", "FilterPruning", "LayerPruning", "MagnitudePruning", "__version__"]
+__all__ = [
+    "CompressionReport",
+    "DistillationModule",
+    "FilterPruning",
+    "LayerPruning",
+    "MagnitudePruning",
+    "MutualLearningModule",
+    "SelfDistillationModule",
+    "__version__",
+]
