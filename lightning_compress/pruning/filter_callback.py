@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_compress.pruning.batchnorm import batchnorm_after, recalibrate_batchnorm
+from lightning_compress.pruning.batchnorm import batchnorm_after
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
+from lightning_compress.pruning.filter_final import FinalPruneSteps
 from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
@@ -23,13 +23,13 @@ from lightning_compress.pruning.groups import (
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
-from lightning_compress.utils import first_tensor, replace_compression_target
+from lightning_compress.utils import first_tensor
 
 MODES = ("soft", "hard")
 GRANULARITIES = ("filter", "channel")
 
 
-class FilterPruning(PruningCallback):
+class FilterPruning(FinalPruneSteps, PruningCallback):
     """Prune the filters (output channels) of lowest Lp norm, per dependency group, soft or hard.
 
     Channels tied across layers (residual additions, concatenations, depthwise convolutions) form one group, found
@@ -63,6 +63,9 @@ class FilterPruning(PruningCallback):
         compact_on_fit_end: at the end of ``fit`` replace the compression target inside the LightningModule by its
             compacted copy (fewer filters and channels, same outputs); a later ``fit`` (fine-tuning) builds its
             optimizer over the compact network, and this callback then leaves it alone.
+        compact_every_epoch: hard mode only: after every epoch shrink the layers in place and slice the optimizer
+            state to match, so training itself gets cheaper (single process; a resumed run replays the recorded
+            compactions on the fresh model before loading the checkpoint).
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip (their whole group is skipped).
@@ -83,6 +86,7 @@ class FilterPruning(PruningCallback):
         schedule: Schedule | None = None,
         recalibration_batches: int = 20,
         compact_on_fit_end: bool = False,
+        compact_every_epoch: bool = False,
         layers: str | list[str] | None = None,
         types: list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -97,6 +101,8 @@ class FilterPruning(PruningCallback):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
         check_p(p)
+        if compact_every_epoch and mode != "hard":
+            raise ValueError(f"compact_every_epoch needs mode='hard' (soft-pruned filters may regrow), got {mode!r}.")
         if recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be >= 0, got {recalibration_batches!r}.")
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
@@ -106,6 +112,9 @@ class FilterPruning(PruningCallback):
         self.mode, self.p, self.granularity = mode, p, granularity
         self.recalibration_batches = recalibration_batches
         self.compact_on_fit_end = compact_on_fit_end
+        self.compact_every_epoch = compact_every_epoch
+        self.events: list[dict[str, list[int]]] = []
+        self.original_sizes: dict[str, int] = {}
         self.compacted = False
         self.compaction: dict[str, Any] = {}
         self.finalized = False
@@ -126,8 +135,36 @@ class FilterPruning(PruningCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.compacted:
-            super().setup(trainer, pl_module, stage)
+        if self.compacted:
+            return
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.compact_every_epoch:
+            if trainer.world_size > 1:
+                raise ValueError("compact_every_epoch replaces parameters during training, which DDP cannot follow; "
+                                 f"got world_size={trainer.world_size}. Use compact_on_fit_end under DDP.")
+            self._replay_before_loading(pl_module)
+
+    def _replay_before_loading(self, pl_module: pl.LightningModule) -> None:
+        """Lightning calls the module's ``on_load_checkpoint`` right before its strict ``load_state_dict``: shrink
+        the fresh network there, as the interrupted run did, so that the checkpoint's smaller tensors fit."""
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key)
+            if state and state.get("events"):
+                self.replay_compactions(state["events"], state["example"])
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._patched_module = pl_module
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        patched = getattr(self, "_patched_module", None)
+        if patched is not None:
+            del patched.on_load_checkpoint  # the class's own hook again
+            self._patched_module = None
+        super().on_fit_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -143,15 +180,22 @@ class FilterPruning(PruningCallback):
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
-        self._example = first_tensor(batch)[:2].detach().clone()
-        self._all_modules = dict(self._target.named_modules())
-        self.groups, self.skipped = self._resolve_groups(first_tensor(batch).to(pl_module.device))
+        if not hasattr(self, "_example") or not self.events:
+            self._example = first_tensor(batch)[:2].detach().clone()
+        self._refresh_groups()
         if not self.groups:
             raise ValueError(f"FilterPruning found no group of filters it may prune; skipped: {self.skipped}.")
-        self._modules = {name: self._all_modules[name] for g in self.groups for name in g.producers}
         self.validate_groups()
         if self.skipped:
             rank_zero_warn(f"FilterPruning leaves these layers unpruned: {self.skipped}")
+
+    def _refresh_groups(self) -> None:
+        """Resolve the dependency groups of the current network (again after an in-place compaction)."""
+        self._all_modules = dict(self._target.named_modules())
+        self.groups, self.skipped = self._resolve_groups(self._example.to(next(self._target.parameters()).device))
+        self._modules = {name: self._all_modules[name] for g in self.groups for name in g.producers}
+        for group in self.groups:
+            self.original_sizes.setdefault(group.name, group.size)
 
     def _resolve_groups(self, example: torch.Tensor) -> tuple[list[PrunableGroup], dict[str, str]]:
         from lightning_compress.pruning.dependency import filter_groups
@@ -199,7 +243,7 @@ class FilterPruning(PruningCallback):
         masks: dict[str, torch.Tensor] = {}
         for group in self.groups:
             scores = group_scores(group, self._all_modules, self.p, self.granularity)
-            k = filters_to_prune(scores, self.group_rate(group) * progress)
+            k = self._to_prune(group, scores, self.group_rate(group) * progress)
             previous = self._group_keep(group)
             if previous is not None and self.mode == "hard":
                 scores[~previous] = -1.0  # already pruned channels rank lowest and stay pruned
@@ -209,6 +253,14 @@ class FilterPruning(PruningCallback):
                 self.revived_filters += int((keep & ~previous).sum())
             masks.update(self._producer_masks(group, keep))
         return masks
+
+    def _to_prune(self, group: PrunableGroup, scores: torch.Tensor, rate: float) -> int:
+        """Channels to prune now; after in-place compactions the rate still refers to the original size."""
+        original = self.original_sizes.get(group.name, group.size)
+        if original == group.size:
+            return filters_to_prune(scores, rate)
+        target = filters_to_prune(torch.ones(original), rate)
+        return min(max(target - (original - group.size), 0), group.size - 1)
 
     def _group_keep(self, group: PrunableGroup) -> torch.Tensor | None:
         name, index = next(iter(group.producers.items()))
@@ -237,64 +289,6 @@ class FilterPruning(PruningCallback):
         if self.mode == "hard" or self.finalized:
             self.enforce()  # soft mode lets zeroed filters regrow between updates
 
-    # -- the final prune ---------------------------------------------------------------------------------------
-    def _epoch_end_update(self, trainer: pl.Trainer) -> None:
-        super()._epoch_end_update(trainer)
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if (last_epoch or trainer.should_stop) and not self.finalized:
-            self.finalize(trainer)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._ready and not self.finalized:
-            self.finalize(trainer)
-
-    def finalize(self, trainer: pl.Trainer) -> None:
-        """Make the current selection permanent: zero filters and their BatchNorm channels, re-estimate BN."""
-        self._update(trainer, max(self.schedule.end, self.position or 0), force=True)
-        self.finalized = True
-        self.enforce()
-        if self.recalibration_batches and any(g.batchnorms for g in self.groups):
-            recalibrate_batchnorm(self._target, self._training_inputs(trainer), trainer.lightning_module.device)
-            self._average_batchnorm_statistics(trainer)
-            self.enforce()
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.compact_on_fit_end and self.finalized and not self.compacted:
-            self.compact(pl_module)
-
-    def compact(self, pl_module: pl.LightningModule) -> nn.Module:
-        """Replace the compression target by its compacted copy; returns the copy."""
-        from lightning_compress.measure import count_parameters
-        from lightning_compress.pruning.compact import compact
-
-        before = count_parameters(self._target)
-        small, plan = compact(self._target, self._example.to(pl_module.device), return_plan=True)
-        replace_compression_target(pl_module, small)
-        self.compaction = {"parameters_before": before, "parameters_after": count_parameters(small),
-                           "channels_removed": plan.num_removable,
-                           "skipped": [f"group {g}: {len(p)} channels kept ({why})" for g, p, why in plan.skipped]}
-        self.compacted, self.masks, self.groups = True, {}, []
-        self._target, self._modules, self._ready = small, {}, False
-        return small
-
-    def _average_batchnorm_statistics(self, trainer: pl.Trainer) -> None:
-        """Each rank re-estimated statistics on its own shard: average them so every rank holds the same model."""
-        if trainer.world_size == 1:
-            return
-        for module in self._target.modules():
-            if isinstance(module, _BatchNorm) and module.running_mean is not None:
-                for name in ("running_mean", "running_var"):
-                    buffer = getattr(module, name)
-                    buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
-
-    def _training_inputs(self, trainer: pl.Trainer) -> Any:
-        for index, batch in enumerate(trainer.train_dataloader):
-            if index >= self.recalibration_batches:
-                return
-            yield first_tensor(batch)
-
     # -- logging and state ------------------------------------------------------------------------------------
     def epoch_metrics(self) -> dict[str, float]:
         metrics = super().epoch_metrics()
@@ -307,8 +301,11 @@ class FilterPruning(PruningCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
-                "compacted": self.compacted}
+        state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
+                 "compacted": self.compacted, "events": self.events, "original_sizes": self.original_sizes}
+        if self.events:
+            state["example"] = self._example
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -316,3 +313,7 @@ class FilterPruning(PruningCallback):
         self.finalized = state_dict.get("finalized", False)
         self.revived_filters = state_dict.get("revived_filters", 0)
         self.compacted = state_dict.get("compacted", False)
+        self.events = list(state_dict.get("events", []))
+        self.original_sizes = dict(state_dict.get("original_sizes", {}))
+        if "example" in state_dict:
+            self._example = state_dict["example"]
