@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULERS = ("cosine", "step", "none")
+from lightning_compress.utils.optim import build_optimizers, check_optimizer_settings
 
 
 class ClassifierModule(pl.LightningModule):
@@ -48,12 +47,7 @@ class ClassifierModule(pl.LightningModule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}.")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr!r}.")
+        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
         self.save_hyperparameters(ignore=["backbone"])
@@ -93,20 +87,5 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = dict(self.hparams)
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if hp["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["momentum"] > 0,
-                                        weight_decay=hp["weight_decay"])
-        else:
-            optimizer_class = torch.optim.Adam if hp["optimizer"] == "adam" else torch.optim.AdamW
-            optimizer = optimizer_class(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-        if hp["lr_scheduler"] == "none":
-            return optimizer
-        scheduler: torch.optim.lr_scheduler.LRScheduler
-        if hp["lr_scheduler"] == "cosine":
-            epochs = max(1, self.trainer.max_epochs or 1)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        else:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp["step_size"], gamma=hp["gamma"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return build_optimizers(self.parameters(), hp["optimizer"], hp["lr"], hp["weight_decay"], hp["momentum"],
+                                hp["lr_scheduler"], self.trainer.max_epochs, hp["step_size"], hp["gamma"])

@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULERS = ("cosine", "none")
+from lightning_compress.utils.optim import build_optimizers, check_optimizer_settings
 
 
 class DistillationBase(pl.LightningModule):
@@ -24,7 +23,8 @@ class DistillationBase(pl.LightningModule):
         lr: learning rate.
         weight_decay: weight decay.
         momentum: SGD momentum.
-        lr_scheduler: ``"cosine"`` (annealed over ``trainer.max_epochs``) or ``"none"``.
+        lr_scheduler: ``"cosine"`` (annealed over ``trainer.max_epochs``), ``"step"`` (x0.1 every 10 epochs) or
+            ``"none"``.
         input_shape: shape of one input without the batch dimension (e.g. ``[1, 8, 8]``); lets the module build
             shape-dependent parts at construction. Without it they are built in ``setup`` from one training batch.
 
@@ -42,14 +42,7 @@ class DistillationBase(pl.LightningModule):
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}.")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}.")
+        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler)
         if input_shape is not None and (not input_shape or any(int(d) < 1 for d in input_shape)):
             raise ValueError(f"input_shape must list positive sizes without the batch dimension, got {input_shape!r}.")
         self.optimizer_name = optimizer
@@ -73,18 +66,9 @@ class DistillationBase(pl.LightningModule):
     # ------------------------------------------------------------------ shared machinery
 
     def configure_optimizers(self) -> Any:
-        params = [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0,
-                                        weight_decay=self.weight_decay)
-        else:
-            optimizer_class = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
-            optimizer = optimizer_class(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_scheduler_name == "none":
-            return optimizer
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)}
+        params = [p for module in self.trainable_modules() for p in module.parameters()]
+        return build_optimizers(params, self.optimizer_name, self.lr, self.weight_decay, self.momentum,
+                                self.lr_scheduler_name, self.trainer.max_epochs)
 
     def log_epoch(self, name: str, value: torch.Tensor | float, batch_size: int) -> None:
         """Log ``value`` as an epoch mean (weighted by batch size, reduced across processes)."""

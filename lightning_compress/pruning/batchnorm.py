@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_compress.utils.data import probe_forward
+
 
 def batchnorm_after(model: nn.Module, example_inputs: Any, names: Iterable[str]) -> dict[str, str]:
     """Map each layer in ``names`` to the BatchNorm that consumes its output directly (traced on one forward).
@@ -38,15 +40,7 @@ def batchnorm_after(model: nn.Module, example_inputs: Any, names: Iterable[str])
 
     handles = [modules[n].register_forward_hook(record_output(n)) for n in wanted]
     handles += [m.register_forward_pre_hook(record_input(n)) for n, m in modules.items() if isinstance(m, _BatchNorm)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example_inputs, handles)
     return found
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.utils.data import probe_forward
+
 
 def _capture_io(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> dict[str, tuple[Any, Any]]:
     modules = dict(model.named_modules())
@@ -27,15 +29,7 @@ def _capture_io(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> 
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example_inputs, handles)
     return captured
 
 

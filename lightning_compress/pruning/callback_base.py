@@ -54,6 +54,7 @@ class PruningCallback(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.position: int | None = None  # schedule position of the last mask update
         self.current_sparsity = 0.0
+        self.compacted = False  # set once the network was replaced by its compact copy: nothing left to do
         self._modules: dict[str, nn.Module] = {}
         self._ready = False
         self._restored: dict[str, Any] | None = None
@@ -140,7 +141,7 @@ class PruningCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if not self._ready:
+        if not self._ready and not self.compacted:
             self._prepare(batch, pl_module)
             if self.masks:
                 self.enforce()
@@ -150,6 +151,8 @@ class PruningCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self.compacted:
+            return
         self.after_step(trainer)
         if self.schedule.unit == "step":
             self._update(trainer, trainer.global_step)
@@ -208,6 +211,7 @@ class PruningCallback(Callback):
             "masks": {k: v.clone() for k, v in self.masks.items()},
             "position": self.position,
             "current_sparsity": self.current_sparsity,
+            "compacted": self.compacted,
         }
 
     @override
@@ -217,6 +221,7 @@ class PruningCallback(Callback):
         self.masks = {k: v.bool() for k, v in state_dict["masks"].items()}
         self.position = state_dict["position"]
         self.current_sparsity = state_dict["current_sparsity"]
+        self.compacted = state_dict.get("compacted", False)
 
     def _apply_restored(self, state: dict[str, Any]) -> None:
         unknown = set(self.masks) - set(self._modules)

@@ -115,7 +115,6 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.compact_every_epoch = compact_every_epoch
         self.events: list[dict[str, list[int]]] = []
         self.original_sizes: dict[str, int] = {}
-        self.compacted = False
         self.compaction: dict[str, Any] = {}
         self.finalized = False
         self.revived_filters = 0
@@ -165,18 +164,6 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             del patched.on_load_checkpoint  # the class's own hook again
             self._patched_module = None
         super().on_fit_start(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if not self.compacted:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self.compacted:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
@@ -302,7 +289,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
-                 "compacted": self.compacted, "events": self.events, "original_sizes": self.original_sizes}
+                 "events": self.events, "original_sizes": self.original_sizes}
         if self.events:
             state["example"] = self._example
         return state
@@ -312,7 +299,6 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         super().load_state_dict(state_dict)
         self.finalized = state_dict.get("finalized", False)
         self.revived_filters = state_dict.get("revived_filters", 0)
-        self.compacted = state_dict.get("compacted", False)
         self.events = list(state_dict.get("events", []))
         self.original_sizes = dict(state_dict.get("original_sizes", {}))
         if "example" in state_dict:

@@ -62,7 +62,6 @@ class LayerPruning(PruningCallback):
         check_p(p)
         super().__init__(sparsity, schedule, layers, [], exclude, True, log_histograms)
         self.mode, self.p, self.compact_on_fit_end = mode, p, compact_on_fit_end
-        self.compacted = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,27 +121,6 @@ class LayerPruning(PruningCallback):
             self.enforce()
             replace_compression_target(pl_module, remove_blocks(self._target, self.removed()))
             self.compacted, self._ready = True, False
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if not self.compacted:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self.compacted:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "compacted": self.compacted}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.compacted = state_dict.get("compacted", False)
 
 
 def _matches_any(name: str, patterns: list[str]) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 def first_tensor(batch: Any) -> torch.Tensor:
@@ -36,14 +38,19 @@ def execution_order(model: nn.Module, example_inputs: Any, names: list[str] | No
     handles = [
         modules[name].register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name in watched
     ]
+    probe_forward(model, example_inputs, handles)
+    return list(dict.fromkeys(order))
+
+
+def probe_forward(model: nn.Module, example_inputs: Any, handles: Iterable[RemovableHandle] = ()) -> Any:
+    """One forward pass in eval mode without gradients, for the hooks behind ``handles`` to observe; the model's
+    training flags are restored and the hooks removed afterwards, even on error. Returns the output."""
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            model(*args)
+            return model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(order))

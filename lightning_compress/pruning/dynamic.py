@@ -1,0 +1,439 @@
+"""Runtime (input-dependent) channel pruning: Feature Boosting and Suppression. Pure torch.
+
+Gao et al., "Dynamic Channel Pruning: Feature Boosting and Suppression", ICLR 2019. For a gated convolution with
+input ``x`` a small predictor ``g(x) = relu(fc(avgpool(x)))`` gives a non-negative saliency per output channel; the
+winner-take-all ``pi(x) = wta_k(g(x))`` keeps the ``k = ceil(keep_ratio * C)`` largest saliencies of each sample and
+zeroes the rest. The layer's output becomes ``(gamma * norm(conv(x)) + beta) * pi(x)``: the gate multiplies the
+BatchNorm output (or the convolution output where no BatchNorm follows), so kept channels are boosted by their
+saliency and the others suppressed to exactly zero. The top-k selection is not differentiated; the saliency values
+are, so the predictor trains by ordinary gradients, with the paper's sparsity regulariser
+``lambda * sum_l ||g_l(x)||_1`` added to the loss.
+
+:class:`FeatureBoostingGates` holds the predictors (as extra parameters of the model, under ``dynamic_gates.``) and
+runs them through hooks, so the user's modules and state_dict keys stay as they are. Two executions:
+
+- dense (training, and the default): the convolution runs in full and its (normalised) output is multiplied by the
+  gate; this is the computation the paper trains;
+- sparse (:meth:`FeatureBoostingGates.sparse`, eval mode): each gated convolution computes only the selected output
+  filters of each sample, reading only the input channels that the previous gated layer kept when those are the
+  only non-zero channels of its input (found once by a probe, see :meth:`FeatureBoostingGates.prepare`). Each
+  sample runs one smaller dense convolution over its own kept filters and input channels (or, with
+  ``grouped=True``, all samples run as one grouped convolution with ``groups=B``, which oneDNN executes slower);
+  BatchNorm is folded into a per-channel scale and shift; the result is scattered back into a dense tensor for the
+  layers in between (ReLU, pooling), whose cost is elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["GATES_ATTRIBUTE", "ChannelSaliency", "FeatureBoostingGates", "keep_count", "sparse_gated_conv",
+           "winner_take_all"]
+
+#: Attribute of the gated network under which the gates (and their state_dict keys) live.
+GATES_ATTRIBUTE = "dynamic_gates"
+GATE_POSITIONS = ("batchnorm", "conv")
+
+
+def keep_count(keep_ratio: float, channels: int) -> int:
+    """Channels kept per sample: ``ceil(keep_ratio * channels)``, at least 1.
+
+    >>> keep_count(0.5, 5), keep_count(0.25, 64), keep_count(1e-9, 3)
+    (3, 16, 1)
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}.")
+    return max(1, min(channels, math.ceil(keep_ratio * channels - 1e-9)))
+
+
+def winner_take_all(saliency: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``wta_k``: keep the ``k`` largest saliencies of each row, zero the rest (Gao et al. 2019, eq. 4).
+
+    The selection is not differentiated; the kept values are, so gradients reach the predictor.
+
+    Returns:
+        ``(gate, index)``: the gate ``(B, C)`` and the kept channels ``(B, k)`` of each sample.
+
+    >>> winner_take_all(torch.tensor([[0.1, 3.0, 2.0, 0.5]]), 2)[0]
+    tensor([[0., 3., 2., 0.]])
+    """
+    index = saliency.topk(k, dim=1).indices
+    mask = torch.zeros_like(saliency).scatter_(1, index, 1.0)
+    return saliency * mask, index
+
+
+class ChannelSaliency(nn.Module):
+    """The FBS saliency predictor of one layer: global average pool of its input, a linear map, ReLU.
+
+    The bias starts at 1 so that every saliency starts near 1 (the gated network starts as the dense network with
+    a per-sample top-k mask) and in the ReLU's active range.
+
+    >>> ChannelSaliency(3, 5)(torch.zeros(2, 3, 4, 4)).shape
+    torch.Size([2, 5])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.ones_(self.fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(x.flatten(2).mean(dim=2)))
+
+
+def _expand(index: Tensor, ndim: int, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Index ``(B, n)`` viewed as ``(B, n, 1, ...)`` and expanded over trailing ``shape``."""
+    return index.view(*index.shape, *([1] * ndim)).expand(*index.shape, *shape)
+
+
+def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor, scale: Tensor, shift: Tensor,
+                      in_index: Tensor | None = None, grouped: bool = False) -> Tensor:
+    """One gated convolution computing only the kept filters of each sample (and only its kept input channels).
+
+    Equals ``(scale * conv(x) + shift) * wta`` densely (BatchNorm folded into ``scale``/``shift``, conv bias in
+    ``shift``) where ``x`` is zero outside ``in_index``. Each sample runs a smaller dense convolution over its
+    own kept filters and input channels (or, ``grouped``, all samples run as one grouped convolution); the result
+    is scattered into zeros.
+
+    Args:
+        conv: an ungrouped ``nn.Conv1d`` or ``nn.Conv2d``.
+        x: its input ``(B, C_in, *spatial)``.
+        index: kept output channels ``(B, k)``.
+        values: their saliencies ``(B, k)``.
+        scale: per output channel multiplier ``(C_out,)``.
+        shift: per output channel offset ``(C_out,)``.
+        in_index: the only input channels that may be non-zero ``(B, k_in)``, or ``None`` for all.
+        grouped: run the batch as one grouped convolution (``groups=B``) over filters gathered for all samples at
+            once, instead of a loop of per-sample convolutions, each over its own selected filters (the default:
+            on CPU it is faster, as it gathers one sample's filters at a time, in cache).
+    """
+    batch, k = index.shape
+    kernel, spatial = conv.weight.shape[2:], x.shape[2:]
+    conv_fn = F.conv1d if len(spatial) == 1 else F.conv2d
+    options = (None, conv.stride, conv.padding, conv.dilation)
+    rows = torch.arange(batch, device=index.device).unsqueeze(1)
+    if grouped and batch > 1:
+        if in_index is None:
+            weight = conv.weight[index]  # (B, k, C_in, *kernel)
+        else:
+            weight = conv.weight[index.unsqueeze(2), in_index.unsqueeze(1)]  # (B, k, k_in, *kernel)
+            x = x[rows, in_index]  # (B, k_in, *spatial)
+        out = conv_fn(x.reshape(1, -1, *spatial), weight.reshape(batch * k, -1, *kernel), *options, batch)
+        out = out.view(batch, k, *out.shape[2:])
+    else:  # per sample, a smaller dense convolution over its own filters and input channels (cache-friendly)
+        outs = []
+        for b in range(batch):
+            weight, x_b = conv.weight.index_select(0, index[b]), x[b : b + 1]
+            if in_index is not None:
+                weight, x_b = weight.index_select(1, in_index[b]), x_b.index_select(1, in_index[b])
+            outs.append(conv_fn(x_b, weight, *options))
+        out = outs[0] if batch == 1 else torch.cat(outs)
+    shape = (batch, k, *([1] * (out.dim() - 2)))
+    out = torch.addcmul((shift[index] * values).view(shape), out, (scale[index] * values).view(shape))
+    result = out.new_zeros(batch, conv.out_channels, *out.shape[2:])
+    if batch == 1:
+        return result.index_copy_(1, index[0], out)
+    result[rows, index] = out
+    return result
+
+
+def _folded_affine(conv: nn.Module, norm: nn.Module | None) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``norm(conv(x)) = scale * conv_without_bias(x) + shift`` (eval-mode BatchNorm)."""
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0].flatten(1)[:, 0])
+    if norm is None:
+        return torch.ones_like(bias), bias
+    scale = norm.running_var.add(norm.eps).rsqrt()
+    scale = scale * norm.weight if norm.weight is not None else scale
+    shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0)
+    return scale, shift + scale * bias
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class FeatureBoostingGates(nn.Module):
+    """FBS gates on chosen convolutions of a network (Gao et al., ICLR 2019), installed by hooks.
+
+    Args:
+        layers: ``{qualified name: conv}`` of the network to gate (ungrouped ``Conv1d``/``Conv2d``, zero padding).
+        keep_ratio: fraction of each layer's output channels kept per sample, in (0, 1].
+        gate_after: ``"batchnorm"`` multiplies the output of the BatchNorm that directly consumes the convolution
+            (found by tracing the first forward; the convolution itself where there is none), as in the paper;
+            ``"conv"`` multiplies the convolution output.
+
+    Raises:
+        ValueError: for a bad ``keep_ratio`` or ``gate_after``, or a layer that is not an ungrouped, zero-padded
+            ``Conv1d``/``Conv2d``.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    >>> gates = FeatureBoostingGates({"0": net[0], "3": net[3]}, keep_ratio=0.5).attach(net)
+    >>> _ = net.eval()
+    >>> dense = net(torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)))
+    >>> with gates.sparse_execution():
+    ...     sparse = net(torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)))
+    >>> gates.positions, gates.sources, bool((dense - sparse).abs().max() < 1e-5)
+    ({'0': '1', '3': '3'}, {'0': None, '3': '0'}, True)
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], keep_ratio: float, gate_after: str = "batchnorm") -> None:
+        super().__init__()
+        if gate_after not in GATE_POSITIONS:
+            raise ValueError(f"gate_after must be one of {GATE_POSITIONS}, got {gate_after!r}.")
+        for name, conv in layers.items():
+            if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or conv.groups != 1 or conv.padding_mode != "zeros":
+                raise ValueError(f"Layer {name!r} cannot be gated: FBS gates ungrouped, zero-padded Conv1d/Conv2d "
+                                 f"layers, got {conv}.")
+        self.keep_ratio = keep_ratio
+        self.gate_after = gate_after
+        self.layer_names = list(layers)
+        self.k = {name: keep_count(keep_ratio, conv.out_channels) for name, conv in layers.items()}
+        self.predictors = nn.ModuleDict({_key(n): ChannelSaliency(c.in_channels, c.out_channels)
+                                         for n, c in layers.items()})
+        self.positions: dict[str, str] = {}  # gated conv -> module whose output the gate multiplies
+        self.sources: dict[str, str | None] | None = None  # gated conv -> gated layer whose kept channels it reads
+        self.executing_sparse = False
+        self.grouped = False  # batching of sparse execution, see sparse_gated_conv
+        self.collect_regularizer = False
+        object.__setattr__(self, "_model", None)  # not a submodule: no cycle in named_modules
+        self._handles: list[Any] = []
+        self._gate: dict[str, Tensor] = {}
+        self._index: dict[str, Tensor] = {}
+        self._pending_l1: list[Tensor] = []
+        self._probe: dict[str, Any] | None = None
+        self._busy = self._overridden = False
+        self._sparse_modules: dict[str, tuple[nn.Module, nn.Module | None]] = {}
+        self.reset_statistics()
+
+    def forward(self, x: Any) -> Any:
+        """Pass-through, so that containers calling every child (``nn.Sequential``) are unaffected."""
+        return x
+
+    # -- installation -----------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> FeatureBoostingGates:
+        """Register as ``model.dynamic_gates`` (extra state_dict keys) and install the hooks."""
+        if hasattr(model, GATES_ATTRIBUTE):
+            raise ValueError(f"{type(model).__name__} already has an attribute {GATES_ATTRIBUTE!r}.")
+        modules = dict(model.named_modules())
+        model.add_module(GATES_ATTRIBUTE, self)
+        object.__setattr__(self, "_model", model)
+        self._handles.append(model.register_forward_pre_hook(self._before_model))
+        for name in self.layer_names:
+            self._handles.append(modules[name].register_forward_pre_hook(partial(self._before_conv, name)))
+        return self
+
+    def remove(self) -> None:
+        """Undo :meth:`attach`: dense execution, hooks removed, the model's own modules and keys only."""
+        self.sparse(False)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._model is not None and getattr(self._model, GATES_ATTRIBUTE, None) is self:
+            delattr(self._model, GATES_ATTRIBUTE)
+        object.__setattr__(self, "_model", None)
+        self.positions, self.sources = {}, None
+
+    def _modules_by_name(self) -> dict[str, nn.Module]:
+        if self._model is None:
+            raise RuntimeError("The gates are not attached to a model; call attach(model) first.")
+        return dict(self._model.named_modules())
+
+    def _place(self, args: tuple[Any, ...]) -> None:
+        """Choose the module whose output each gate multiplies (traced BatchNorm, or the convolution)."""
+        found: dict[str, str] = {}
+        if self.gate_after == "batchnorm":
+            from lightning_compress.pruning.batchnorm import batchnorm_after
+
+            self._busy = True
+            try:
+                found = batchnorm_after(self._model, args, self.layer_names)  # type: ignore[arg-type]
+            finally:
+                self._busy = False
+        modules = self._modules_by_name()
+        self.positions = {name: found.get(name, name) for name in self.layer_names}
+        for name, position in self.positions.items():
+            self._handles.append(modules[position].register_forward_hook(partial(self._after_position, name)))
+
+    # -- dense (training) execution ---------------------------------------------------------------------------
+    def _before_model(self, model: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._busy:
+            return
+        self._gate.clear()
+        self._index.clear()
+        if not self.positions:
+            self._place(args)
+        if self.executing_sparse and not self._overridden:
+            if self.sources is None:
+                self.prepare(args)
+            self._override()
+
+    def _before_conv(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._overridden or (self._busy and self._probe is None):
+            return
+        x = args[0]
+        if self._probe is not None:  # random keep sets: which later inputs are zero exactly where these are off
+            scores = torch.rand(x.shape[0], module.out_channels, generator=self._probe["generator"]).to(x.device)
+            gate = (winner_take_all(scores, self.k[name])[0] > 0).to(x.dtype)
+            self._probe["kept"][name], self._probe["inputs"][name] = gate.bool(), x
+            self._probe["order"].append(name)
+        else:
+            saliency = self.predictors[_key(name)](x)
+            gate = winner_take_all(saliency, self.k[name])[0]
+            if module.training and torch.is_grad_enabled():
+                l1 = saliency.abs().sum(dim=1).mean()
+                if self.collect_regularizer:
+                    self._pending_l1.append(l1)
+                stats = self._stats[name]
+                stats[0] += float((gate.detach() > 0).float().mean())
+                stats[1] += float(l1.detach())
+                stats[2] += 1
+        self._gate[name] = gate
+
+    def _after_position(self, name: str, module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+        gate = None if self._overridden else self._gate.pop(name, None)
+        if gate is None:
+            return None
+        return output * gate.view(*gate.shape, *([1] * (output.dim() - 2)))
+
+    def regularization_loss(self) -> Tensor | None:
+        """The paper's sparsity term ``sum_l mean_batch ||g_l(x)||_1`` over the training forwards since the last
+        call (collected while ``collect_regularizer`` is set), or ``None``; clears it."""
+        pending, self._pending_l1 = self._pending_l1, []
+        return torch.stack(pending).sum() if pending else None
+
+    def reset_statistics(self) -> None:
+        self._stats = {name: [0.0, 0.0, 0] for name in self.layer_names}  # kept fraction, L1, forwards
+
+    def statistics(self) -> dict[str, float]:
+        """Averages over the training forwards since :meth:`reset_statistics`: ``keep_ratio`` (non-zero gates,
+        weighted by channels), ``saliency_l1`` (summed over layers) and ``sparsity/<layer>``."""
+        result: dict[str, float] = {}
+        kept = channels = l1 = 0.0
+        for name, (kept_sum, l1_sum, count) in self._stats.items():
+            if count:
+                size = self.predictors[_key(name)].fc.out_features
+                kept, channels, l1 = kept + kept_sum / count * size, channels + size, l1 + l1_sum / count
+                result[f"sparsity/{name}"] = 1.0 - kept_sum / count
+        if channels:
+            result["keep_ratio"], result["saliency_l1"] = kept / channels, l1
+        return result
+
+    # -- sparse (inference) execution -------------------------------------------------------------------------
+    def sparse(self, enabled: bool = True, example_inputs: Any = None) -> FeatureBoostingGates:
+        """Switch the gated layers to sparse execution (eval mode only) or back to dense.
+
+        Args:
+            enabled: sparse (``True``) or dense execution.
+            example_inputs: a batch to run :meth:`prepare` on now (otherwise the first sparse forward's batch).
+        """
+        if enabled and example_inputs is not None:
+            self.prepare(example_inputs)
+        if not enabled and self._overridden:
+            self._restore()
+        self.executing_sparse = enabled
+        return self
+
+    @contextmanager
+    def sparse_execution(self, example_inputs: Any = None) -> Iterator[FeatureBoostingGates]:
+        """Sparse execution inside the ``with`` block, the previous execution after it."""
+        previous = self.executing_sparse
+        self.sparse(True, example_inputs)
+        try:
+            yield self
+        finally:
+            self.sparse(previous)
+
+    @torch.no_grad()
+    def prepare(self, example_inputs: Any) -> dict[str, str | None]:
+        """Find which gated layer's kept channels are the only non-zero input channels of each gated conv.
+
+        A probe forward (eval mode) gates every layer with random per-sample keep sets; a conv reads only the
+        channels kept by an earlier gated layer ``G`` if its input is exactly zero wherever ``G`` suppressed (true
+        through ReLU and pooling, false across a residual addition). The latest such ``G`` becomes its source.
+        Use a batch of several samples.
+        """
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        model = self._model
+        if model is None:
+            raise RuntimeError("The gates are not attached to a model; call attach(model) first.")
+        if not self.positions:
+            self._place(args)
+        overridden, was_training = self._overridden, model.training
+        if overridden:
+            self._restore()
+        self._probe = {"kept": {}, "inputs": {}, "order": [], "generator": torch.Generator().manual_seed(0)}
+        self._busy = True
+        try:
+            model.eval()
+            model(*args)
+        finally:
+            probe, self._probe, self._busy = self._probe, None, False
+            self._gate.clear()
+            model.train(was_training)
+            if overridden:
+                self._override()
+        sources: dict[str, str | None] = {}
+        for position, name in enumerate(probe["order"]):
+            peak = probe["inputs"][name].flatten(2).abs().amax(dim=2)  # (B, C_in)
+            sources[name] = next((earlier for earlier in reversed(probe["order"][:position])
+                                  if probe["kept"][earlier].shape == peak.shape
+                                  and bool((peak[~probe["kept"][earlier]] == 0).all())), None)
+        self.sources = {name: sources.get(name) for name in self.layer_names}
+        return self.sources
+
+    def _override(self) -> None:
+        modules = self._modules_by_name()
+        for name in self.layer_names:
+            position = modules[self.positions[name]]
+            if position is not modules[name] and (not isinstance(position, _BatchNorm)
+                                                  or position.running_var is None):
+                raise ValueError(f"Sparse execution folds the BatchNorm after {name!r}, which needs running "
+                                 "statistics (track_running_stats=True).")
+            modules[name].forward = partial(self._sparse_forward, name)
+            if position is not modules[name]:
+                position.forward = _identity
+            self._sparse_modules[name] = (modules[name], None if position is modules[name] else position)
+        self._overridden = True
+
+    def _restore(self) -> None:
+        for conv, norm in self._sparse_modules.values():
+            for module in (conv, norm):
+                if module is not None:
+                    module.__dict__.pop("forward", None)
+        self._sparse_modules.clear()
+        self._overridden = False
+
+    def _sparse_forward(self, name: str, x: Tensor) -> Tensor:
+        conv, norm = self._sparse_modules[name]
+        if conv.training:
+            raise RuntimeError("Sparse execution runs in eval mode: call model.eval(), or gates.sparse(False) to "
+                               "train.")
+        values, index = self.predictors[_key(name)](x).topk(self.k[name], dim=1)
+        source = (self.sources or {}).get(name)
+        in_index = self._index.get(source) if source is not None else None
+        scale, shift = _folded_affine(conv, norm)
+        self._index[name] = index
+        return sparse_gated_conv(conv, x, index, values, scale, shift, in_index, self.grouped)
+
+    def executed_macs(self, example_inputs: Any) -> int:
+        """Multiply-adds per input that sparse execution runs (counted by ``torch.utils.flop_counter`` on the first
+        sample; predictors included). Every sample executes the same count: ``k`` filters per gated layer."""
+        from lightning_compress.measure import count_macs
+
+        if self.sources is None:
+            self.prepare(example_inputs)
+        with self.sparse_execution():
+            return count_macs(self._model, example_inputs)[0]  # type: ignore[arg-type]
