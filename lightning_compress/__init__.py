@@ -6,6 +6,7 @@ from lightning_compress.distillation.self_distillation import SelfDistillationMo
 from lightning_compress.pruning.filter_callback import FilterPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
+from lightning_compress.quantization.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.report import CompressionReport
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "LayerPruning",
     "MagnitudePruning",
     "MutualLearningModule",
+    "PostTrainingQuantization",
+    "QuantizationAwareTraining",
     "SelfDistillationModule",
     "__version__",
 ]

@@ -186,12 +186,20 @@ def measure_model(
         ``macs``, ``nonzero_macs``, ``latency_ms``, ``latency`` (batch size, threads, runs), ``accuracy`` and, with a
         baseline, ``baseline`` and ``ratios``.
     """
-    macs, nonzero_macs = count_macs(model, example_inputs)
+    from lightning_compress.quantization.export import quantized_counts
+
     latency = measure_latency(model, example_inputs, runs=latency_runs, warmup=warmup, num_threads=num_threads)
+    macs, nonzero_macs = count_macs(model, example_inputs)
+    parameters, nonzero = count_parameters(model), count_nonzero_parameters(model)
+    if quantized_counts(model)["quantized_parameters"]:
+        packed = quantized_counts(model, example_inputs)
+        # torch.ao's quantized modules hide packed weights from parameters() and from flop_counter.
+        parameters, nonzero, macs, nonzero_macs = (packed["parameters"], packed["nonzero_parameters"],
+                                                   packed["macs"], packed["macs"])
     report: dict[str, Any] = {
         "model": type(model).__name__,
-        "parameters": count_parameters(model),
-        "nonzero_parameters": count_nonzero_parameters(model),
+        "parameters": parameters,
+        "nonzero_parameters": nonzero,
         "size_bytes": state_size_bytes(model),
         "macs": macs,
         "nonzero_macs": nonzero_macs,

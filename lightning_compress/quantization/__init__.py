@@ -1,6 +1,10 @@
 """Quantization: fake quantization (STE, LSQ, PACT), calibration (max, percentile, MSE, entropy / KL), non-linear
-levels (power of two, k-means codebooks) and 4-bit packing. The math here never imports Lightning."""
+levels (power of two, k-means codebooks), 4-bit packing, quantizer modules, ``quantize_model`` (post-training, any
+network) and ``export_int8`` (a real int8 model). Nothing here imports Lightning; the callbacks
+(``QuantizationAwareTraining``, ``PostTrainingQuantization``) live in :mod:`~lightning_compress.quantization.callbacks`
+and are exported at the package top level."""
 
+from lightning_compress.quantization.calibrate import classification_accuracy, quantize_model
 from lightning_compress.quantization.calibration import (
     METHODS,
     HistogramCalibrator,
@@ -10,6 +14,7 @@ from lightning_compress.quantization.calibration import (
     amax_percentile,
     compute_amax,
 )
+from lightning_compress.quantization.export import export_int8, quantized_counts
 from lightning_compress.quantization.functional import (
     affine_qparams,
     dequantize,
@@ -31,21 +36,41 @@ from lightning_compress.quantization.nonlinear import (
     pow2_quantize,
     unpack_int4,
 )
+from lightning_compress.quantization.quantizers import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantLinear,
+    QuantSpec,
+    TensorQuantizer,
+    attach_quantizer,
+    float_state_dict,
+    quantized_layers,
+    remove_quantizers,
+)
 
 __all__ = [
     "METHODS",
     "HistogramCalibrator",
     "MaxCalibrator",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantSpec",
+    "TensorQuantizer",
     "affine_qparams",
     "amax_entropy",
     "amax_mse",
     "amax_percentile",
+    "attach_quantizer",
+    "classification_accuracy",
     "codebook_fake_quantize",
     "codebook_quantize",
     "compute_amax",
     "dequantize",
+    "export_int8",
     "fake_quantize",
     "fake_quantize_affine",
+    "float_state_dict",
     "kmeans_codebook",
     "lsq_fake_quantize",
     "lsq_grad_scale",
@@ -56,5 +81,9 @@ __all__ = [
     "pow2_quantize",
     "qrange",
     "quantize",
+    "quantize_model",
+    "quantized_counts",
+    "quantized_layers",
+    "remove_quantizers",
     "unpack_int4",
 ]

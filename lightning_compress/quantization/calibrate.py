@@ -1,0 +1,316 @@
+"""Quantizing a model outside Lightning: choose layers, attach quantizers, calibrate on data, and measure.
+
+``quantize_model`` is the post-training entry point usable on any network (to quantize a teacher, say); the
+callbacks in :mod:`~lightning_compress.quantization.callbacks` decide when these steps run inside a Trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.quantization.calibration import (
+    HistogramCalibrator,
+    MaxCalibrator,
+    validate_method,
+    validate_percentile,
+)
+from lightning_compress.quantization.functional import validate_num_bits
+from lightning_compress.quantization.quantizers import (
+    QuantSpec,
+    absmax,
+    attach_quantizer,
+    check_quantizable,
+)
+from lightning_compress.utils import first_tensor, select_layers
+
+__all__ = ["CALIBRATIONS", "PTQ_MODES", "classification_accuracy", "quantize_model", "resolve_specs"]
+
+CALIBRATIONS = ("global", "max", "percentile", "mse", "entropy", "kl")
+PTQ_MODES = ("weight_only", "static", "dynamic")
+_TYPES = ("Conv1d", "Conv2d", "Linear")
+
+
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+@dataclass
+class _Calibration:
+    """Validated calibration settings shared by QAT, PTQ and :func:`quantize_model`."""
+
+    method: str = "max"
+    amax: float | dict[str, float] | None = None
+    percentile: float = 99.99
+    num_bins: int = 2048
+    start_bin: int = 128
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATIONS:
+            raise ValueError(f"Unknown calibration {self.method!r}; allowed: {', '.join(map(repr, CALIBRATIONS))}")
+        if self.method != "global":
+            validate_method(self.method)
+        validate_percentile(self.percentile)
+        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 2:
+            raise ValueError(f"num_bins={self.num_bins!r} must be an integer >= 2")
+        if self.method == "global" and self.amax is None:
+            raise ValueError("calibration='global' needs amax=<float> or amax={pattern: float}")
+        values = self.amax.values() if isinstance(self.amax, Mapping) else [] if self.amax is None else [self.amax]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"global amax {value!r} must be a positive number")
+
+    def calibrator(self, name: str, unsigned: bool) -> MaxCalibrator | HistogramCalibrator | None:
+        if self.method == "global":
+            return None
+        if self.method == "max":
+            return MaxCalibrator(unsigned=unsigned, name=name)
+        return HistogramCalibrator(self.num_bins, unsigned=unsigned, name=name)
+
+    def global_amax(self, name: str) -> float:
+        if not isinstance(self.amax, Mapping):
+            return float(self.amax)  # type: ignore[arg-type]
+        for pattern, value in self.amax.items():
+            if name == pattern or re.fullmatch(pattern, name):
+                return float(value)
+        raise ValueError(f"calibration='global': no amax pattern in {list(self.amax)} matches layer {name!r}")
+
+    def compute(self, name: str, calibrator: Any, num_bits: int) -> Tensor:
+        if calibrator is None:
+            return torch.tensor(self.global_amax(name))
+        if isinstance(calibrator, MaxCalibrator):
+            return calibrator.compute_amax().reshape(())
+        if calibrator.counts.numel() == 0:
+            raise RuntimeError(f"layer {name!r} received no calibration data")
+        start = min(self.start_bin, calibrator.counts.numel() - 1)
+        return calibrator.compute_amax(self.method, num_bits=num_bits, start_bin=start, percentile=self.percentile)
+
+
+def _validate_bit_widths(num_bits: int, bit_widths: Mapping[str, int] | None) -> None:
+    validate_num_bits(num_bits)
+    for pattern, bits in (bit_widths or {}).items():
+        try:
+            validate_num_bits(bits)
+        except ValueError as err:
+            raise ValueError(f"bit_widths[{pattern!r}]: {err}") from None
+
+
+def resolve_specs(
+    target: nn.Module,
+    *,
+    layers: str | list[str] | None,
+    exclude: str | list[str] | None,
+    num_bits: int,
+    bit_widths: Mapping[str, int] | None,
+    per_channel: bool,
+    unsigned: bool,
+    learn: str,
+    skip_first_and_last: bool = False,
+) -> dict[str, QuantSpec]:
+    """The layers of ``target`` to quantize and how (``bit_widths`` patterns override ``num_bits``).
+
+    Raises:
+        ValueError: a pattern (in ``layers`` or ``bit_widths``) matching no Conv1d/Conv2d/Linear, a selected layer
+            of another type (a subclass), or nothing left to quantize.
+    """
+    chosen = select_layers(target, layers, types=_TYPES, exclude=exclude)
+    if skip_first_and_last and len(chosen) > 2:
+        names = list(chosen)
+        chosen = {n: chosen[n] for n in names[1:-1]}  # definition (named_modules) order
+    if not chosen:
+        raise ValueError(f"nothing to quantize in {type(target).__name__}: layers={layers!r}, exclude={exclude!r}")
+    check_quantizable(chosen)
+    bits = dict.fromkeys(chosen, num_bits)
+    for pattern, width in (bit_widths or {}).items():
+        for name in select_layers(target, pattern, types=_TYPES):
+            if name in bits:
+                bits[name] = width
+    return {name: QuantSpec(bits[name], per_channel, unsigned, learn) for name in chosen}
+
+
+def attach_all(target: nn.Module, specs: Mapping[str, QuantSpec]) -> dict[str, Any]:
+    modules = dict(target.named_modules())
+    return {name: attach_quantizer(modules[name], spec) for name, spec in specs.items()}
+
+
+def _set_weight_amax(layers: Mapping[str, Any]) -> None:
+    """Fix every weight ``amax`` at the current per-channel ``max |w|`` (LSQ: at the learned step)."""
+    for layer in layers.values():
+        wq = layer.weight_quantizer
+        if wq.learn == "lsq":
+            wq.sync_amax()
+        else:
+            wq.amax.copy_(absmax(layer.weight, wq.axis).reshape(wq.amax.shape))
+
+
+def _calibration_pass(model: nn.Module, data: Any, max_batches: int | None, device: torch.device) -> int:
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        batches = [data] if isinstance(data, Tensor) else data
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                model(first_tensor(batch).to(device))
+                seen += 1
+    finally:
+        model.train(was_training)
+    return seen
+
+
+def _start_calibration(layers: Mapping[str, Any], settings: _Calibration) -> dict[str, Any]:
+    calibrators = {}
+    for name, layer in layers.items():
+        inq = layer.input_quantizer
+        calibrators[name] = settings.calibrator(name, inq.unsigned)
+        inq.calibrator, inq.min_seen = calibrators[name], float("inf")
+    return calibrators
+
+
+def _finish_calibration(layers: Mapping[str, Any], calibrators: Mapping[str, Any], settings: _Calibration,
+                        strategy: Any = None) -> None:
+    """Reduce the statistics across ranks (if ``strategy``), set every input ``amax``, initialise LSQ / PACT."""
+    for name, layer in layers.items():
+        calibrator, inq = calibrators.get(name), layer.input_quantizer
+        if strategy is not None and calibrator is not None:
+            _reduce_calibrator(calibrator, strategy)
+        inq.amax.copy_(settings.compute(name, calibrator, inq.num_bits).to(inq.amax))
+        inq.calibrating, inq.calibrator, inq.range_reducer = False, None, None
+        inq.init_learned()
+        layer.weight_quantizer.init_learned(layer.weight if layer.weight_quantizer.learn == "lsq" else None)
+
+
+def _reduce_calibrator(calibrator: Any, strategy: Any) -> None:
+    """All-reduce one calibrator's statistics so every rank computes the amax of the global batches."""
+    device = getattr(strategy, "root_device", torch.device("cpu"))  # NCCL reduces CUDA tensors only
+    if isinstance(calibrator, MaxCalibrator):
+        if calibrator.amax is not None:
+            calibrator.amax = strategy.reduce(calibrator.amax.to(device), reduce_op="max").cpu()
+        return
+    # bins grew alike on every rank (range all-reduced per batch), so the counts add up bin by bin
+    calibrator.counts = strategy.reduce(calibrator.counts.to(device), reduce_op="sum").cpu().to(torch.int64)
+    top = torch.tensor(calibrator.max, dtype=torch.float64, device=device)
+    calibrator.max = float(strategy.reduce(top, reduce_op="max"))
+
+
+def _set_modes(layers: Mapping[str, Any], phase: str, learn: str) -> None:
+    for layer in layers.values():
+        inq, wq = layer.input_quantizer, layer.weight_quantizer
+        inq.dynamic = wq.dynamic = False
+        inq.calibrating = False
+        inq.enabled = wq.enabled = phase != "calibrating"
+        wq.observe = phase == "training" and wq.learn != "lsq"
+
+
+# ------------------------------------------------------------------------------------------------- QAT
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str = "static",
+    calibration_data: Tensor | Iterable[Any] | None = None,
+    *,
+    num_bits: int = 8,
+    calibration: str = "max",
+    amax: float | dict[str, float] | None = None,
+    layers: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    bit_widths: dict[str, int] | None = None,
+    per_channel: bool = True,
+    unsigned: bool = False,
+    calibration_batches: int | None = None,
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+    start_bin: int = 128,
+    inplace: bool = False,
+) -> nn.Module:
+    """Post-training quantization of a model: a fake-quantized copy in eval mode (e.g. to quantize a teacher).
+
+    Weights are quantized per output channel (``amax = max |w|``, fixed). Calibration runs the float model
+    (every quantizer off), as NVIDIA's pytorch-quantization does. ``mode``: ``"weight_only"`` (inputs
+    stay float), ``"static"`` (input ``amax`` calibrated on ``calibration_data`` with ``calibration``, or given
+    with ``"global"``), ``"dynamic"`` (input ``amax = max |x|`` of each batch at run time). A static result can be
+    exported with :func:`lightning_compress.quantization.export_int8`.
+
+    Args:
+        model: the float model (left unchanged unless ``inplace``).
+        mode: ``"weight_only"``, ``"static"`` or ``"dynamic"``.
+        calibration_data: a tensor or an iterable of batches (a DataLoader), for ``"static"``.
+        num_bits: 2 to 16.
+        calibration: ``"max"``, ``"percentile"``, ``"mse"``, ``"entropy"``, ``"kl"`` or ``"global"``.
+        amax: the global threshold (number or ``{pattern: number}``) for ``"global"``.
+        layers: names or regexes of the layers to quantize; default every Conv1d / Conv2d / Linear.
+        exclude: names or regexes to leave float.
+        bit_widths: ``{pattern: bits}`` overriding ``num_bits``.
+        per_channel: per-output-channel weight ``amax``.
+        unsigned: non-negative inputs.
+        calibration_batches: at most this many batches of ``calibration_data``.
+        percentile: for ``"percentile"``.
+        num_bins: histogram bins.
+        start_bin: first candidate bin of the mse / entropy searches.
+        inplace: quantize ``model`` itself instead of a deep copy.
+
+    Raises:
+        ValueError: bad settings (as :class:`QuantizationAwareTraining`), a static mode without data, NaN / Inf
+            in calibration data (naming the layer).
+
+    >>> qm = quantize_model(nn.Sequential(nn.Linear(4, 2)), "static", torch.randn(8, 4))
+    >>> type(qm[0]).__name__, qm[0].input_quantizer.amax.item() > 0
+    ('QuantLinear', True)
+    """
+    if mode not in PTQ_MODES:
+        raise ValueError(f"Unknown mode {mode!r}; allowed: {', '.join(map(repr, PTQ_MODES))}")
+    _validate_bit_widths(num_bits, bit_widths)
+    settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
+    if mode == "static" and calibration_data is None and calibration != "global":
+        raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
+    qmodel = model if inplace else copy.deepcopy(model)
+    specs = resolve_specs(qmodel, layers=layers, exclude=exclude, num_bits=num_bits, bit_widths=bit_widths,
+                          per_channel=per_channel, unsigned=unsigned, learn="none")
+    quantized = attach_all(qmodel, specs)
+    _set_modes(quantized, "frozen", "none")
+    with torch.no_grad():
+        _set_weight_amax(quantized)
+    for layer in quantized.values():
+        layer.input_quantizer.enabled = mode != "weight_only"
+        layer.input_quantizer.dynamic = mode == "dynamic"
+    if mode == "static":
+        calibrators = _start_calibration(quantized, settings)
+        if calibration_data is not None and settings.method != "global":
+            for layer in quantized.values():  # calibrate the float model (NVIDIA / TensorRT flow)
+                layer.input_quantizer.calibrating, layer.weight_quantizer.enabled = True, False
+            device = next(iter(quantized.values())).weight.device
+            try:
+                _calibration_pass(qmodel, calibration_data, calibration_batches, device)
+            finally:
+                for layer in quantized.values():
+                    layer.input_quantizer.calibrating, layer.weight_quantizer.enabled = False, True
+        with torch.no_grad():
+            _finish_calibration(quantized, calibrators, settings)
+    return qmodel.eval()
+
+
+def classification_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on ``(inputs, targets)`` batches (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, targets = batch[0].to(device), batch[1].to(device)
+                correct += int((model(inputs).argmax(dim=1) == targets).sum())
+                total += int(targets.numel())
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+

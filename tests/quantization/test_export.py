@@ -1,0 +1,196 @@
+"""export_int8: a real int8 model with our scales, its agreement, determinism and how it is counted."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.measure import count_macs, count_parameters
+from lightning_compress.quantization import quantize_model
+from lightning_compress.quantization.export import export_int8, quantized_counts
+from lightning_compress.quantization.quantizers import remove_quantizers
+
+
+@pytest.fixture(scope="module")
+def dm() -> DigitsDataModule:
+    datamodule = DigitsDataModule(batch_size=64, seed=0)
+    datamodule.setup()
+    return datamodule
+
+
+def _test_inputs(dm: DigitsDataModule) -> torch.Tensor:
+    return torch.cat([batch[0] for batch in dm.test_dataloader()])
+
+
+@pytest.fixture(scope="module")
+def qat_residual(dm, tmp_path_factory) -> nn.Module:
+    """A ResidualCNN trained briefly with QAT under Trainer(deterministic=True)."""
+    torch.manual_seed(0)
+    module = ClassifierModule(ResidualCNN(width=8), lr=3e-3)
+    callback = QuantizationAwareTraining(calibration="entropy", calibration_batches=4)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, deterministic=True,
+                         default_root_dir=str(tmp_path_factory.mktemp("qat")), callbacks=[callback])
+    trainer.fit(module, dm)
+    assert torch.are_deterministic_algorithms_enabled()  # what the Trainer leaves behind
+    return module.backbone.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_residual(dm) -> nn.Module:
+    """A float ResidualCNN trained for two epochs with a plain loop (a few seconds)."""
+    torch.manual_seed(0)
+    model = ResidualCNN(width=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(2):
+        for inputs, targets in dm.train_dataloader():
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+def test_export_ptq_residual_agrees_under_deterministic_mode(trained_residual, dm) -> None:
+    x = _test_inputs(dm)
+    qmodel = quantize_model(trained_residual, "static", dm.train_dataloader(), calibration="entropy")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        int8 = export_int8(qmodel, x[:256])
+        assert torch.are_deterministic_algorithms_enabled()
+        agreement = _agreement(qmodel, int8, x)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert agreement >= 0.99, agreement
+    _check_scales(qmodel, int8)
+
+
+def _check_scales(qmodel: nn.Module, int8: nn.Module) -> None:
+    # our scales, not a recalibration: the model input uses stem.conv's calibrated amax
+    amax = float(qmodel.stem.conv.input_quantizer.amax)
+    assert float(int8.model.stem_conv_input_scale_0) == pytest.approx(amax / 127, rel=1e-6)
+    assert int(int8.model.stem_conv_input_zero_point_0) == 128
+    # per-channel weight scales: amax / 127 times the folded BatchNorm factor
+    bn = qmodel.stem.bn
+    factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach()
+    expected = qmodel.stem.conv.weight_quantizer.current_amax(qmodel.stem.conv.weight) * factor / 127
+    scales = int8.model.stem.conv.weight().q_per_channel_scales().float()
+    assert torch.allclose(scales, expected, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_qat_residual_agrees_under_deterministic_mode(qat_residual, dm) -> None:
+    x = _test_inputs(dm)
+    assert torch.are_deterministic_algorithms_enabled()
+    int8 = export_int8(qat_residual, x[:256])
+    agreement = _agreement(qat_residual, int8, x)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert agreement >= 0.99, agreement
+    _check_scales(qat_residual, int8)
+    torch.use_deterministic_algorithms(False)
+
+
+def test_export_ptq_plain_and_counts(dm) -> None:
+    torch.manual_seed(0)
+    model = PlainCNN(width=8).eval()
+    x = _test_inputs(dm)
+    float_model = copy.deepcopy(model)
+    qmodel = quantize_model(model, "static", dm.val_dataloader(), calibration="percentile")
+    int8 = export_int8(qmodel, x[:128])
+    assert _agreement(qmodel, int8, x) >= 0.97  # untrained weights: small logit margins
+    counts = quantized_counts(int8, x[:8])
+    float_macs, _ = count_macs(float_model, x[:8])
+    assert counts["macs"] == float_macs
+    convs_and_linear = [m for m in float_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weights = sum(m.weight.numel() for m in convs_and_linear)
+    biases = sum(m.weight.shape[0] for m in convs_and_linear)  # BatchNorm folding gives every conv a bias
+    assert counts["quantized_parameters"] == counts["parameters"] == weights + biases
+    assert 4 * count_parameters(float_model) / counts["weight_bytes"] > 3  # tiny layers: scales and biases weigh
+
+    def size(m: nn.Module) -> int:
+        buffer = io.BytesIO()
+        torch.save(m.state_dict(), buffer)
+        return buffer.getbuffer().nbytes
+
+    assert size(int8) < size(float_model)
+
+
+def test_excluded_layers_stay_float(dm) -> None:
+    torch.manual_seed(0)
+    model = PlainCNN(width=4).eval()
+    qmodel = quantize_model(model, "static", dm.val_dataloader(), exclude=["classifier"])
+    int8 = export_int8(qmodel, _test_inputs(dm)[:64])
+    assert type(int8.model.classifier) is nn.Linear
+    assert _agreement(qmodel, int8, _test_inputs(dm)) >= 0.97
+
+
+def test_export_rejects_models_without_static_scales() -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="no quantized layer"):
+        export_int8(model, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="layer '0' has no static input scale"):
+        export_int8(quantize_model(model, "dynamic"), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="layer '0' uses 16 bits"):
+        export_int8(quantize_model(model, "static", torch.randn(4, 4), num_bits=16), torch.zeros(2, 4))
+    qmodel = quantize_model(model, "static", torch.randn(4, 4))
+    export_int8(qmodel, torch.zeros(2, 4))
+    remove_quantizers(qmodel)
+
+
+def test_conv1d_model_quantizes_and_exports() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(nn.functional.relu(self.conv(x)), 1))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 16)
+    qmodel = quantize_model(Net().eval(), "static", [x], calibration="mse")
+    assert type(qmodel.conv).__name__ == "QuantConv1d"
+    int8 = export_int8(qmodel, x)
+    with torch.no_grad():
+        assert torch.allclose(int8(x), qmodel(x), atol=0.05)
+
+
+def test_counts_see_pruned_int8_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0
+    int8 = export_int8(quantize_model(model, "static", torch.randn(16, 8)), torch.randn(16, 8))
+    counts = quantized_counts(int8, torch.randn(3, 8))
+    assert counts["parameters"] == 46 and counts["nonzero_parameters"] == 46 - 16 and counts["macs"] == 40
+    assert counts["weight_bytes"] == 40 + 4 * 6 + 8 * 6  # int8 weights, float biases, scale + zero point per row
+
+
+def test_measure_model_counts_an_exported_int8_model():
+    from lightning_compress.measure import count_macs, measure_model
+    from lightning_compress.quantization import export_int8
+
+    torch.manual_seed(0)
+    model = PlainCNN(width=32).eval()
+    inputs = torch.randn(16, 1, 8, 8)
+    quantized = quantize_model(model, "static", [inputs], calibration="max")
+    exported = export_int8(quantized, inputs)
+    report = measure_model(exported, inputs, baseline=model, latency_runs=2, warmup=0)
+    assert report["macs"] == count_macs(model, inputs)[0] > 0
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert report["parameters"] >= weights
+    assert report["ratios"]["size_bytes"] > 3.0
