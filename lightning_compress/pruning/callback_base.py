@@ -58,6 +58,8 @@ class PruningCallback(Callback):
         self._modules: dict[str, nn.Module] = {}
         self._ready = False
         self._restored: dict[str, Any] | None = None
+        self._pruned_cache: dict[str, torch.Tensor] = {}
+        self._pruned_source: dict[str, torch.Tensor] | None = None
 
     # -- resolution -------------------------------------------------------------------------------------------
     @override
@@ -123,10 +125,21 @@ class PruningCallback(Callback):
     def enforce(self) -> None:
         """Public override point: zero the pruned entries of every masked layer (after each optimizer step)."""
         with torch.no_grad():
+            for name, pruned in self._pruned_entries().items():
+                self._modules[name].weight.masked_fill_(pruned, 0)
+
+    def _pruned_entries(self) -> dict[str, torch.Tensor]:
+        """``~mask`` on the weight's device, shaped to broadcast; rebuilt only when the masks change (this runs after
+        every optimizer step)."""
+        if self._pruned_source is not self.masks:
+            cache = {}
             for name, mask in self.masks.items():
                 weight = self._modules[name].weight
-                weight.mul_(mask.to(weight.device).view_as(weight) if mask.shape == weight.shape else
-                            mask.to(weight.device).view(-1, *([1] * (weight.dim() - 1))))
+                pruned = ~mask.to(weight.device)
+                cache[name] = pruned.view_as(weight) if mask.shape == weight.shape else pruned.view(
+                    -1, *([1] * (weight.dim() - 1)))
+            self._pruned_cache, self._pruned_source = cache, self.masks
+        return self._pruned_cache
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _epoch_position(self, trainer: pl.Trainer) -> int:
