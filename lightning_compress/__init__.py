@@ -3,6 +3,7 @@
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.distillation.mutual import MutualLearningModule
 from lightning_compress.distillation.self_distillation import SelfDistillationModule
+from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.pruning.filter_callback import FilterPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport",
     "DistillationModule",
+    "DynamicChannelPruning",
     "FilterPruning",
     "LayerPruning",
     "MagnitudePruning",

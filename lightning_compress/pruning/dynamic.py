@@ -26,7 +26,7 @@ runs them through hooks, so the user's modules and state_dict keys stay as they 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -36,12 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_compress.utils.data import probe_forward
+
 __all__ = ["GATES_ATTRIBUTE", "ChannelSaliency", "FeatureBoostingGates", "keep_count", "sparse_gated_conv",
            "winner_take_all"]
 
 #: Attribute of the gated network under which the gates (and their state_dict keys) live.
 GATES_ATTRIBUTE = "dynamic_gates"
 GATE_POSITIONS = ("batchnorm", "conv")
+GatedConv = nn.Conv1d | nn.Conv2d
 
 
 def keep_count(keep_ratio: float, channels: int) -> int:
@@ -95,7 +98,7 @@ def _expand(index: Tensor, ndim: int, shape: torch.Size | tuple[int, ...]) -> Te
     return index.view(*index.shape, *([1] * ndim)).expand(*index.shape, *shape)
 
 
-def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor, scale: Tensor, shift: Tensor,
+def sparse_gated_conv(conv: GatedConv, x: Tensor, index: Tensor, values: Tensor, scale: Tensor, shift: Tensor,
                       in_index: Tensor | None = None, grouped: bool = False) -> Tensor:
     """One gated convolution computing only the kept filters of each sample (and only its kept input channels).
 
@@ -118,8 +121,8 @@ def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor,
     """
     batch, k = index.shape
     kernel, spatial = conv.weight.shape[2:], x.shape[2:]
-    conv_fn = F.conv1d if len(spatial) == 1 else F.conv2d
-    options = (None, conv.stride, conv.padding, conv.dilation)
+    conv_fn: Callable[..., Tensor] = F.conv1d if len(spatial) == 1 else F.conv2d
+    options: dict[str, Any] = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
     rows = torch.arange(batch, device=index.device).unsqueeze(1)
     if grouped and batch > 1:
         if in_index is None:
@@ -127,7 +130,8 @@ def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor,
         else:
             weight = conv.weight[index.unsqueeze(2), in_index.unsqueeze(1)]  # (B, k, k_in, *kernel)
             x = x[rows, in_index]  # (B, k_in, *spatial)
-        out = conv_fn(x.reshape(1, -1, *spatial), weight.reshape(batch * k, -1, *kernel), *options, batch)
+        out = conv_fn(x.reshape(1, -1, *spatial), weight.reshape(batch * k, -1, *kernel), None, groups=batch,
+                      **options)
         out = out.view(batch, k, *out.shape[2:])
     else:  # per sample, a smaller dense convolution over its own filters and input channels (cache-friendly)
         outs = []
@@ -135,7 +139,7 @@ def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor,
             weight, x_b = conv.weight.index_select(0, index[b]), x[b : b + 1]
             if in_index is not None:
                 weight, x_b = weight.index_select(1, in_index[b]), x_b.index_select(1, in_index[b])
-            outs.append(conv_fn(x_b, weight, *options))
+            outs.append(conv_fn(x_b, weight, None, **options))
         out = outs[0] if batch == 1 else torch.cat(outs)
     shape = (batch, k, *([1] * (out.dim() - 2)))
     out = torch.addcmul((shift[index] * values).view(shape), out, (scale[index] * values).view(shape))
@@ -146,11 +150,12 @@ def sparse_gated_conv(conv: nn.Module, x: Tensor, index: Tensor, values: Tensor,
     return result
 
 
-def _folded_affine(conv: nn.Module, norm: nn.Module | None) -> tuple[Tensor, Tensor]:
+def _folded_affine(conv: GatedConv, norm: _BatchNorm | None) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` with ``norm(conv(x)) = scale * conv_without_bias(x) + shift`` (eval-mode BatchNorm)."""
     bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0].flatten(1)[:, 0])
     if norm is None:
         return torch.ones_like(bias), bias
+    assert norm.running_var is not None and norm.running_mean is not None, "BatchNorm without running statistics"
     scale = norm.running_var.add(norm.eps).rsqrt()
     scale = scale * norm.weight if norm.weight is not None else scale
     shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0)
@@ -189,20 +194,25 @@ class FeatureBoostingGates(nn.Module):
     ({'0': '1', '3': '3'}, {'0': None, '3': '0'}, True)
     """
 
+    _model: nn.Module | None
+
     def __init__(self, layers: dict[str, nn.Module], keep_ratio: float, gate_after: str = "batchnorm") -> None:
         super().__init__()
         if gate_after not in GATE_POSITIONS:
             raise ValueError(f"gate_after must be one of {GATE_POSITIONS}, got {gate_after!r}.")
+        convs: dict[str, GatedConv] = {}
         for name, conv in layers.items():
             if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or conv.groups != 1 or conv.padding_mode != "zeros":
                 raise ValueError(f"Layer {name!r} cannot be gated: FBS gates ungrouped, zero-padded Conv1d/Conv2d "
                                  f"layers, got {conv}.")
+            convs[name] = conv
         self.keep_ratio = keep_ratio
         self.gate_after = gate_after
         self.layer_names = list(layers)
-        self.k = {name: keep_count(keep_ratio, conv.out_channels) for name, conv in layers.items()}
+        self.channels = {name: conv.out_channels for name, conv in convs.items()}
+        self.k = {name: keep_count(keep_ratio, conv.out_channels) for name, conv in convs.items()}
         self.predictors = nn.ModuleDict({_key(n): ChannelSaliency(c.in_channels, c.out_channels)
-                                         for n, c in layers.items()})
+                                         for n, c in convs.items()})
         self.positions: dict[str, str] = {}  # gated conv -> module whose output the gate multiplies
         self.sources: dict[str, str | None] | None = None  # gated conv -> gated layer whose kept channels it reads
         self.executing_sparse = False
@@ -215,7 +225,8 @@ class FeatureBoostingGates(nn.Module):
         self._pending_l1: list[Tensor] = []
         self._probe: dict[str, Any] | None = None
         self._busy = self._overridden = False
-        self._sparse_modules: dict[str, tuple[nn.Module, nn.Module | None]] = {}
+        self._sparse_modules: dict[str, tuple[GatedConv, _BatchNorm | None]] = {}
+        self._affine_cache: dict[str, tuple[tuple[int, ...], Tensor, Tensor]] = {}
         self.reset_statistics()
 
     def forward(self, x: Any) -> Any:
@@ -285,7 +296,7 @@ class FeatureBoostingGates(nn.Module):
             return
         x = args[0]
         if self._probe is not None:  # random keep sets: which later inputs are zero exactly where these are off
-            scores = torch.rand(x.shape[0], module.out_channels, generator=self._probe["generator"]).to(x.device)
+            scores = torch.rand(x.shape[0], self.channels[name], generator=self._probe["generator"]).to(x.device)
             gate = (winner_take_all(scores, self.k[name])[0] > 0).to(x.dtype)
             self._probe["kept"][name], self._probe["inputs"][name] = gate.bool(), x
             self._probe["order"].append(name)
@@ -324,7 +335,7 @@ class FeatureBoostingGates(nn.Module):
         kept = channels = l1 = 0.0
         for name, (kept_sum, l1_sum, count) in self._stats.items():
             if count:
-                size = self.predictors[_key(name)].fc.out_features
+                size = self.channels[name]
                 kept, channels, l1 = kept + kept_sum / count * size, channels + size, l1 + l1_sum / count
                 result[f"sparsity/{name}"] = 1.0 - kept_sum / count
         if channels:
@@ -371,18 +382,16 @@ class FeatureBoostingGates(nn.Module):
             raise RuntimeError("The gates are not attached to a model; call attach(model) first.")
         if not self.positions:
             self._place(args)
-        overridden, was_training = self._overridden, model.training
+        overridden = self._overridden
         if overridden:
             self._restore()
         self._probe = {"kept": {}, "inputs": {}, "order": [], "generator": torch.Generator().manual_seed(0)}
         self._busy = True
         try:
-            model.eval()
-            model(*args)
+            probe_forward(model, args)
         finally:
             probe, self._probe, self._busy = self._probe, None, False
             self._gate.clear()
-            model.train(was_training)
             if overridden:
                 self._override()
         sources: dict[str, str | None] = {}
@@ -397,15 +406,16 @@ class FeatureBoostingGates(nn.Module):
     def _override(self) -> None:
         modules = self._modules_by_name()
         for name in self.layer_names:
-            position = modules[self.positions[name]]
-            if position is not modules[name] and (not isinstance(position, _BatchNorm)
-                                                  or position.running_var is None):
+            conv, position = modules[name], modules[self.positions[name]]
+            assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+            norm = None if position is conv else position
+            if norm is not None and (not isinstance(norm, _BatchNorm) or norm.running_var is None):
                 raise ValueError(f"Sparse execution folds the BatchNorm after {name!r}, which needs running "
                                  "statistics (track_running_stats=True).")
-            modules[name].forward = partial(self._sparse_forward, name)
-            if position is not modules[name]:
-                position.forward = _identity
-            self._sparse_modules[name] = (modules[name], None if position is modules[name] else position)
+            conv.forward = partial(self._sparse_forward, name)  # type: ignore[method-assign]
+            if norm is not None:
+                norm.forward = _identity  # type: ignore[method-assign,assignment]
+            self._sparse_modules[name] = (conv, norm)
         self._overridden = True
 
     def _restore(self) -> None:
@@ -424,9 +434,19 @@ class FeatureBoostingGates(nn.Module):
         values, index = self.predictors[_key(name)](x).topk(self.k[name], dim=1)
         source = (self.sources or {}).get(name)
         in_index = self._index.get(source) if source is not None else None
-        scale, shift = _folded_affine(conv, norm)
+        scale, shift = self._affine(name, conv, norm)
         self._index[name] = index
         return sparse_gated_conv(conv, x, index, values, scale, shift, in_index, self.grouped)
+
+    def _affine(self, name: str, conv: GatedConv, norm: _BatchNorm | None) -> tuple[Tensor, Tensor]:
+        """The folded BatchNorm, recomputed whenever one of its tensors changed (their version counters)."""
+        tensors = [t for t in (conv.bias, *((norm.weight, norm.bias, norm.running_mean, norm.running_var)
+                                            if norm is not None else ())) if t is not None]
+        versions = tuple(t._version for t in tensors)
+        cached = self._affine_cache.get(name)
+        if cached is None or cached[0] != versions:
+            cached = self._affine_cache[name] = (versions, *_folded_affine(conv, norm))
+        return cached[1], cached[2]
 
     def executed_macs(self, example_inputs: Any) -> int:
         """Multiply-adds per input that sparse execution runs (counted by ``torch.utils.flop_counter`` on the first
