@@ -36,6 +36,16 @@ from lightning_compress.quantization.nonlinear import (
     pow2_quantize,
     unpack_int4,
 )
+from lightning_compress.quantization.packed import (
+    PACKED_METHODS,
+    PackedConv1d,
+    PackedConv2d,
+    PackedLinear,
+    export_packed,
+    pack_bits,
+    packed_layers,
+    unpack_bits,
+)
 from lightning_compress.quantization.quantizers import (
     QuantConv1d,
     QuantConv2d,
@@ -50,8 +60,12 @@ from lightning_compress.quantization.quantizers import (
 
 __all__ = [
     "METHODS",
+    "PACKED_METHODS",
     "HistogramCalibrator",
     "MaxCalibrator",
+    "PackedConv1d",
+    "PackedConv2d",
+    "PackedLinear",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
@@ -68,6 +82,7 @@ __all__ = [
     "compute_amax",
     "dequantize",
     "export_int8",
+    "export_packed",
     "fake_quantize",
     "fake_quantize_affine",
     "float_state_dict",
@@ -75,7 +90,9 @@ __all__ = [
     "lsq_fake_quantize",
     "lsq_grad_scale",
     "lsq_init_step",
+    "pack_bits",
     "pack_int4",
+    "packed_layers",
     "pact_fake_quantize",
     "pow2_fake_quantize",
     "pow2_quantize",
@@ -85,5 +102,6 @@ __all__ = [
     "quantized_counts",
     "quantized_layers",
     "remove_quantizers",
+    "unpack_bits",
     "unpack_int4",
 ]

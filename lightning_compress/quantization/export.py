@@ -223,6 +223,12 @@ def _packed_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
+def _weight_packed_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    for name, module in model.named_modules():
+        if callable(getattr(module, "payload_bytes", None)) and callable(getattr(module, "dequantized_weight", None)):
+            yield name, module
+
+
 def _packed_macs(module: Any, output: Any) -> int:
     out = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(out, Tensor) or out.dim() == 0:
@@ -236,9 +242,12 @@ def quantized_counts(model: nn.Module, example_inputs: Any | None = None) -> dic
     """Parameters, bytes and multiply-adds of a model with ``torch.ao`` quantized (packed-weight) layers.
 
     Packed layers (quantized ``Conv*``, ``Linear``, their fused ``...ReLU`` variants) count their int8 weight
-    elements and float bias from ``module.weight()`` / ``module.bias()``; float parameters elsewhere count as
-    usual. Multiply-adds are for ONE sample (like :func:`lightning_compress.measure.count_macs`): the packed
-    layers from their output shapes (forward hooks), the float rest from ``torch.utils.flop_counter``.
+    elements and float bias from ``module.weight()`` / ``module.bias()``; the weight-only packed layers of
+    :func:`~lightning_compress.quantization.packed.export_packed` count their original weight elements and their
+    packed payload (codes and decoding table; their float bias counts as a float parameter); float parameters
+    elsewhere count as usual. Multiply-adds are for ONE sample (like
+    :func:`lightning_compress.measure.count_macs`): the packed layers from their output shapes (forward hooks), the
+    float rest from ``torch.utils.flop_counter``.
 
     Returns:
         ``{"parameters", "quantized_parameters", "nonzero_parameters", "weight_bytes", "macs"}`` (non-zero:
@@ -256,6 +265,10 @@ def quantized_counts(model: nn.Module, example_inputs: Any | None = None) -> dic
         nonzero += int(torch.count_nonzero(bias)) if bias is not None else 0
         bytes_ += weight.numel() * weight.element_size() + (bias.numel() * 4 if bias is not None else 0)
         bytes_ += 8 * weight.shape[0] if weight.qscheme() in _PER_CHANNEL else 8
+    for _, module in _weight_packed_layers(model):  # packed low-bit layers (packed.py): bias is a float parameter
+        quantized += module.weight_numel()
+        nonzero += int(torch.count_nonzero(module.dequantized_weight()))
+        bytes_ += module.payload_bytes()
     floats = sum(p.numel() for p in model.parameters())
     counts = {"parameters": quantized + floats, "quantized_parameters": quantized,
               "nonzero_parameters": nonzero + sum(int(torch.count_nonzero(p.detach())) for p in model.parameters()),
