@@ -144,7 +144,9 @@ def table(per_model: dict[str, dict[str, list[dict[str, float]]]], seeds: int) -
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a few batches")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     settings = Settings(args.quick)
     per_model: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in MODELS:

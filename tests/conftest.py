@@ -9,6 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+# The tests' models are tiny: a thread pool only adds overhead, and on a busy 2-core machine it multiplies the run
+# time. One intra-op thread also makes the runs independent of the machine's core count.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
