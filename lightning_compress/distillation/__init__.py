@@ -9,6 +9,7 @@
 """
 
 from lightning_compress.distillation import losses
+from lightning_compress.distillation.checkpoints import load_network_weights
 from lightning_compress.distillation.features import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.distillation.mutual import MutualLearningModule
@@ -25,6 +26,7 @@ __all__ = [
     "born_again",
     "check_layer_pairs",
     "inspect_layer_pairs",
+    "load_network_weights",
     "losses",
     "reinitialize",
     "slim_copy",

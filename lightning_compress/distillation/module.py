@@ -56,7 +56,8 @@ class DistillationModule(DistillationBase):
     :meth:`student_from_checkpoint` gives the trained student network alone.
 
     Two-stage methods (FitNets, FSP): with ``feature_stage_epochs = N > 0`` the first ``N`` epochs train on the
-    feature terms only, the remaining ones on ``soft`` and ``hard`` only (under DDP the regressors are then unused:
+    feature terms only, the remaining ones on ``soft`` and ``hard`` only, with the optimizer state (Adam's moments)
+    cleared when the task stage starts (under DDP the regressors are then unused:
     use ``strategy="ddp_find_unused_parameters_true"``).
 
     Override points: :meth:`split_batch`, :meth:`teacher_forward`, :meth:`compute_terms`, :meth:`combine`,
@@ -283,6 +284,11 @@ class DistillationModule(DistillationBase):
     def on_train_epoch_start(self) -> None:
         for teacher in self.teachers:
             teacher.eval()
+        if self.feature_stage_epochs and self.current_epoch == self.feature_stage_epochs:
+            # The task stage is a fresh optimisation (Romero et al. 2015): moments accumulated on the feature
+            # losses' scale would otherwise throttle it.
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
 
     # ------------------------------------------------------------------ steps
 
