@@ -19,7 +19,7 @@ from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
     group_scores,
-    zero_group_channels,
+    pruned_channel_masks,
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
@@ -119,6 +119,9 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.finalized = False
         self.revived_filters = 0
         self.groups: list[PrunableGroup] = []
+        self._zero_plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._zero_plan_source: dict[str, torch.Tensor] | None = None
+        self._zero_plan_bn = False
         self.skipped: dict[str, str] = {}
 
     # -- resolution -------------------------------------------------------------------------------------------
@@ -267,10 +270,13 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if not self.masks:
             return
         zero_bn = self.mode == "hard" or self.finalized
-        for group in self.groups:
-            keep = self._group_keep(group)
-            if keep is not None:
-                zero_group_channels(group, self._all_modules, keep, batchnorm=zero_bn)
+        if self._zero_plan_source is not self.masks or self._zero_plan_bn != zero_bn:  # only when masks change
+            self._zero_plan = [pair for group in self.groups if (keep := self._group_keep(group)) is not None
+                               for pair in pruned_channel_masks(group, self._all_modules, keep, zero_bn)]
+            self._zero_plan_source, self._zero_plan_bn = self.masks, zero_bn
+        with torch.no_grad():
+            for tensor, pruned in self._zero_plan:
+                tensor.masked_fill_(pruned, 0)
 
     def after_step(self, trainer: pl.Trainer) -> None:
         if self.mode == "hard" or self.finalized:

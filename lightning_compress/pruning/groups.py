@@ -86,28 +86,34 @@ def group_scores(group: PrunableGroup, modules: dict[str, nn.Module], p: int, gr
     return total.pow(1.0 / p)
 
 
-def zero_group_channels(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor,
-                        batchnorm: bool, consumers: bool = False) -> None:
-    """Zero the pruned channels of ``group``: producer filters and biases, depthwise filters, optionally the
-    BatchNorm scale and shift, optionally the consumers' input slices."""
+def pruned_channel_masks(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor, batchnorm: bool
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, pruned)`` pairs for :meth:`torch.Tensor.masked_fill_`: producer and depthwise weights and biases
+    and, with ``batchnorm``, BatchNorm scales and shifts, each with a boolean mask shaped to broadcast over it."""
     drop = ~keep.to(torch.bool)
-    with torch.no_grad():
-        for mapping, is_bn in ((group.producers, False), (group.depthwise, False), (group.batchnorms, True)):
-            if is_bn and not batchnorm:
+    mappings = [group.producers, group.depthwise] + ([group.batchnorms] if batchnorm else [])
+    pairs = []
+    for mapping in mappings:
+        for name, index in mapping.items():
+            module = modules[name]
+            rows = torch.zeros(module.weight.shape[0], dtype=torch.bool)
+            rows[index[drop & (index >= 0)]] = True
+            if not rows.any():
                 continue
-            for name, index in mapping.items():
-                rows = index[drop & (index >= 0)]
-                module = modules[name]
-                if rows.numel():
-                    module.weight[rows.to(module.weight.device)] = 0
-                    if module.bias is not None:
-                        module.bias[rows.to(module.bias.device)] = 0
-        if consumers:
-            for name, reads in group.consumers.items():
-                if name in modules and getattr(modules[name], "groups", 1) == 1:
-                    columns = [c for k in torch.nonzero(drop).flatten().tolist() for c in reads[k]]
-                    if columns:
-                        modules[name].weight[:, columns] = 0
+            for tensor in (module.weight, module.bias):
+                if isinstance(tensor, torch.Tensor):
+                    pruned = rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1)))
+                    pairs.append((tensor, pruned))
+    return pairs
+
+
+def zero_group_channels(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor,
+                        batchnorm: bool) -> None:
+    """Zero the pruned channels of ``group``: producer filters and biases, depthwise filters and, with
+    ``batchnorm``, the BatchNorm scale and shift."""
+    with torch.no_grad():
+        for tensor, pruned in pruned_channel_masks(group, modules, keep, batchnorm):
+            tensor.masked_fill_(pruned, 0)
 
 
 def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
