@@ -48,20 +48,14 @@ after stage 2 did better on the validation split, 98.2% against 97.5%).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import statistics
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
 from torch import nn
 
-from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
+from lightning_compress.demo import ClassifierModule, ResidualCNN
+from lightning_compress.demo.experiments import fit_and_test, quiet_single_thread, seeded, write_results
 from lightning_compress.distillation import DistillationModule, MutualLearningModule, SelfDistillationModule, slim_copy
 from lightning_compress.measure import count_parameters
 
@@ -102,41 +96,21 @@ class Settings:
         self.limit = 2 if quick else None
 
 
-def fit_and_test(module: pl.LightningModule, settings: Settings, seed: int, epochs: int, split: str = "test",
-                 callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
-    """Train ``module`` on digits and return the logged metrics of ``split`` ("test" or "val")."""
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks or [], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         deterministic=True,
-                         limit_train_batches=settings.limit, limit_val_batches=settings.limit,
-                         limit_test_batches=settings.limit)
-    datamodule = DigitsDataModule(seed=seed)
-    trainer.fit(module, datamodule)
-    evaluate = trainer.test if split == "test" else trainer.validate
-    return {k: float(v) for k, v in evaluate(module, datamodule, verbose=False)[0].items()}
-
-
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` right after seeding, so that every student of a seed starts from the same weights."""
-    pl.seed_everything(seed, verbose=False)
-    return build()
-
-
 def run_seed(seed: int, settings: Settings, split: str = "test") -> dict[str, float]:
     """Accuracy of every row for one seed."""
     epochs, stage = settings.epochs, settings.feature_epochs
     teacher = seeded(seed, teacher_network)
-    results = {"teacher": fit_and_test(ClassifierModule(teacher, **OPTIMIZER), settings, seed,
-                                       settings.teacher_epochs, split)[f"{split}/acc"]}
+    results = {"teacher": fit_and_test(ClassifierModule(teacher, **OPTIMIZER), seed, settings.teacher_epochs,
+                                       limit=settings.limit, split=split)[f"{split}/acc"]}
     teacher.eval()
 
     def distill(build: Callable[[], nn.Module], **options: Any) -> float:
         module = DistillationModule(seeded(seed, build), teacher, **OPTIMIZER, **options)
-        return fit_and_test(module, settings, seed, epochs, split)[f"{split}/acc"]
+        return fit_and_test(module, seed, epochs, limit=settings.limit, split=split)[f"{split}/acc"]
 
     def alone(build: Callable[[], nn.Module]) -> float:
         module = ClassifierModule(seeded(seed, build), **OPTIMIZER)
-        return fit_and_test(module, settings, seed, epochs, split)[f"{split}/acc"]
+        return fit_and_test(module, seed, epochs, limit=settings.limit, split=split)[f"{split}/acc"]
 
     results["student alone"] = alone(student_network)
     results["KD (soft + hard)"] = distill(student_network, **KD)
@@ -145,11 +119,12 @@ def run_seed(seed: int, settings: Settings, split: str = "test") -> dict[str, fl
     results["FSP student alone"] = alone(fsp_student_network)
     results["FSP (FSP, then CE)"] = distill(fsp_student_network, **FSP, feature_stage_epochs=stage)
     peers = [seeded(seed, student_network), seeded(seed + 1000, student_network)]
-    mutual = fit_and_test(MutualLearningModule(peers, **MUTUAL, **OPTIMIZER), settings, seed, epochs, split)
+    mutual = fit_and_test(MutualLearningModule(peers, **MUTUAL, **OPTIMIZER), seed, epochs, limit=settings.limit,
+                          split=split)
     results["mutual learning, peer 0"] = mutual[f"{split}/acc/peer0"]
     results["mutual learning, peer 1 (other init)"] = mutual[f"{split}/acc/peer1"]
     own = SelfDistillationModule(seeded(seed, student_network), **SELF, **OPTIMIZER, input_shape=[1, 8, 8])
-    exits = fit_and_test(own, settings, seed, epochs, split)
+    exits = fit_and_test(own, seed, epochs, limit=settings.limit, split=split)
     for layer in SELF["exit_layers"]:
         results[f"Be Your Own Teacher, exit {layer}"] = exits[f"{split}/acc/{layer}"]
     results["Be Your Own Teacher, final exit"] = exits[f"{split}/acc"]
@@ -215,28 +190,6 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def quiet_single_thread() -> Iterator[None]:
-    """One torch thread (tiny models: on 2 busy cores a second thread made fits 15x slower), fewer Lightning
-    messages and warnings; everything restored on exit (the tests run this script inside the pytest process)."""
-    threads = torch.get_num_threads()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        for message in (".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
-                        ".*number of training batches.*"):
-            warnings.filterwarnings("ignore", message)
-        torch.set_num_threads(1)
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
@@ -249,10 +202,7 @@ def main(argv: list[str] | None = None) -> str:
             for row, accuracy in run_seed(seed, settings).items():
                 rows.setdefault(row, []).append(accuracy)
     result = table(rows, settings)
-    output = Path("runs") / "distill_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")  # per-seed accuracies
+    write_results("distill_digits", result, rows)  # with the per-seed accuracies
     print(result)
     return result
 

@@ -1,0 +1,83 @@
+"""Small pieces the example scripts share: a quiet single-thread context, seeded construction, a fit-and-test run
+on digits, mean ± std formatting and writing a results table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_compress.demo.data import DigitsDataModule
+
+_QUIET_WARNINGS = (".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
+                   ".*number of training batches.*")
+
+
+@contextmanager
+def quiet_single_thread() -> Iterator[None]:
+    """One torch thread (tiny models: on two busy cores a second thread made fits 15x slower), fewer Lightning
+    messages and warnings; everything restored on exit (the tests run the examples inside the pytest process)."""
+    threads = torch.get_num_threads()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message)
+        torch.set_num_threads(1)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` right after seeding, so that every model of a seed starts from the same weights."""
+    pl.seed_everything(seed, verbose=False)
+    return build()
+
+
+def fit_and_test(module: pl.LightningModule, seed: int, epochs: int, *, limit: int | None = None,
+                 split: str = "test", callbacks: Sequence[pl.Callback] = (),
+                 datamodule: pl.LightningDataModule | None = None) -> dict[str, float]:
+    """Train ``module`` on digits (or ``datamodule``) and return the logged metrics of ``split`` (test or val)."""
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         deterministic=True, limit_train_batches=limit, limit_val_batches=limit,
+                         limit_test_batches=limit)
+    datamodule = datamodule or DigitsDataModule(seed=seed)
+    trainer.fit(module, datamodule)
+    evaluate = trainer.test if split == "test" else trainer.validate
+    return {key: float(value) for key, value in evaluate(module, datamodule, verbose=False)[0].items()}
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
+    """``"mean ± std"`` (sample standard deviation; 0 for one value).
+
+    >>> mean_std([0.9, 1.0])
+    '0.9500 ± 0.0707'
+    """
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+
+
+def write_results(name: str, table: str, rows: dict[str, Any] | None = None) -> Path:
+    """Write ``runs/<name>/results.md`` (and ``results.json`` with the per-seed rows); returns the folder."""
+    output = Path("runs") / name
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.md").write_text(table + "\n")
+    if rows is not None:
+        (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return output
