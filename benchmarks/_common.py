@@ -53,3 +53,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_child(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python process; its last stdout line is a JSON object, returned parsed."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_memory_rows(child_template: str, configs: dict[str, str]) -> list[tuple[Any, ...]]:
+    """For each config, run ``child_template.format(callbacks=...)`` in a fresh process (it prints ``peak_mib``,
+    ``state_bytes`` and ``model_bytes``) and return rows of name, peak MiB, ratio to the first, state KiB, model KiB."""
+    rows, base = [], None
+    for name, callbacks in configs.items():
+        result = run_child(child_template.format(callbacks=callbacks))
+        base = base or result["peak_mib"]
+        rows.append((name, result["peak_mib"], result["peak_mib"] / base, result["state_bytes"] / 1024,
+                     result["model_bytes"] / 1024))
+    return rows

@@ -8,13 +8,11 @@ Masks are boolean (1 byte per weight); splicing keeps one extra float copy of ea
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import markdown_table
+from _common import markdown_table, peak_memory_rows
 
 CONFIGS = {
     "plain fit": "[]",
@@ -44,14 +42,7 @@ print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def main() -> None:
-    rows, base = [], None
-    for name, callbacks in CONFIGS.items():
-        out = subprocess.run([sys.executable, "-c", CHILD.format(callbacks=callbacks)], capture_output=True,
-                             text=True, check=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        base = base or result["peak_mib"]
-        rows.append((name, result["peak_mib"], result["peak_mib"] / base, result["state_bytes"] / 1024,
-                     result["model_bytes"] / 1024))
+    rows = peak_memory_rows(CHILD, CONFIGS)
     print("PlainCNN(width=64) on digits, 3 epochs, each fit in a fresh process\n")
     print(markdown_table(["fit", "peak RSS MiB", "ratio to plain", "callback state KiB (masks, dense copy)",
                           "model state KiB at the end"], rows))

@@ -9,13 +9,11 @@ quantization adds one quantized copy of each weight and input per step (autograd
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import markdown_table
+from _common import markdown_table, peak_memory_rows
 
 CONFIGS = {
     "plain fit": "[]",
@@ -45,14 +43,7 @@ print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def main() -> None:
-    rows, base = [], None
-    for name, callbacks in CONFIGS.items():
-        out = subprocess.run([sys.executable, "-c", CHILD.format(callbacks=callbacks)], capture_output=True,
-                             text=True, check=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        base = base or result["peak_mib"]
-        rows.append((name, result["peak_mib"], result["peak_mib"] / base, result["state_bytes"] / 1024,
-                     result["model_bytes"] / 1024))
+    rows = peak_memory_rows(CHILD, CONFIGS)
     print("PlainCNN(width=32) on digits, 3 epochs, 1 thread, each fit in a fresh process\n")
     print(markdown_table(["fit", "peak RSS MiB", "ratio to plain", "callback state KiB (pickled)",
                           "model state KiB at the end"], rows))
