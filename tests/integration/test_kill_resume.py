@@ -1,0 +1,60 @@
+"""SIGKILL a run at a seeded random step inside each phase, resume from the last end-of-epoch checkpoint, and compare
+with an uninterrupted run: same weights, masks, scales and final metrics (deterministic CPU settings)."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("kill_resume_run.py")
+STEPS_PER_EPOCH = 4
+
+
+def run(directory: Path, *args: str) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(SCRIPT), str(directory), *args], capture_output=True,
+                          timeout=300).returncode
+
+
+def assert_same(a, b, path="final"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{index}]")
+    elif isinstance(a, torch.Tensor):
+        if a.dtype == torch.bool or not a.is_floating_point():
+            assert torch.equal(a, b), path
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=path)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+# Phases by epoch (4 steps each): epoch 0 calibrating + distilling + AGP start; epoch 1 calibration ends (6 steps)
+# and the pruning schedule is mid-way; epoch 2 QAT training; epoch 3 frozen observers and BatchNorm.
+PHASES = {"distill-prune-qat": [(0, 1), (1, 2), (2, 3)], "compact-every-epoch": [(1, 2), (2, 3)],
+          "splicing": [(1, 3)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(PHASES))
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, variant):
+    assert run(tmp_path / "reference", "--variant", variant) == 0
+    reference = torch.load(tmp_path / "reference" / "final.pt", weights_only=False)
+    rng = random.Random(f"{variant}-kill-steps")
+    for first, last in PHASES[variant]:
+        step = rng.randint(first * STEPS_PER_EPOCH + 1, last * STEPS_PER_EPOCH - 1)
+        directory = tmp_path / f"killed-at-{step}"
+        assert run(directory, "--variant", variant, "--kill-at", str(step)) == -9, "the run was not killed"
+        assert not (directory / "final.pt").exists()
+        assert run(directory, "--variant", variant, "--resume") == 0
+        assert_same(reference, torch.load(directory / "final.pt", weights_only=False), f"killed at {step}")
