@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, machine, markdown_table, median_time, quiet_trainer  # noqa: E402
-from calibration_speed import loop_entropy_torch  # noqa: E402
-from prune_overhead import fit as prune_fit  # noqa: E402
-from qat_vs_torchao import run_seed as qat_run_seed  # noqa: E402
+from _common import interleaved_medians, machine, markdown_table, median_time, quiet_trainer
+from calibration_speed import loop_entropy_torch
+from prune_overhead import fit as prune_fit
+from qat_vs_torchao import run_seed as qat_run_seed
 
-from lightning_compress import MagnitudePruning  # noqa: E402
-from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN  # noqa: E402
-from lightning_compress.measure import count_macs, measure_latency  # noqa: E402
-from lightning_compress.pruning import compact  # noqa: E402
-from lightning_compress.pruning.groups import prune_filter_groups  # noqa: E402
-from lightning_compress.quantization import HistogramCalibrator, amax_entropy  # noqa: E402
+from lightning_compress import MagnitudePruning
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.measure import count_macs, measure_latency
+from lightning_compress.pruning import compact
+from lightning_compress.pruning.groups import prune_filter_groups
+from lightning_compress.quantization import HistogramCalibrator, amax_entropy
 
 
 def pruning_overhead() -> tuple[float, float]:

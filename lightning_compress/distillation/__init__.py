@@ -9,25 +9,38 @@
 """
 
 from lightning_compress.distillation import losses
+from lightning_compress.distillation.adversarial import AdversarialDistillationModule
 from lightning_compress.distillation.checkpoints import load_network_weights
 from lightning_compress.distillation.features import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
+from lightning_compress.distillation.lifelong import LwFModule, TaskSplitDataModule, TwoHeadNetwork, lwf_loss
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.distillation.mutual import MutualLearningModule
+from lightning_compress.distillation.quantized import quantized_distillation, quantized_teacher
+from lightning_compress.distillation.search import pareto_front, search_students
 from lightning_compress.distillation.self_distillation import ExitHead, SelfDistillationModule
 from lightning_compress.distillation.students import born_again, reinitialize, slim_copy
 
 __all__ = [
+    "AdversarialDistillationModule",
     "DistillationModule",
     "ExitHead",
     "FeatureTaps",
     "LayerPair",
+    "LwFModule",
     "MutualLearningModule",
     "SelfDistillationModule",
+    "TaskSplitDataModule",
+    "TwoHeadNetwork",
     "born_again",
     "check_layer_pairs",
     "inspect_layer_pairs",
     "load_network_weights",
     "losses",
+    "lwf_loss",
+    "pareto_front",
+    "quantized_distillation",
+    "quantized_teacher",
     "reinitialize",
+    "search_students",
     "slim_copy",
 ]
