@@ -5,9 +5,16 @@ Response: :func:`soft_target_loss`, :func:`hard_target_loss`, :func:`multi_teach
 :func:`attention_loss`, :func:`fsp_matrix`, :func:`fsp_loss`. Relations and structure:
 :func:`similarity_preserving_loss`, :func:`rkd_distance_loss`, :func:`rkd_angle_loss`,
 :func:`pairwise_similarity_loss`. Online and self: :func:`mutual_learning_loss`, :func:`be_your_own_teacher_loss`,
-:func:`be_your_own_teacher_terms`.
+:func:`be_your_own_teacher_terms`. Adversarial: :func:`discriminator_loss`, :func:`generator_loss`,
+:func:`gradient_penalty`, :func:`discriminator_accuracy`.
 """
 
+from lightning_compress.distillation.losses_adversarial import (
+    discriminator_accuracy,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+)
 from lightning_compress.distillation.losses_feature import (
     HintRegressor,
     attention_loss,
@@ -43,9 +50,13 @@ __all__ = [
     "batch_similarity",
     "be_your_own_teacher_loss",
     "be_your_own_teacher_terms",
+    "discriminator_accuracy",
+    "discriminator_loss",
     "distillation_loss",
     "fsp_loss",
     "fsp_matrix",
+    "generator_loss",
+    "gradient_penalty",
     "hard_target_loss",
     "hint_loss",
     "multi_teacher_soft_target_loss",

@@ -1,0 +1,520 @@
+"""Cross-modal distillation: teacher and student read different inputs (modalities, views) of the same batch.
+
+The math (views, feature-statistics losses) comes first and imports no Lightning;
+:class:`CrossModalDistillationModule` is the thin Lightning part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.distillation import losses
+from lightning_compress.distillation._checks import check_same_batch
+from lightning_compress.distillation.feature_terms import FEATURE_TERMS
+from lightning_compress.distillation.features import LayerPair, _output_shapes, check_layer_pairs, eval_mode
+from lightning_compress.distillation.module import DistillationModule
+
+View = Callable[[torch.Tensor], torch.Tensor]
+
+#: Named views (``"name"`` or ``"name:value"``), as a YAML config gives them.
+VIEW_NAMES = ("identity", "downsample", "mask", "noise")
+MODES = ("paired", "unpaired")
+STATISTICS = ("moments", "mmd")
+
+
+# ---------------------------------------------------------------------------------------------------- views
+
+
+def downsample_view(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool ``(B, C, H, W)`` images by ``factor`` and upsample back (nearest): same shape, less detail.
+
+    >>> downsample_view(torch.tensor([[[[1.0, 3.0], [5.0, 7.0]]]]), 2)
+    tensor([[[[4., 4.],
+              [4., 4.]]]])
+    """
+    if x.dim() != 4:
+        raise ValueError(f"downsample needs (batch, channels, height, width) images, got {tuple(x.shape)}.")
+    if factor == 1:
+        return x
+    return F.interpolate(F.avg_pool2d(x, factor, ceil_mode=True), size=x.shape[2:], mode="nearest")
+
+
+def mask_view(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Zero the bottom ``round(fraction * H)`` rows of ``(B, C, H, W)`` images (deterministic occlusion; 0 is the
+    mean of standardised inputs).
+
+    >>> mask_view(torch.ones(1, 1, 4, 1), 0.5).flatten().tolist()
+    [1.0, 1.0, 0.0, 0.0]
+    """
+    if x.dim() != 4:
+        raise ValueError(f"mask needs (batch, channels, height, width) images, got {tuple(x.shape)}.")
+    rows = round(fraction * x.shape[2])
+    if rows == 0:
+        return x
+    keep = torch.ones(x.shape[2], 1, dtype=x.dtype, device=x.device)
+    keep[x.shape[2] - rows:] = 0
+    return x * keep
+
+
+def noise_view(x: torch.Tensor, std: float) -> torch.Tensor:
+    """Add Gaussian noise of standard deviation ``std`` (drawn anew at every call, evaluation included)."""
+    return x + std * torch.randn_like(x) if std > 0 else x
+
+
+def _parse_number(spec: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"View {spec!r}: {text!r} is not a valid {kind.__name__}.") from None
+
+
+def make_view(spec: str | View) -> View:
+    """A view function from a YAML-expressible name or a Python callable (returned as is).
+
+    Names: ``"identity"``; ``"downsample:k"`` (:func:`downsample_view`, integer ``k >= 1``); ``"mask:p"``
+    (:func:`mask_view`, ``0 <= p <= 1``); ``"noise:s"`` (:func:`noise_view`, ``s >= 0``).
+
+    Raises:
+        ValueError: for an unknown name (the message lists the allowed ones), a missing or out-of-range value.
+
+    >>> make_view("downsample:2")(torch.arange(4.0).reshape(1, 1, 2, 2)).flatten().tolist()
+    [1.5, 1.5, 1.5, 1.5]
+    >>> make_view("blur:2")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown view 'blur:2'; allowed: ['identity', 'downsample:<int >= 1>', 'mask:<fraction in [0, 1]>', \
+'noise:<std >= 0>'] or a callable.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"A view must be a name or a callable, got {spec!r}.")
+    name, _, value = spec.partition(":")
+    allowed = ["identity", "downsample:<int >= 1>", "mask:<fraction in [0, 1]>", "noise:<std >= 0>"]
+    if name not in VIEW_NAMES:
+        raise ValueError(f"Unknown view {spec!r}; allowed: {allowed} or a callable.")
+    if name == "identity":
+        if value:
+            raise ValueError(f"View 'identity' takes no value, got {spec!r}.")
+        return _identity
+    if not value:
+        raise ValueError(f"View {name!r} needs a value, e.g. {allowed[VIEW_NAMES.index(name)]!r}; got {spec!r}.")
+    if name == "downsample":
+        factor = _parse_number(spec, value, int)
+        if factor < 1:
+            raise ValueError(f"View {spec!r}: the factor must be an integer >= 1.")
+        return lambda x: downsample_view(x, factor)
+    number = _parse_number(spec, value, float)
+    if name == "mask":
+        if not 0 <= number <= 1:
+            raise ValueError(f"View {spec!r}: the masked fraction must lie in [0, 1].")
+        return lambda x: mask_view(x, number)
+    if number < 0:
+        raise ValueError(f"View {spec!r}: the noise std must be non-negative.")
+    return lambda x: noise_view(x, number)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def pool_features(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` maps to ``(B, C)`` by global average pooling; ``(B, C)`` vectors unchanged."""
+    return features.flatten(2).mean(dim=2) if features.dim() > 2 else features
+
+
+def moment_matching_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Unpaired match of the first two moments over the batch (no sample is compared with its counterpart).
+
+    ``mean_d (mu_s - mu_t)^2 + ||C_s - C_t||_F^2 / (4 d^2)`` with ``mu`` the batch means and ``C`` the unbiased
+    batch covariances of the ``(B, d)`` pooled features (:func:`pool_features`); the covariance part is the CORAL
+    loss (Sun & Saenko 2016, "Deep CORAL: Correlation Alignment for Deep Domain Adaptation"). Invariant to a
+    permutation of either batch; the batches may differ in size. Needs ``B >= 2`` on both sides and equal widths.
+
+    >>> moment_matching_loss(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]]))  # means equal; C 2 vs 0
+    tensor(1.)
+    """
+    s, t = pool_features(student_features), pool_features(teacher_features)
+    if s.shape[1:] != t.shape[1:]:
+        raise ValueError(f"feature statistics need equal widths, got {tuple(s.shape)} and {tuple(t.shape)}.")
+    if min(s.shape[0], t.shape[0]) < 2:
+        raise ValueError(f"covariances need a batch of at least 2, got {s.shape[0]} and {t.shape[0]}.")
+    width = s.shape[1]
+    mean_term = (s.mean(0) - t.mean(0)).pow(2).mean()
+    cov_term = (torch.cov(s.t()).reshape(width, width) - torch.cov(t.t()).reshape(width, width)).pow(2).sum()
+    return mean_term + cov_term / (4 * width**2)
+
+
+def mmd_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    bandwidths: Sequence[float] = (0.5, 1.0, 2.0),
+    relative: bool = True,
+) -> torch.Tensor:
+    """Squared maximum mean discrepancy (Gretton et al. 2012, "A Kernel Two-Sample Test"), biased estimate.
+
+    ``MMD^2 = mean k(s, s') + mean k(t, t') - 2 mean k(s, t)`` over all pairs (diagonals included) of the pooled
+    features, with the Gaussian kernel mixture ``k(x, y) = sum_sigma exp(-||x - y||^2 / (2 sigma^2 m))``;
+    ``m`` is the mean squared distance over all pairs of the joint batch (detached: the median-like heuristic that
+    keeps the kernel scale-free) when ``relative``, else 1. Invariant to permutations; batch sizes may differ.
+
+    >>> mmd_loss(torch.zeros(1, 1), torch.ones(1, 1), bandwidths=[1.0], relative=False)  # 1 + 1 - 2 exp(-1/2)
+    tensor(0.7869)
+    """
+    s, t = pool_features(student_features), pool_features(teacher_features)
+    if s.shape[1:] != t.shape[1:]:
+        raise ValueError(f"MMD needs features of equal widths, got {tuple(s.shape)} and {tuple(t.shape)}.")
+    if not bandwidths or any(b <= 0 for b in bandwidths):
+        raise ValueError(f"bandwidths must be positive numbers, got {list(bandwidths)!r}.")
+    joint = torch.cat([s, t])
+    squared = torch.cdist(joint, joint).pow(2)
+    scale = squared.detach().mean().clamp_min(1e-12) if relative else 1.0
+    kernel = torch.stack([torch.exp(-squared / (2 * b**2 * scale)) for b in bandwidths]).sum(dim=0)
+    n = s.shape[0]
+    return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
+
+
+def feature_statistics_loss(
+    student_features: torch.Tensor, teacher_features: torch.Tensor, statistic: str = "moments"
+) -> torch.Tensor:
+    """:func:`moment_matching_loss` (``"moments"``) or :func:`mmd_loss` (``"mmd"``)."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+    loss = moment_matching_loss if statistic == "moments" else mmd_loss
+    return loss(student_features, teacher_features)
+
+
+def paired_hint_loss(
+    student_features: torch.Tensor, teacher_features: torch.Tensor, projection: nn.Module | None = None
+) -> torch.Tensor:
+    """Per-sample supervision transfer (Gupta, Hoffman & Malik 2016, "Cross Modal Distillation for Supervision
+    Transfer"): ``1/2 ||r(f_s(x_i^B)) - f_t(x_i^A)||^2`` averaged over the batch, on pooled features
+    (:func:`pool_features`), ``r`` a linear projection to the teacher's width (or the identity).
+
+    >>> paired_hint_loss(torch.ones(2, 3, 4, 4), torch.zeros(2, 3))
+    tensor(1.5000)
+    """
+    check_same_batch(student_features, teacher_features)
+    return losses.hint_loss(pool_features(student_features), pool_features(teacher_features), projection)
+
+
+# ---------------------------------------------------------------------------------------------------- module
+
+
+class ModalInputs(NamedTuple):
+    """The student's and the teacher's inputs of one batch."""
+
+    student: Any
+    teacher: Any
+
+
+#: Terms that compare samples one to one (unavailable in the unpaired mode).
+PAIRED_TERMS = ("soft", *FEATURE_TERMS)
+
+
+class CrossModalDistillationModule(DistillationModule):
+    """Distillation where teacher and student see different modalities (or views) of the same samples.
+
+    Each network's input is chosen from the batch by a key (``student_key`` / ``teacher_key``, for batches that are
+    mappings such as ``{"rgb": ..., "depth": ..., "target": ...}``) or is the batch's first element (tuple batches),
+    and is then passed through a view (``student_view`` / ``teacher_view``: a name from :func:`make_view` such as
+    ``"identity"``, ``"downsample:2"``, ``"mask:0.5"``, ``"noise:0.1"``, or a callable). Training, validation and
+    test all give each network its own modality: ``val/acc`` and ``test/acc`` are the student's accuracy on *its*
+    input (``distill/agreement`` compares it with the teacher on the teacher's input); ``forward`` and
+    ``predict_step`` apply the student's view to the input they are given.
+
+    Two variants (``mode``):
+
+    - ``"paired"``: the samples of both modalities correspond one to one (Gupta et al. 2016, "Cross Modal
+      Distillation for Supervision Transfer"). Every term of :class:`~.module.DistillationModule` is available
+      (per-sample soft targets, hints, relations on the tapped layers) and ``cross_modal`` is
+      :func:`paired_hint_loss`: the student's pooled features on its modality regress, through a learned linear
+      projection when widths differ, onto the teacher's pooled features on the paired sample of its modality.
+    - ``"unpaired"``: no per-sample correspondence is used. ``cross_modal`` is :func:`feature_statistics_loss`
+      (``statistic="moments"``: means and covariances, ``"mmd"``: kernel MMD) between the batch of the student's
+      (projected) pooled features and the batch of the teacher's; the loss is invariant to permuting either batch,
+      so it transfers the distribution of the teacher's features, not per-sample targets. Terms that compare
+      samples one to one (``soft`` and the feature terms) are refused; ``hard`` uses the student's own labels.
+
+    ``cross_modal`` is summed over the tapped layer pairs (``student_layers`` / ``teacher_layers``) and logged every
+    epoch as ``distill/cross_modal``; with a feature stage it belongs to the feature stage.
+
+    Args:
+        student: the network trained on the student's modality.
+        teacher: the trained network of the teacher's modality (a list: several teachers on the same modality).
+        mode: ``"paired"`` or ``"unpaired"``.
+        student_key: key of the student's input in mapping batches (``None``: tuple batches, element 0).
+        teacher_key: key of the teacher's input in mapping batches.
+        target_key: key of the labels in mapping batches.
+        student_view: view applied to the student's input (name or callable).
+        teacher_view: view applied to the teacher's input.
+        cross_modal_weight: weight of the ``cross_modal`` term.
+        statistic: ``"moments"`` or ``"mmd"`` (unpaired mode).
+        soft_weight: see :class:`~.module.DistillationModule` (must be 0 in unpaired mode).
+        hard_weight: see :class:`~.module.DistillationModule`.
+        **kwargs: any other argument of :class:`~.module.DistillationModule` (temperature, layers, optimizer, ...).
+            ``input_shape`` builds the projections at construction for tuple batches (both views of a zero batch).
+
+    Raises:
+        ValueError: for an unknown mode, view or statistic (naming the allowed ones), a negative weight, a
+            per-sample term in unpaired mode, ``cross_modal_weight > 0`` without tapped layers, keys given for one
+            network only; and before the first training step for a key missing from the batch (naming the batch's
+            keys), a mapping batch without keys or a key on a tuple batch.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | list[nn.Module],
+        mode: str = "paired",
+        student_key: str | None = None,
+        teacher_key: str | None = None,
+        target_key: str = "target",
+        student_view: str | View = "identity",
+        teacher_view: str | View = "identity",
+        cross_modal_weight: float = 0.0,
+        statistic: str = "moments",
+        soft_weight: float = 0.9,
+        hard_weight: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+        if cross_modal_weight < 0:
+            raise ValueError(f"cross_modal_weight must be non-negative, got {cross_modal_weight!r}.")
+        if (student_key is None) != (teacher_key is None):
+            raise ValueError(
+                f"Give both student_key and teacher_key (mapping batches) or neither (tuple batches), got "
+                f"student_key={student_key!r}, teacher_key={teacher_key!r}."
+            )
+        student_view_fn, teacher_view_fn = make_view(student_view), make_view(teacher_view)
+        if mode == "unpaired":
+            paired = {name: kwargs.get(f"{name}_weight", 0.0) for name in PAIRED_TERMS}
+            paired["soft"] = soft_weight
+            used = {name: weight for name, weight in paired.items() if weight}
+            if used:
+                raise ValueError(
+                    f"mode='unpaired' uses no per-sample pairing, so these terms are not available: {used}; set "
+                    "their weights to 0 (keep hard_weight and cross_modal_weight)."
+                )
+        input_shape = kwargs.pop("input_shape", None)
+        super().__init__(student, teacher, soft_weight=soft_weight, hard_weight=hard_weight, **kwargs)
+        callables = [name for name, view in (("student_view", student_view), ("teacher_view", teacher_view))
+                     if callable(view)]
+        self.save_hyperparameters(ignore=["student", "teacher", *callables])
+        self.hparams["input_shape"] = input_shape  # given to this class, not to the base
+        self.mode, self.statistic = mode, statistic
+        self.student_key, self.teacher_key, self.target_key = student_key, teacher_key, target_key
+        self.student_view, self.teacher_view = student_view_fn, teacher_view_fn
+        self.weights["cross_modal"] = float(cross_modal_weight)
+        if not any(value > 0 for value in self.weights.values()):
+            raise ValueError(f"At least one loss weight must be positive, got {self.weights!r}.")
+        if cross_modal_weight > 0 and not self.student_layers:
+            raise ValueError("cross_modal_weight > 0 needs student_layers and teacher_layers; none were given.")
+        self.projections = nn.ModuleList()
+        if input_shape is not None:
+            self.input_shape = [int(d) for d in input_shape]
+            self._check_and_build(self.example_input())
+
+    @staticmethod
+    def _check_term_weights(**weights: float) -> dict[str, float]:
+        """Negative weights fail here; "all zero" is checked once the ``cross_modal`` weight is known."""
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"{name}_weight must be non-negative, got {value!r}.")
+        return dict(weights)
+
+    # ------------------------------------------------------------------ inputs
+
+    def split_modalities(self, batch: Any) -> tuple[Any, Any, torch.Tensor]:
+        """``(student_inputs, teacher_inputs, targets)`` of a batch, views applied (override point)."""
+        if isinstance(batch, Mapping):
+            if self.student_key is None:
+                raise ValueError(
+                    f"The batch is a mapping with keys {sorted(batch)}; give student_key and teacher_key."
+                )
+            for role, key in (("student_key", self.student_key), ("teacher_key", self.teacher_key),
+                              ("target_key", self.target_key)):
+                if key not in batch:
+                    raise ValueError(f"{role}={key!r} is not in the batch; its keys: {sorted(batch)}.")
+            student_in, teacher_in, targets = batch[self.student_key], batch[self.teacher_key], batch[self.target_key]
+        else:
+            if self.student_key is not None:
+                raise ValueError(
+                    f"student_key={self.student_key!r} and teacher_key={self.teacher_key!r} need mapping batches, "
+                    f"got a {type(batch).__name__}."
+                )
+            student_in, targets = batch[0], batch[1]
+            teacher_in = student_in
+        return self.student_view(student_in), self.teacher_view(teacher_in), targets
+
+    @override
+    def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        """``(student_inputs, targets)``: what the trained network sees."""
+        student_in, _, targets = self.split_modalities(batch)
+        return student_in, targets
+
+    @override
+    def example_input(self) -> ModalInputs:
+        if self.input_shape is not None:
+            zeros = torch.zeros(2, *self.input_shape)
+            return ModalInputs(self.student_view(zeros), self.teacher_view(zeros))
+        student_in, teacher_in, _ = self.split_modalities(self._first_training_batch())
+        return ModalInputs(student_in, teacher_in)
+
+    def _first_training_batch(self) -> Any:
+        trainer = self._trainer
+        if trainer is None:
+            raise ValueError("input_shape is needed to build the module outside a Trainer.")
+        datamodule = getattr(trainer, "datamodule", None)
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.fit_loop._data_source.dataloader()
+        return next(iter(loader))
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """The student's prediction on ``x`` seen through the student's view."""
+        return self.student(self.student_view(x))
+
+    # ------------------------------------------------------------------ checks and parts
+
+    @override
+    def _check_and_build(self, example_input: Any) -> None:
+        """Class counts and layer pairs with each network on its own modality; build hint regressors and the
+        ``cross_modal`` projections."""
+        if not isinstance(example_input, ModalInputs):
+            example_input = ModalInputs(example_input, example_input)
+        with eval_mode(self.student, *self.teachers), torch.no_grad():
+            student_logits = self.student(example_input.student)
+            for index, teacher in enumerate(self.teachers):
+                teacher_logits = teacher(example_input.teacher)
+                if teacher_logits.shape[1:] != student_logits.shape[1:]:
+                    raise ValueError(
+                        f"Teacher {index} predicts {tuple(teacher_logits.shape[1:])} classes, the student "
+                        f"{tuple(student_logits.shape[1:])}; they must have the same number of classes."
+                    )
+        if self.student_layers:
+            student_shapes = _output_shapes(self.student, self.student_layers, example_input.student)
+            teacher_shapes = _output_shapes(self.teacher, self.teacher_layers, example_input.teacher)
+            pairs = [LayerPair(s, t, student_shapes[s], teacher_shapes[t])
+                     for s, t in zip(self.student_layers, self.teacher_layers, strict=True)]
+            for term, allowed in FEATURE_TERMS.items():
+                if self.weights[term] > 0:
+                    check_layer_pairs(pairs, allowed, purpose=term)
+            if self.weights["hint"] > 0 and len(self.regressors) == 0:
+                for pair in pairs:
+                    self.regressors.append(
+                        losses.HintRegressor(pair.student_shape[1], pair.teacher_shape[1], len(pair.student_shape))
+                    )
+            if self.weights.get("cross_modal", 0) > 0 and len(self.projections) == 0:
+                for pair in pairs:
+                    self.projections.append(losses.HintRegressor(pair.student_shape[1], pair.teacher_shape[1], 2))
+        self._checked = True
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # one training batch through split_modalities: a wrong key fails here, before the first step
+            student_in, teacher_in, _ = self.split_modalities(self._first_training_batch())
+            if not self._checked:
+                self._check_and_build(ModalInputs(student_in, teacher_in))
+        super().setup(stage)
+
+    @override
+    def trainable_modules(self) -> Iterable[nn.Module]:
+        return [self.student, self.regressors, self.projections]
+
+    @override
+    def active_terms(self) -> list[str]:
+        names = [name for name in super().active_terms() if name != "cross_modal"]  # base: no stage for it
+        if self.weights["cross_modal"] > 0 and (self.feature_stage_epochs == 0 or self.in_feature_stage):
+            names.append("cross_modal")
+        return names
+
+    # ------------------------------------------------------------------ steps
+
+    @override
+    def compute_terms(
+        self, student_logits: torch.Tensor, teacher_logits: list[torch.Tensor], targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms = super().compute_terms(student_logits, teacher_logits, targets)
+        if "cross_modal" in self.active_terms():
+            assert self._student_taps is not None and self._teacher_taps is not None
+            pairs = zip(self._student_taps.features(), self._teacher_taps.features(), self.projections, strict=True)
+            if self.mode == "paired":
+                values = [paired_hint_loss(s, t, projection) for s, t, projection in pairs]
+            else:
+                values = [feature_statistics_loss(projection(pool_features(s)), pool_features(t), self.statistic)
+                          for s, t, projection in pairs]
+            terms["cross_modal"] = torch.stack(values).sum()
+        return terms
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        student_in, teacher_in, targets = self.split_modalities(batch)
+        student_logits = self.student(student_in)
+        teacher_logits = self.teacher_forward(teacher_in)
+        terms = self.compute_terms(student_logits, teacher_logits, targets)
+        total = self.combine(terms)
+        self._clear_taps()
+        batch_size = len(targets)
+        for name, value in terms.items():
+            self.log_epoch(f"distill/{name}", value.detach(), batch_size)
+        self.log_epoch("distill/total", total.detach(), batch_size)
+        self.log_epoch("train/acc", self.accuracy(student_logits.detach(), targets), batch_size)
+        return total
+
+    @override
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        student_in, teacher_in, targets = self.split_modalities(batch)
+        student_logits = self.student(student_in)
+        teacher_logits = self.teacher_forward(teacher_in)[0]
+        self._clear_taps()
+        batch_size = len(targets)
+        self.log_epoch(f"{stage}/loss", losses.hard_target_loss(student_logits, targets), batch_size)
+        self.log_epoch(f"{stage}/acc", self.accuracy(student_logits, targets), batch_size)
+        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
+        self.log_epoch("distill/agreement" if stage == "val" else f"{stage}/agreement", agreement, batch_size)
+        if stage == "val" and not self._teacher_acc_logged:
+            self.log_epoch("val/teacher_acc", self.accuracy(teacher_logits, targets), batch_size)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        student_in = self.split_batch(batch)[0] if not torch.is_tensor(batch) else self.student_view(batch)
+        return self.student(student_in).argmax(dim=1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        if len(self.projections) == 0 and self.weights.get("cross_modal", 0) > 0:
+            for index in range(len(self.student_layers)):
+                weight = state_dict.get(f"projections.{index}.proj.weight")
+                widths = (1, 1) if weight is None else (int(weight.shape[1]), int(weight.shape[0]))
+                self.projections.append(losses.HintRegressor(widths[0], widths[1], rank=2))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+__all__ = [
+    "VIEW_NAMES",
+    "CrossModalDistillationModule",
+    "ModalInputs",
+    "downsample_view",
+    "feature_statistics_loss",
+    "make_view",
+    "mask_view",
+    "mmd_loss",
+    "moment_matching_loss",
+    "noise_view",
+    "paired_hint_loss",
+    "pool_features",
+]
