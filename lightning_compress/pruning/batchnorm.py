@@ -44,7 +44,7 @@ def batchnorm_after(model: nn.Module, example_inputs: Any, names: Iterable[str])
     return found
 
 
-def zero_batchnorm_channels(bn: nn.Module, keep: torch.Tensor) -> None:
+def zero_batchnorm_channels(bn: Any, keep: torch.Tensor) -> None:
     """Zero the scale and shift of the channels where ``keep`` is False, so they output exactly 0 in eval mode."""
     with torch.no_grad():
         drop = ~keep.to(bn.weight.device) if isinstance(bn.weight, torch.Tensor) else None

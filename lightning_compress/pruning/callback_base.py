@@ -12,7 +12,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from typing_extensions import override
 
 from lightning_compress.pruning.schedules import Constant, Schedule, sparsity_at
@@ -55,7 +54,7 @@ class PruningCallback(Callback):
         self.position: int | None = None  # schedule position of the last mask update
         self.current_sparsity = 0.0
         self.compacted = False  # set once the network was replaced by its compact copy: nothing left to do
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, Any] = {}
         self._ready = False
         self._restored: dict[str, Any] | None = None
         self._pruned_cache: dict[str, torch.Tensor] = {}
@@ -90,7 +89,7 @@ class PruningCallback(Callback):
         self.validate_layers(self._modules)
         self._ready = True
 
-    def validate_layers(self, modules: dict[str, nn.Module]) -> None:
+    def validate_layers(self, modules: dict[str, Any]) -> None:
         """Public override point: check the resolved layers before the first training step."""
 
     # -- the schedule -----------------------------------------------------------------------------------------
@@ -118,7 +117,7 @@ class PruningCallback(Callback):
         reaches_end = position >= schedule.end and (self.position is None or self.position < schedule.end)
         return on_frequency or reaches_end
 
-    def compute_masks(self, modules: dict[str, nn.Module], sparsity: float, position: int) -> dict[str, torch.Tensor]:
+    def compute_masks(self, modules: dict[str, Any], sparsity: float, position: int) -> dict[str, torch.Tensor]:
         """Public override point: boolean keep-masks (by layer name) for the scheduled ``sparsity``."""
         raise NotImplementedError
 

@@ -8,7 +8,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from lightning_compress.pruning.batchnorm import batchnorm_after
@@ -158,7 +157,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             original(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-        self._patched_module = pl_module
+        self._patched_module: pl.LightningModule | None = pl_module
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -229,7 +228,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         return self.schedule.progress(position)  # progress; each group scales its own rate
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def compute_masks(self, modules: dict[str, nn.Module], progress: float, position: int) -> dict[str, torch.Tensor]:
+    def compute_masks(self, modules: dict[str, Any], progress: float, position: int) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         for group in self.groups:
             scores = group_scores(group, self._all_modules, self.p, self.granularity)

@@ -6,13 +6,12 @@ A mixin of :class:`~lightning_compress.pruning.filter_callback.FilterPruning`, k
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from typing_extensions import override
 
 from lightning_compress.pruning.batchnorm import recalibrate_batchnorm
 from lightning_compress.pruning.compact import compact
@@ -36,7 +35,7 @@ class FinalPruneSteps:
     position: int | None
     schedule: Any
     _target: nn.Module
-    _modules: dict[str, nn.Module]
+    _modules: dict[str, Any]
     _ready: bool
     _example: torch.Tensor
 
@@ -52,13 +51,11 @@ class FinalPruneSteps:
         if (last_epoch or trainer.should_stop) and not self.finalized:
             self.finalize(trainer)
 
-    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # type: ignore[misc]
         if self.compact_every_epoch and self._ready and any(not bool(m.all()) for m in self.masks.values()):
             self.compact_in_place(trainer)
 
-    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ready and not self.finalized:
             self.finalize(trainer)
@@ -74,7 +71,6 @@ class FinalPruneSteps:
             self.enforce()
 
     # -- compaction ---------------------------------------------------------------------------------------------
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compact_on_fit_end and self.finalized and not self.compacted:
             self.compact(pl_module)
@@ -84,7 +80,8 @@ class FinalPruneSteps:
         from lightning_compress.measure import count_parameters
 
         before = count_parameters(self._target)
-        small, plan = compact(self._target, self._example.to(pl_module.device), return_plan=True)
+        small, plan = cast(tuple[nn.Module, Any],
+                           compact(self._target, self._example.to(pl_module.device), return_plan=True))
         replace_compression_target(pl_module, small)
         self.compaction = {"parameters_before": before, "parameters_after": count_parameters(small),
                            "channels_removed": plan.num_removable,
@@ -98,7 +95,7 @@ class FinalPruneSteps:
         record what was removed (replayed on a fresh model when a run resumes)."""
         removed = {name: (~mask).nonzero().flatten().tolist() for name, mask in self.masks.items()
                    if not bool(mask.all())}
-        _, plan = compact(self._target, self._example, inplace=True, return_plan=True)
+        _, plan = cast(tuple[nn.Module, Any], compact(self._target, self._example, inplace=True, return_plan=True))
         for optimizer in trainer.optimizers:
             slice_optimizer_state(optimizer, plan.replacements)
         self.events.append(removed)
@@ -129,7 +126,7 @@ class FinalPruneSteps:
                     buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
     def _training_inputs(self, trainer: pl.Trainer) -> Any:
-        for index, batch in enumerate(trainer.train_dataloader):
+        for index, batch in enumerate(trainer.train_dataloader or []):
             if index >= self.recalibration_batches:
                 return
             yield first_tensor(batch)

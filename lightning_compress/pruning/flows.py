@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,8 +33,9 @@ def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
             reset()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
+        reset_statistics = getattr(module, "reset_running_stats", None)
+        if callable(reset_statistics):
+            reset_statistics()
     return fresh
 
 
@@ -55,4 +56,4 @@ def rewind(pruned: nn.Module, early_state: Mapping[str, torch.Tensor], example_i
             if modules[name].bias is not None:
                 modules[name].bias[rows] = 0
     zero_bn_for_pruned_filters(model, example_inputs)
-    return compact(model, example_inputs)
+    return cast(nn.Module, compact(model, example_inputs))

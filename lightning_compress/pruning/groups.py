@@ -63,7 +63,7 @@ def _rows(weight: torch.Tensor, index: torch.Tensor, along: int) -> torch.Tensor
     return picked * valid.unsqueeze(1)
 
 
-def group_scores(group: PrunableGroup, modules: dict[str, nn.Module], p: int, granularity: str = "filter"
+def group_scores(group: PrunableGroup, modules: dict[str, Any], p: int, granularity: str = "filter"
                  ) -> torch.Tensor:
     """The Lp norm of all weights tied to each channel of ``group``.
 
@@ -86,7 +86,7 @@ def group_scores(group: PrunableGroup, modules: dict[str, nn.Module], p: int, gr
     return total.pow(1.0 / p)
 
 
-def pruned_channel_masks(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor, batchnorm: bool
+def pruned_channel_masks(group: PrunableGroup, modules: dict[str, Any], keep: torch.Tensor, batchnorm: bool
                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(tensor, pruned)`` pairs for :meth:`torch.Tensor.masked_fill_`: producer and depthwise weights and biases
     and, with ``batchnorm``, BatchNorm scales and shifts, each with a boolean mask shaped to broadcast over it."""
@@ -107,7 +107,7 @@ def pruned_channel_masks(group: PrunableGroup, modules: dict[str, nn.Module], ke
     return pairs
 
 
-def zero_group_channels(group: PrunableGroup, modules: dict[str, nn.Module], keep: torch.Tensor,
+def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: torch.Tensor,
                         batchnorm: bool) -> None:
     """Zero the pruned channels of ``group``: producer filters and biases, depthwise filters and, with
     ``batchnorm``, the BatchNorm scale and shift."""

@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_compress.pruning.blocks import block_scores, removable_blocks, remove_blocks, zero_block
@@ -80,7 +79,7 @@ class LayerPruning(PruningCallback):
         self._modules = {name: self._target.get_submodule(name) for name in blocks}
         self._ready = True
 
-    def compute_masks(self, modules: dict[str, nn.Module], sparsity: float, position: int) -> dict[str, torch.Tensor]:
+    def compute_masks(self, modules: dict[str, Any], sparsity: float, position: int) -> dict[str, torch.Tensor]:
         names = list(modules)
         scores = block_scores(self._target, names, self.p)
         k = filters_to_prune(scores, sparsity)

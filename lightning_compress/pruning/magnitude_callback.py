@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_compress.pruning.callback_base import PruningCallback
@@ -126,14 +125,14 @@ class MagnitudePruning(PruningCallback):
         self.thresholds: dict[str, tuple[float, float]] = {}
         self.revived = 0
 
-    def validate_layers(self, modules: dict[str, nn.Module]) -> None:
+    def validate_layers(self, modules: dict[str, Any]) -> None:
         if self.granularity in ("vector", "kernel"):
             flat = [name for name, module in modules.items() if module.weight.dim() < 3]
             if flat:
                 raise ValueError(f"granularity={self.granularity!r} needs convolution weights; {flat} have none.")
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def compute_masks(self, modules: dict[str, nn.Module], sparsity: float, position: int) -> dict[str, torch.Tensor]:
+    def compute_masks(self, modules: dict[str, Any], sparsity: float, position: int) -> dict[str, torch.Tensor]:
         weights = {name: module.weight.detach() for name, module in modules.items()}
         if self.method == "threshold":
             return {name: threshold_mask(w, self.threshold or 0.0) for name, w in weights.items()}
@@ -207,5 +206,5 @@ class MagnitudePruning(PruningCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.dense = dict(state_dict.get("dense", {}))
-        self.thresholds = {k: tuple(v) for k, v in state_dict.get("thresholds", {}).items()}  # type: ignore[misc]
+        self.thresholds = {k: tuple(v) for k, v in state_dict.get("thresholds", {}).items()}
         self.revived = state_dict.get("revived", 0)

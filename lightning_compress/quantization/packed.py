@@ -167,14 +167,15 @@ class _PackedWeight(nn.Module):
     def dequantized_weight(self) -> Tensor:
         """The float32 weight the layer computes with (decoded from ``packed`` at every call)."""
         codes = unpack_bits(self.packed, self.num_bits, self.weight_numel()).reshape(self.weight_shape)
+        buffers = dict(self.named_buffers())
         if self.method == "linear":
             qmax = qrange(self.num_bits)[1]
-            return (codes - qmax).float() * _channel_view(self.scale, codes.dim())
+            return (codes - qmax).float() * _channel_view(buffers["scale"], codes.dim())
         if self.method == "codebook":
-            return self.codebook[codes]
+            return buffers["codebook"][codes]
         half = 1 << (self.num_bits - 1)
         j, negative = codes & (half - 1), codes >= half
-        e_min = _channel_view(self.max_exponent.to(torch.int64) - (half - 2), codes.dim())
+        e_min = _channel_view(buffers["max_exponent"].to(torch.int64) - (half - 2), codes.dim())
         ones = torch.ones(codes.shape, device=codes.device)
         magnitude = torch.where(j > 0, torch.ldexp(ones, (e_min + j - 1).float()), torch.zeros_like(ones))
         return torch.where(negative, -magnitude, magnitude)
@@ -284,7 +285,7 @@ def export_packed(model: nn.Module, *, num_bits: int = 4, method: str = "linear"
     own: dict[str, tuple[int, Tensor]] = {}
     for name, layer in chosen.items():
         if is_quantized(layer) and method == "linear":
-            wq = layer.weight_quantizer
+            wq: Any = layer.weight_quantizer
             if wq.num_bits > 8:
                 raise ValueError(f"layer {name!r} uses {wq.num_bits} weight bits; packed export needs 2..8")
             own[name] = (wq.num_bits, wq.current_amax(layer.weight).detach().clone())
