@@ -38,20 +38,14 @@ adapter, stay easy to tell from the teacher's.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import statistics
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
+from lightning_compress.demo.experiments import quiet_single_thread, seeded, write_results
 from lightning_compress.distillation import DistillationModule, slim_copy
 from lightning_compress.distillation.adversarial import AdversarialDistillationModule
 from lightning_compress.measure import count_parameters
@@ -97,10 +91,6 @@ def fit_and_test(module: pl.LightningModule, settings: Settings, seed: int, epoc
     return {**trained, **{k: float(v) for k, v in evaluate(module, datamodule, verbose=False)[0].items()}}
 
 
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` right after seeding, so that every student of a seed starts from the same weights."""
-    pl.seed_everything(seed, verbose=False)
-    return build()
 
 
 def run_seed(seed: int, settings: Settings, split: str = "test") -> dict[str, float]:
@@ -168,28 +158,6 @@ def table(rows: dict[str, list[float]], settings: Settings, split: str = "test")
     return "\n".join(lines)
 
 
-@contextmanager
-def quiet_single_thread() -> Iterator[None]:
-    """One torch thread (tiny models), fewer Lightning messages and warnings; restored on exit (the tests run this
-    script inside the pytest process)."""
-    threads = torch.get_num_threads()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        for message in (".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
-                        ".*number of training batches.*"):
-            warnings.filterwarnings("ignore", message)
-        torch.set_num_threads(1)
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
@@ -204,10 +172,7 @@ def main(argv: list[str] | None = None) -> str:
             for row, value in run_seed(seed, settings, args.split).items():
                 rows.setdefault(row, []).append(value)
     result = table(rows, settings, args.split)
-    output = Path("runs") / "adversarial_distill_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")  # per-seed values
+    write_results("adversarial_distill_digits", result, rows)
     print(result)
     return result
 

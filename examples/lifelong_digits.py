@@ -26,20 +26,14 @@ new task: +47.2, +46.7, +30.6 points on the old task per seed, at a cost of 0.2 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import statistics
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
+from lightning_compress.demo.experiments import quiet_single_thread, write_results
 from lightning_compress.distillation.lifelong import LwFModule, TaskSplitDataModule, split_head
 
 OLD_CLASSES, NEW_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -106,27 +100,6 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def quiet_single_thread() -> Iterator[None]:
-    """One torch thread and fewer Lightning messages; restored on exit (the tests run this in their process)."""
-    threads = torch.get_num_threads()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        for message in (".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
-                        ".*number of training batches.*"):
-            warnings.filterwarnings("ignore", message)
-        torch.set_num_threads(1)
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
@@ -137,10 +110,7 @@ def main(argv: list[str] | None = None) -> str:
             for row, value in run_seed(seed, settings).items():
                 rows.setdefault(row, []).append(value)
     result = table(rows, settings)
-    output = Path("runs") / "lifelong_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results("lifelong_digits", result, rows)
     print(result)
     return result
 
