@@ -11,7 +11,9 @@
 from lightning_compress.distillation import losses
 from lightning_compress.distillation.adversarial import AdversarialDistillationModule
 from lightning_compress.distillation.checkpoints import load_network_weights
+from lightning_compress.distillation.cross_modal import CrossModalDistillationModule
 from lightning_compress.distillation.features import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
+from lightning_compress.distillation.graph import GraphDistillationModule
 from lightning_compress.distillation.lifelong import LwFModule, TaskSplitDataModule, TwoHeadNetwork, lwf_loss
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.distillation.mutual import MutualLearningModule
@@ -22,9 +24,11 @@ from lightning_compress.distillation.students import born_again, reinitialize, s
 
 __all__ = [
     "AdversarialDistillationModule",
+    "CrossModalDistillationModule",
     "DistillationModule",
     "ExitHead",
     "FeatureTaps",
+    "GraphDistillationModule",
     "LayerPair",
     "LwFModule",
     "MutualLearningModule",
