@@ -337,6 +337,7 @@ class CrossModalDistillationModule(DistillationModule):
 
     # ------------------------------------------------------------------ inputs
 
+    @override
     def split_modalities(self, batch: Any) -> tuple[Any, Any, torch.Tensor]:
         """``(student_inputs, teacher_inputs, targets)`` of a batch, views applied (override point)."""
         if isinstance(batch, Mapping):
@@ -472,20 +473,6 @@ class CrossModalDistillationModule(DistillationModule):
         self.log_epoch("distill/total", total.detach(), batch_size)
         self.log_epoch("train/acc", self.accuracy(student_logits.detach(), targets), batch_size)
         return total
-
-    @override
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        student_in, teacher_in, targets = self.split_modalities(batch)
-        student_logits = self.student(student_in)
-        teacher_logits = self.teacher_forward(teacher_in)[0]
-        self._clear_taps()
-        batch_size = len(targets)
-        self.log_epoch(f"{stage}/loss", losses.hard_target_loss(student_logits, targets), batch_size)
-        self.log_epoch(f"{stage}/acc", self.accuracy(student_logits, targets), batch_size)
-        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
-        self.log_epoch("distill/agreement" if stage == "val" else f"{stage}/agreement", agreement, batch_size)
-        if stage == "val" and not self._teacher_acc_logged:
-            self.log_epoch("val/teacher_acc", self.accuracy(teacher_logits, targets), batch_size)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -343,10 +343,16 @@ class DistillationModule(DistillationBase):
         self.log_epoch("train/acc", self.accuracy(student_logits.detach(), targets), batch_size)
         return total
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def split_modalities(self, batch: Any) -> tuple[Any, Any, torch.Tensor]:
+        """``(student_inputs, teacher_inputs, targets)``: the same inputs for both here (override point; the
+        cross-modal module gives each model its own)."""
         inputs, targets = self.split_batch(batch)
-        student_logits = self.student(inputs)
-        teacher_logits = self.teacher_forward(inputs)[0]
+        return inputs, inputs, targets
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        student_inputs, teacher_inputs, targets = self.split_modalities(batch)
+        student_logits = self.student(student_inputs)
+        teacher_logits = self.teacher_forward(teacher_inputs)[0]
         self._clear_taps()
         batch_size = len(targets)
         self.log_epoch(f"{stage}/loss", losses.hard_target_loss(student_logits, targets), batch_size)
