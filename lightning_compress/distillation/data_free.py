@@ -435,8 +435,8 @@ def _synthesize_batch(
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
-    """SHA-256 of the teacher's state (names, shapes and values), to tell whether a cached synthetic set was made
-    from the same teacher."""
+    """SHA-256 of a network's state (names, shapes and values), to tell whether a cached synthetic set was made
+    from the same teacher (and student)."""
     digest = hashlib.sha256()
     for name, value in teacher.state_dict().items():
         digest.update(name.encode())
@@ -454,7 +454,8 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     The set is synthesised once, in ``setup`` (or, with ``cache_path``, in ``prepare_data`` on one process and
     written to that file, which later runs and the other processes load instead of synthesising again; a cache made
-    with other settings or another teacher is synthesised anew and overwritten). Training batches are
+    with other settings or another teacher is synthesised anew and overwritten; without a cache, every process
+    synthesises the same set, the synthesis being deterministic under ``seed``). Training batches are
     ``(inputs, labels)`` with the labels the inputs were optimised for: distil with soft targets only
     (``DistillationModule(..., soft_weight=1.0, hard_weight=0.0)``), since the labels only say what the synthesis
     aimed at (the module's ``train/acc`` is then the student's agreement with those labels). Validation and test
@@ -484,6 +485,9 @@ class SyntheticDataModule(pl.LightningDataModule):
         cache_path: file to keep the synthetic set in, or ``None``.
         eval_datamodule: a real data module for the validation and test loaders, or ``None``.
         num_workers: DataLoader workers of the training loader.
+        student: a student for the Adaptive DeepInversion competition term (e.g. one distilled on a first
+            synthetic set, for a second round), or ``None``.
+        competition_weight: weight of that term; needs ``student`` when positive.
 
     Raises:
         ValueError: for the arguments :func:`synthesize` rejects (checked here, before any synthesis) and a
@@ -523,6 +527,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         cache_path: str | None = None,
         eval_datamodule: pl.LightningDataModule | None = None,
         num_workers: int = 0,
+        student: nn.Module | None = None,
+        competition_weight: float = 0.0,
     ) -> None:
         super().__init__()
         input_shape = list(sample_shape) if sample_shape is not None else [1, 8, 8]
@@ -532,14 +538,19 @@ class SyntheticDataModule(pl.LightningDataModule):
             "steps": synthesis_steps, "lr": synthesis_lr, "bn_weight": bn_weight, "first_bn_weight": first_bn_weight,
             "tv_weight": tv_weight, "l2_weight": l2_weight, "seed": seed, "batch_size": synthesis_batch_size,
             "jitter": jitter, "input_range": None if input_range is None else tuple(float(v) for v in input_range),
+            "competition_weight": competition_weight,
         }
-        weights = {name: self.options[name] for name in ("bn_weight", "first_bn_weight", "tv_weight", "l2_weight")}
+        if competition_weight > 0 and student is None:
+            raise ValueError(f"competition_weight={competition_weight!r} needs a student (Adaptive DeepInversion).")
+        weights = {name: self.options[name] for name in ("bn_weight", "first_bn_weight", "tv_weight", "l2_weight",
+                                                         "competition_weight")}
         _check_synthesis_arguments(num_samples, input_shape, num_classes, synthesis_steps, synthesis_lr,
                                    synthesis_batch_size, weights, jitter, self.options["input_range"])
-        self.save_hyperparameters(ignore=["teacher", "eval_datamodule"])
+        self.save_hyperparameters(ignore=["teacher", "eval_datamodule", "student"])
         if teacher_checkpoint is not None:
             load_network_weights(teacher, teacher_checkpoint)
         self.teacher = teacher
+        self.student = student
         self.num_samples = num_samples
         self.input_shape = input_shape
         self.num_classes = num_classes
@@ -555,8 +566,10 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def settings(self) -> dict[str, Any]:
         """Everything the synthetic set depends on, teacher fingerprint included (the cache's key)."""
+        student = None if self.student is None else teacher_fingerprint(self.student)
         return {"num_samples": self.num_samples, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes, **self.options, "teacher": teacher_fingerprint(self.teacher)}
+                "num_classes": self.num_classes, **self.options, "teacher": teacher_fingerprint(self.teacher),
+                "student": student}
 
     def synthesize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Run :func:`synthesize` with this module's settings (override point, e.g. for another method)."""
@@ -566,7 +579,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             last[batch_index] = terms
 
         inputs, labels = synthesize(self.teacher, self.num_samples, self.input_shape, self.num_classes,
-                                    **self.options, on_step=record)
+                                    **self.options, student=self.student, on_step=record)
         self.synthesis_terms = last
         return inputs.cpu(), labels.cpu()
 
