@@ -12,6 +12,8 @@ from lightning_compress.distillation import losses
 from lightning_compress.distillation.adversarial import AdversarialDistillationModule
 from lightning_compress.distillation.checkpoints import load_network_weights
 from lightning_compress.distillation.cross_modal import CrossModalDistillationModule
+from lightning_compress.distillation.data_free import SyntheticDataModule
+from lightning_compress.distillation.deep_inversion import synthesize
 from lightning_compress.distillation.features import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
 from lightning_compress.distillation.graph import GraphDistillationModule
 from lightning_compress.distillation.lifelong import LwFModule, TaskSplitDataModule, TwoHeadNetwork, lwf_loss
@@ -33,6 +35,7 @@ __all__ = [
     "LwFModule",
     "MutualLearningModule",
     "SelfDistillationModule",
+    "SyntheticDataModule",
     "TaskSplitDataModule",
     "TwoHeadNetwork",
     "born_again",
@@ -47,4 +50,5 @@ __all__ = [
     "reinitialize",
     "search_students",
     "slim_copy",
+    "synthesize",
 ]
