@@ -74,6 +74,23 @@ class DistillationBase(pl.LightningModule):
         """Log ``value`` as an epoch mean (weighted by batch size, reduced across processes)."""
         self.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
 
+    def frozen_networks(self) -> Iterable[nn.Module]:
+        """Networks that only teach (teachers, an old model): kept in eval mode whatever ``train()`` is asked
+        (override point; none here)."""
+        return ()
+
+    def train(self, mode: bool = True) -> DistillationBase:
+        """Set the trained networks' mode; :meth:`frozen_networks` stay in eval mode (BatchNorm statistics would
+        otherwise drift, e.g. when Lightning switches back from validation)."""
+        super().train(mode)
+        for network in self.frozen_networks():
+            network.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        for network in self.frozen_networks():
+            network.eval()
+
     @staticmethod
     def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (logits.argmax(dim=1) == targets).float().mean()

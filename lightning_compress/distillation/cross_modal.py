@@ -286,21 +286,6 @@ class CrossModalDistillationModule(DistillationModule):
         return terms
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        student_in, teacher_in, targets = self.split_modalities(batch)
-        student_logits = self.student(student_in)
-        teacher_logits = self.teacher_forward(teacher_in)
-        terms = self.compute_terms(student_logits, teacher_logits, targets)
-        total = self.combine(terms)
-        self._clear_taps()
-        batch_size = len(targets)
-        for name, value in terms.items():
-            self.log_epoch(f"distill/{name}", value.detach(), batch_size)
-        self.log_epoch("distill/total", total.detach(), batch_size)
-        self.log_epoch("train/acc", self.accuracy(student_logits.detach(), targets), batch_size)
-        return total
-
-    @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         student_in = self.split_batch(batch)[0] if not torch.is_tensor(batch) else self.student_view(batch)
         return self.student(student_in).argmax(dim=1)

@@ -240,11 +240,8 @@ class LwFModule(DistillationBase):
         return self.network
 
     @override
-    def train(self, mode: bool = True) -> LwFModule:
-        """Set the trained network's mode; the old network stays in eval mode."""
-        super().train(mode)
-        self.old_model.eval()
-        return self
+    def frozen_networks(self) -> Iterable[nn.Module]:
+        return [self.old_model]
 
     def forward(self, x: Any) -> torch.Tensor:
         """New-task logits."""
@@ -262,10 +259,6 @@ class LwFModule(DistillationBase):
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self._checked:
             self._check_heads(self.example_input())
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        self.old_model.eval()
 
     # ------------------------------------------------------------------ steps
 

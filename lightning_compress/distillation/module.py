@@ -236,12 +236,8 @@ class DistillationModule(DistillationBase):
         return self.student
 
     @override
-    def train(self, mode: bool = True) -> DistillationModule:
-        """Set the student's mode; the teachers stay in eval mode whatever ``mode`` is."""
-        super().train(mode)
-        for teacher in self.teachers:
-            teacher.eval()
-        return self
+    def frozen_networks(self) -> Iterable[nn.Module]:
+        return self.teachers
 
     def forward(self, x: Any) -> torch.Tensor:
         return self.student(x)
@@ -282,8 +278,7 @@ class DistillationModule(DistillationBase):
 
     @override
     def on_train_epoch_start(self) -> None:
-        for teacher in self.teachers:
-            teacher.eval()
+        super().on_train_epoch_start()
         if self.feature_stage_epochs and self.current_epoch == self.feature_stage_epochs:
             # The task stage is a fresh optimisation (Romero et al. 2015): moments accumulated on the feature
             # losses' scale would otherwise throttle it.
@@ -330,9 +325,9 @@ class DistillationModule(DistillationBase):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs, targets = self.split_batch(batch)
-        student_logits = self.student(inputs)
-        teacher_logits = self.teacher_forward(inputs)
+        student_inputs, teacher_inputs, targets = self.split_modalities(batch)
+        student_logits = self.student(student_inputs)
+        teacher_logits = self.teacher_forward(teacher_inputs)
         terms = self.compute_terms(student_logits, teacher_logits, targets)
         total = self.combine(terms)
         self._clear_taps()
