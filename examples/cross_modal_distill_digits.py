@@ -40,7 +40,6 @@ not the student's), and the labels already carry what the visible top half allow
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,7 +47,13 @@ import torch
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
-from lightning_compress.demo.experiments import fit_and_test, mean_std, quiet_single_thread, write_results
+from lightning_compress.demo.experiments import (
+    fit_and_test,
+    mean_std,
+    over_seeds,
+    paired_difference,
+    write_results,
+)
 from lightning_compress.distillation import slim_copy
 from lightning_compress.distillation.cross_modal import CrossModalDistillationModule, make_view
 
@@ -115,10 +120,6 @@ def _accuracy_on_view(network: nn.Module, settings: Settings, seed: int) -> floa
     return correct / total
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def table(rows: dict[str, list[float]], settings: Settings) -> str:
     split = "quick mode: 2 batches of the test split" if settings.limit else "359 images: one image = 0.28 points"
     lines = [f"Test accuracy on digits, student's view {settings.view!r} ({split}), mean ± std over "
@@ -129,10 +130,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
     for row, runs in rows.items():
         cells = [row, mean_std(runs), "", ""]
         if row in ROWS and row != "student alone":
-            differences = [100 * (a - b) for a, b in zip(runs, base, strict=True)]
-            word = ("(one seed)" if len(runs) < 2 else "gain on every seed" if all(d > 0 for d in differences)
-                    else "loss on every seed" if all(d < 0 for d in differences) else "mixed: no clear effect")
-            cells[2:] = [f"{statistics.mean(differences):+.2f} ± {_std(differences):.2f}", word]
+            cells[2:] = list(paired_difference(runs, base))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,11 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     make_view(args.view)  # fail on a bad name before any training
     settings = Settings(args.quick, args.view)
-    rows: dict[str, list[float]] = {}
-    with quiet_single_thread():
-        for seed in settings.seeds:
-            for row, accuracy in run_seed(seed, settings).items():
-                rows.setdefault(row, []).append(accuracy)
+    rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)
     result = table(rows, settings)
     write_results(f"cross_modal_distill_digits/{args.view.replace(':', '_')}", result, rows)
     print(result)

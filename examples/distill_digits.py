@@ -55,7 +55,7 @@ from typing import Any
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
-from lightning_compress.demo.experiments import fit_and_test, quiet_single_thread, seeded, write_results
+from lightning_compress.demo.experiments import fit_and_test, over_seeds, seeded, write_results
 from lightning_compress.distillation import DistillationModule, MutualLearningModule, SelfDistillationModule, slim_copy
 from lightning_compress.measure import count_parameters
 
@@ -196,11 +196,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 30; quick: 2)")
     args = parser.parse_args(argv)
     settings = Settings(args.quick, args.epochs)
-    rows: dict[str, list[float]] = {}
-    with quiet_single_thread():
-        for seed in settings.seeds:
-            for row, accuracy in run_seed(seed, settings).items():
-                rows.setdefault(row, []).append(accuracy)
+    rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)
     result = table(rows, settings)
     write_results("distill_digits", result, rows)  # with the per-seed accuracies
     print(result)

@@ -31,14 +31,19 @@ the weights mostly record how many same-class samples the batch happens to hold 
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
-from lightning_compress.demo.experiments import fit_and_test, mean_std, quiet_single_thread, write_results
+from lightning_compress.demo.experiments import (
+    fit_and_test,
+    mean_std,
+    over_seeds,
+    paired_difference,
+    write_results,
+)
 from lightning_compress.distillation import slim_copy
 from lightning_compress.distillation.graph import GraphDistillationModule
 
@@ -83,10 +88,6 @@ def run_seed(seed: int, settings: Settings) -> dict[str, float]:
     return results
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def table(rows: dict[str, list[float]], settings: Settings) -> str:
     split = "quick mode: 2 batches of the test split" if settings.limit else "359 images: one image = 0.28 points"
     lines = [f"Test accuracy on digits ({split}), mean ± std over {len(settings.seeds)} seed(s); teacher "
@@ -96,10 +97,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
     for row, runs in rows.items():
         cells = [row, mean_std(runs), "", ""]
         if row in ROWS and row != "student alone":
-            differences = [100 * (a - b) for a, b in zip(runs, base, strict=True)]
-            word = ("(one seed)" if len(runs) < 2 else "gain on every seed" if all(d > 0 for d in differences)
-                    else "loss on every seed" if all(d < 0 for d in differences) else "mixed: no clear effect")
-            cells[2:] = [f"{statistics.mean(differences):+.2f} ± {_std(differences):.2f}", word]
+            cells[2:] = list(paired_difference(runs, base))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -109,11 +107,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
     args = parser.parse_args(argv)
     settings = Settings(args.quick)
-    rows: dict[str, list[float]] = {}
-    with quiet_single_thread():
-        for seed in settings.seeds:
-            for row, accuracy in run_seed(seed, settings).items():
-                rows.setdefault(row, []).append(accuracy)
+    rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)
     result = table(rows, settings)
     write_results("graph_distill_digits", result, rows)
     print(result)

@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
-from lightning_compress.demo.experiments import quiet_single_thread, write_results
+from lightning_compress.demo.experiments import over_seeds, write_results
 from lightning_compress.distillation.lifelong import LwFModule, TaskSplitDataModule, split_head
 
 OLD_CLASSES, NEW_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -104,11 +104,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
     settings = Settings(parser.parse_args(argv).quick)
-    rows: dict[str, list[float]] = {}
-    with quiet_single_thread():
-        for seed in settings.seeds:
-            for row, value in run_seed(seed, settings).items():
-                rows.setdefault(row, []).append(value)
+    rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)
     result = table(rows, settings)
     write_results("lifelong_digits", result, rows)
     print(result)

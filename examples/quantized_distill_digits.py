@@ -42,7 +42,7 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
-from lightning_compress.demo.experiments import quiet_single_thread, write_results
+from lightning_compress.demo.experiments import over_seeds, write_results
 from lightning_compress.distillation import DistillationModule, slim_copy
 from lightning_compress.distillation.quantized import quantized_teacher
 from lightning_compress.quantization import classification_accuracy
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--bits", type=int, default=4, help="bits of the QAT student (default 4)")
     args = parser.parse_args(argv)
     settings = Settings(args.quick, args.bits)
-    rows: dict[str, list[float]] = {}
-    with quiet_single_thread():
-        for seed in settings.seeds:
-            for row, value in run_seed(seed, settings).items():
-                rows.setdefault(row, []).append(value)
+    rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)
     result = table(rows, settings)
     write_results("quantized_distill_digits", result, rows)
     print(result)

@@ -81,3 +81,32 @@ def write_results(name: str, table: str, rows: dict[str, Any] | None = None) -> 
     if rows is not None:
         (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     return output
+
+
+def over_seeds(run_seed: Callable[[int], dict[str, float]], seeds: Sequence[int]) -> dict[str, list[float]]:
+    """``{row: [value per seed]}`` from ``run_seed(seed) -> {row: value}``, run quietly on one thread."""
+    rows: dict[str, list[float]] = {}
+    with quiet_single_thread():
+        for seed in seeds:
+            for row, value in run_seed(seed).items():
+                rows.setdefault(row, []).append(value)
+    return rows
+
+
+def paired_difference(runs: Sequence[float], baseline: Sequence[float]) -> tuple[str, str]:
+    """Per-seed differences to ``baseline`` in points as ``"mean ± std"`` and a verdict.
+
+    >>> paired_difference([0.95, 0.97], [0.94, 0.95])
+    ('+1.50 ± 0.71', 'gain on every seed')
+    """
+    differences = [100 * (a - b) for a, b in zip(runs, baseline, strict=True)]
+    if len(differences) < 2:
+        verdict = "(one seed)"
+    elif all(d > 0 for d in differences):
+        verdict = "gain on every seed"
+    elif all(d < 0 for d in differences):
+        verdict = "loss on every seed"
+    else:
+        verdict = "mixed: no clear effect"
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    return f"{statistics.mean(differences):+.2f} ± {spread:.2f}", verdict
