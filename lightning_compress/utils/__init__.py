@@ -1,6 +1,7 @@
 """Helpers shared by every compression family: layer selection, logging, the compression target."""
 
 from lightning_compress.utils.data import execution_order, first_tensor
+from lightning_compress.utils.ddp import rewrap_ddp
 from lightning_compress.utils.layers import LAYER_TYPES, resolve_layer_types, select_layers
 from lightning_compress.utils.logging import (
     log_histogram,
@@ -22,6 +23,7 @@ __all__ = [
     "log_text",
     "replace_compression_target",
     "resolve_layer_types",
+    "rewrap_ddp",
     "select_layers",
     "tensorboard_writers",
 ]
