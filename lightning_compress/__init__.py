@@ -8,6 +8,7 @@ from lightning_compress.pruning.filter_callback import FilterPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
 from lightning_compress.quantization.callbacks import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.quantization.export_callback import Int8Export
 from lightning_compress.report import CompressionReport
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "DistillationModule",
     "DynamicChannelPruning",
     "FilterPruning",
+    "Int8Export",
     "LayerPruning",
     "MagnitudePruning",
     "MutualLearningModule",

@@ -3,13 +3,28 @@
 Without a ``model`` or ``data`` section it trains :class:`~lightning_compress.demo.ClassifierModule` with a
 :class:`~lightning_compress.demo.ResidualCNN` backbone on :class:`~lightning_compress.demo.DigitsDataModule`.
 Compression callbacks go under ``trainer.callbacks`` with their ``class_path``; see ``examples/configs``.
+
+Two additions to the plain LightningCLI, both acting before ``fit`` starts:
+
+* a ``references`` section (:class:`~lightning_compress.references.References`) trains the teacher and the
+  compressed network alone first (or reuses them), so that one command distills from a trained teacher and the
+  report compares against both;
+* ``--ckpt_path`` is checked first: a truncated or corrupt checkpoint stops the command with a clear error before
+  anything is written.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_compress.pruning.schedules import Schedule
+from lightning_compress.references import References, prepare_references
+from lightning_compress.utils.checkpoint import CheckpointError, check_checkpoint
 
 DEFAULT_MODEL = {
     "class_path": "lightning_compress.demo.ClassifierModule",
@@ -23,10 +38,32 @@ class CompressCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": DEFAULT_MODEL, "data": DEFAULT_DATA})
+        parser.add_argument("--references", type=References | None, default=None,
+                            help="Reference runs trained (or reused) before fit: the teacher and the network alone.")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``ckpt_path`` before LightningCLI or the Trainer read it (a clear error, no traceback)."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        path = config.get("ckpt_path") if hasattr(config, "get") else None
+        if path not in (None, "last", "best", "hpc", "registry"):
+            try:
+                check_checkpoint(path)
+            except CheckpointError as error:
+                print(f"error: {error}", file=sys.stderr)
+                raise SystemExit(2) from error
+
+    def before_fit(self) -> None:
+        """Prepare the reference runs (see the module docstring)."""
+        references = self.config_init[self.subcommand].get("references")
+        if references is not None:
+            prepare_references(references, self.trainer, self.model, self.datamodule)
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
     """Entry point of the ``lightning-compress`` command (``args`` replaces ``sys.argv[1:]`` in tests)."""
+    # Schedules are dataclasses, which jsonargparse otherwise accepts only as the base class: allow AGP, Cosine, ...
+    set_parsing_settings(subclasses_enabled=[Schedule])
     return CompressCLI(
         model_class=None,
         datamodule_class=None,

@@ -158,6 +158,32 @@ def compute_ratios(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     return ratios
 
 
+#: The numbers of a reference shown next to this model's in the references section and table.
+REFERENCE_KEYS = ("accuracy", "parameters", "size_bytes", "macs", "latency_ms")
+
+
+def compare_with_references(report: dict[str, Any], references: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """For each named reference report: its key numbers (:data:`REFERENCE_KEYS`, plus its latency settings) and
+    ``ratios`` reference / ``report`` (:func:`compute_ratios`), with the accuracy difference also in points
+    (``accuracy_delta_points`` = 100 x (accuracy - reference accuracy), for accuracies in [0, 1]).
+
+    >>> compare_with_references({"parameters": 50, "accuracy": 0.91},
+    ...                         {"teacher": {"parameters": 200, "accuracy": 0.95, "macs": 7}})["teacher"]["ratios"]
+    {'parameters': 4.0, 'accuracy_delta': -0.04, 'accuracy_delta_points': -4.0}
+    """
+    compared: dict[str, Any] = {}
+    for name, reference in references.items():
+        entry: dict[str, Any] = {key: reference.get(key) for key in REFERENCE_KEYS}
+        if isinstance(reference.get("latency"), dict):
+            entry["latency"] = dict(reference["latency"])
+        ratios = compute_ratios(report, reference)
+        if "accuracy_delta" in ratios:
+            ratios["accuracy_delta_points"] = round(100.0 * ratios["accuracy_delta"], 8)
+        entry["ratios"] = ratios
+        compared[name] = entry
+    return compared
+
+
 def measure_model(
     model: nn.Module,
     example_inputs: Any,
@@ -248,4 +274,64 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"Latency: median of {latency['runs']} runs after {latency['warmup']} warm-up runs, "
                      f"batch size {latency['batch_size']}, {latency['num_threads']} thread(s), CPU.")
+    export = report.get("int8_export")
+    if export:
+        agreement = export.get("agreement")
+        lines.append("")
+        lines.append(f"Measured: the int8 model written by Int8Export ({export.get('path')}, "
+                     f"{_format_value('size_bytes', export.get('size_bytes'))} bytes); accuracy is "
+                     f"{report.get('accuracy_metric')}; the fake-quantized model had "
+                     f"{_format_value('accuracy', report.get('fake_quant_accuracy'))} "
+                     f"({report.get('fake_quant_accuracy_metric')}); top-1 agreement int8 / fake-quantized "
+                     + ("-" if agreement is None else f"{100 * agreement:.2f}%") + ".")
+    if report.get("references"):
+        lines += ["", format_references_markdown(report)]
     return "\n".join(lines)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def format_references_markdown(report: dict[str, Any]) -> str:
+    """The comparison table of a report with ``references``: a row per reference and one for this model.
+
+    >>> print(format_references_markdown({"accuracy": 0.9, "parameters": 50, "references": {"teacher":
+    ...     {"accuracy": 0.95, "parameters": 200, "ratios": {"parameters": 4.0, "accuracy_delta_points": -5.0}}}}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    How this model compares with each reference (ratios: the reference / this model, above 1 means this model is
+    smaller or faster; accuracy change: this model - the reference, in points):
+    <BLANKLINE>
+    | model | accuracy | parameters | size (bytes) | MACs | latency (ms) | accuracy change (points) | x fewer parameters | x smaller | x fewer MACs | x faster |
+    |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+    | teacher | 0.9500 | 200 | - | - | - | -5.00 | 4.00x | - | - | - |
+    | **this model** | 0.9000 | 50 | - | - | - | | | | | |
+    """  # noqa: E501
+    keys = REFERENCE_KEYS
+    lines = [
+        "How this model compares with each reference (ratios: the reference / this model, above 1 means this model "
+        "is\nsmaller or faster; accuracy change: this model - the reference, in points):",
+        "",
+        "| model | accuracy | parameters | size (bytes) | MACs | latency (ms) | accuracy change (points) "
+        "| x fewer parameters | x smaller | x fewer MACs | x faster |",
+        "|---|" + "---:|" * 10,
+    ]
+    notes = []
+    own_latency = report.get("latency") or {}
+    for name, entry in report["references"].items():
+        ratios = entry.get("ratios", {})
+        points = ratios.get("accuracy_delta_points")
+        cells = [_format_value(key, entry.get(key)) for key in keys]
+        cells.append("-" if points is None else f"{points:+.2f}")
+        cells += [_times(ratios.get(key)) for key in ("parameters", "size_bytes", "macs", "latency_ms")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        latency = entry.get("latency") or {}
+        settings = ("batch_size", "num_threads")
+        if latency and own_latency and any(latency.get(k) != own_latency.get(k) for k in settings):
+            notes.append(f"Latency of {name!r} was measured with batch size {latency.get('batch_size')} and "
+                         f"{latency.get('num_threads')} thread(s), this model's with batch size "
+                         f"{own_latency.get('batch_size')} and {own_latency.get('num_threads')}: not directly "
+                         "comparable.")
+    lines.append("| **this model** | " + " | ".join(_format_value(key, report.get(key)) for key in keys)
+                 + " |" + " |" * 5)
+    return "\n".join(lines + (["", *notes] if notes else []))

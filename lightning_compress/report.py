@@ -13,11 +13,45 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.measure import format_markdown, measure_model
-from lightning_compress.utils import compression_target, log_scalars, log_text
+from lightning_compress.measure import compare_with_references, format_markdown, measure_model
+from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
 from lightning_compress.utils.data import first_tensor
 
-__all__ = ["CompressionReport", "measure_model"]
+__all__ = ["CompressionReport", "collect_inputs", "measure_model"]
+
+
+def collect_inputs(trainer: pl.Trainer, count: int) -> torch.Tensor:
+    """``count`` model inputs from the validation loader (else the training loader), repeated when there are
+    fewer; on the loader's device (CPU for a plain loader).
+
+    Raises:
+        RuntimeError: when neither loader gives a batch.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    loaders = []
+    if datamodule is not None:
+        loaders = [datamodule.val_dataloader, datamodule.train_dataloader]
+    elif trainer.val_dataloaders is not None:
+        loaders = [lambda: trainer.val_dataloaders]
+    chunks: list[torch.Tensor] = []
+    for make_loader in loaders:
+        try:
+            loader = make_loader()
+        except (NotImplementedError, AttributeError, TypeError):
+            continue
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        for batch in loader:
+            chunks.append(first_tensor(batch))
+            if sum(len(c) for c in chunks) >= count:
+                break
+        if chunks:
+            break
+    if not chunks:
+        raise RuntimeError("Found no validation or training batch to take example inputs from; give the Trainer "
+                           "data, or override CompressionReport.example_inputs.")
+    inputs = torch.cat(chunks)
+    repeats = math.ceil(count / len(inputs))
+    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:count]
 
 
 class CompressionReport(Callback):
@@ -31,6 +65,22 @@ class CompressionReport(Callback):
     ``output_dir`` (default: the logger's directory). Put it after the compression callbacks, so that it sees
     the model they leave. Only global rank zero measures and writes.
 
+    **int8.** When an :class:`~lightning_compress.Int8Export` is among ``trainer.callbacks`` (and
+    ``measure_int8``), the report calls its :meth:`~lightning_compress.Int8Export.export` (whatever the callback
+    order; the export runs once) and measures the exported int8 model instead, on CPU: its packed int8
+    parameters, bytes and multiply-adds, its latency, and ``accuracy`` = ``export/acc`` (``accuracy_metric`` says
+    so). The fake-quantized float-structure model's ``monitor`` value is kept as ``fake_quant_accuracy`` (with
+    ``fake_quant_accuracy_metric``), and the export's file, size, agreement and format under ``int8_export``. When
+    the export skipped (no quantized layers), the float model is measured as usual.
+
+    **References.** ``references`` (or :meth:`set_reference`) names earlier runs to compare with, e.g. the
+    uncompressed teacher and the student trained alone. The report gets a ``references`` section with, for each,
+    its ``accuracy``, ``parameters``, ``size_bytes``, ``macs``, ``latency_ms`` (and latency settings) and
+    ``ratios``: reference / this model for each size, compute and latency key (above 1: this model is smaller or
+    faster), ``accuracy_delta`` (this model - reference) and ``accuracy_delta_points`` (the same x 100, for
+    accuracies in [0, 1]). The Markdown gets one comparison table (a row per reference and one for this model) and
+    the ratios are logged as ``report/reference/<name>/<key>``. ``baseline`` works as before, independently.
+
     Args:
         monitor: the accuracy metric in ``trainer.callback_metrics``.
         batch_size: inputs per latency measurement (gathered from the validation, else training, loader).
@@ -42,10 +92,13 @@ class CompressionReport(Callback):
         baseline_accuracy: the baseline model's accuracy, when ``baseline`` is a model.
         output_dir: where to write the files; defaults to ``trainer.log_dir``.
         filename: file name without extension.
+        references: ``{name: path of an earlier compression_report.json}``, e.g. ``{"teacher": ...,
+            "student_alone": ...}``; see :meth:`set_reference` for models and dictionaries.
+        measure_int8: measure the int8 model of an ``Int8Export`` among the callbacks (see above).
 
     Raises:
-        ValueError: for non-positive ``batch_size``/``latency_runs``/``num_threads``, a negative ``warmup`` or a
-            baseline file that does not exist.
+        ValueError: for non-positive ``batch_size``/``latency_runs``/``num_threads``, a negative ``warmup``, a
+            baseline or reference file that does not exist, or an empty reference name.
     """
 
     def __init__(
@@ -59,6 +112,8 @@ class CompressionReport(Callback):
         baseline_accuracy: float | None = None,
         output_dir: str | None = None,
         filename: str = "compression_report",
+        references: dict[str, str] | None = None,
+        measure_int8: bool = True,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("latency_runs", latency_runs)):
             if value < 1:
@@ -75,9 +130,15 @@ class CompressionReport(Callback):
         self.baseline_accuracy = baseline_accuracy
         self.output_dir = output_dir
         self.filename = filename
+        self.measure_int8 = measure_int8
         self.baseline: nn.Module | dict[str, Any] | None = None
         if baseline is not None:
             self.set_baseline(baseline)
+        self.references: dict[str, nn.Module | dict[str, Any]] = {}
+        self._reference_sources: dict[str, str] = {}
+        self._reference_accuracy: dict[str, float | None] = {}
+        for name, path in (references or {}).items():
+            self.set_reference(name, path)
         self.report: dict[str, Any] | None = None
 
     def set_baseline(self, baseline: str | Path | nn.Module | dict[str, Any]) -> None:
@@ -90,32 +151,38 @@ class CompressionReport(Callback):
         else:
             self.baseline = baseline
 
+    def set_reference(self, name: str, reference: str | Path | nn.Module | dict[str, Any],
+                      accuracy: float | None = None) -> None:
+        """Add (or replace) a reference to compare with.
+
+        Args:
+            name: its row in the comparison table (``"teacher"``, ``"student_alone"``).
+            reference: an earlier ``compression_report.json`` (read now), a report dictionary, or a model
+                (measured at the end of ``fit`` on the same inputs, on its own device).
+            accuracy: the reference's accuracy; for a report it replaces the recorded one.
+
+        Raises:
+            ValueError: for an empty name or a report file that does not exist.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a reference needs a non-empty name, got {name!r}.")
+        if isinstance(reference, (str, Path)):
+            path = Path(reference)
+            if not path.is_file():
+                raise ValueError(f"reference {name!r}: report {str(reference)!r} does not exist.")
+            self.references[name] = json.loads(path.read_text())
+            self._reference_sources[name] = str(path)
+        elif isinstance(reference, nn.Module):
+            self.references[name] = reference
+            self._reference_sources[name] = f"model {type(reference).__name__}"
+        else:
+            self.references[name] = dict(reference)
+            self._reference_sources[name] = "report dictionary"
+        self._reference_accuracy[name] = accuracy
+
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Public override point: the batch the model is measured on (``batch_size`` validation inputs)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        loaders = []
-        if datamodule is not None:
-            loaders = [datamodule.val_dataloader, datamodule.train_dataloader]
-        elif trainer.val_dataloaders is not None:
-            loaders = [lambda: trainer.val_dataloaders]
-        chunks: list[torch.Tensor] = []
-        for make_loader in loaders:
-            try:
-                loader = make_loader()
-            except (NotImplementedError, AttributeError, TypeError):
-                continue
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-            for batch in loader:
-                chunks.append(first_tensor(batch))
-                if sum(len(c) for c in chunks) >= self.batch_size:
-                    break
-            if chunks:
-                break
-        if not chunks:
-            raise RuntimeError("CompressionReport found no data to measure on; override example_inputs.")
-        inputs = torch.cat(chunks)
-        repeats = math.ceil(self.batch_size / len(inputs))
-        return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[: self.batch_size].to(pl_module.device)
+        return collect_inputs(trainer, self.batch_size).to(pl_module.device)
 
     def model_to_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """Public override point: the network measured (the compression target by default)."""
@@ -126,18 +193,50 @@ class CompressionReport(Callback):
         return None if value is None else float(value)
 
     def _output_dir(self, trainer: pl.Trainer) -> Path:
-        directory = self.output_dir or trainer.log_dir or trainer.default_root_dir
+        directory = self.output_dir or run_directory(trainer)
         return Path(directory)
+
+    def _int8(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, dict[str, Any]] | None:
+        """The exported int8 model and the export's results, when an ``Int8Export`` callback produced one."""
+        from lightning_compress.quantization.export_callback import Int8Export
+
+        if not self.measure_int8:
+            return None
+        exporter = next((c for c in trainer.callbacks if isinstance(c, Int8Export)),  # type: ignore[attr-defined]
+                        None)
+        model = exporter.export(trainer, pl_module) if exporter is not None else None
+        if exporter is None or model is None or exporter.results is None:
+            return None
+        return model, exporter.results
+
+    def _measured_references(self, inputs: Any) -> dict[str, dict[str, Any]]:
+        measured: dict[str, dict[str, Any]] = {}
+        for name, reference in self.references.items():
+            accuracy = self._reference_accuracy.get(name)
+            if isinstance(reference, nn.Module):
+                device = next((p.device for p in reference.parameters()), torch.device("cpu"))
+                reference = measure_model(reference, inputs.to(device) if torch.is_tensor(inputs) else inputs,
+                                          accuracy=accuracy, latency_runs=self.latency_runs, warmup=self.warmup,
+                                          num_threads=self.num_threads)
+            elif accuracy is not None:
+                reference = {**reference, "accuracy": accuracy}
+            measured[name] = reference
+        return measured
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model = self.model_to_measure(trainer, pl_module)
+        int8 = self._int8(trainer, pl_module)
+        inputs = self.example_inputs(trainer, pl_module)
+        if int8 is not None:
+            model, inputs, accuracy = int8[0], inputs.cpu(), int8[1].get("acc")
+        else:
+            model, accuracy = self.model_to_measure(trainer, pl_module), self._accuracy(trainer)
         self.report = measure_model(
             model,
-            self.example_inputs(trainer, pl_module),
-            accuracy=self._accuracy(trainer),
+            inputs,
+            accuracy=accuracy,
             baseline=self.baseline,
             baseline_accuracy=self.baseline_accuracy,
             latency_runs=self.latency_runs,
@@ -145,6 +244,17 @@ class CompressionReport(Callback):
             num_threads=self.num_threads,
         )
         self.report["accuracy_metric"] = self.monitor
+        if int8 is not None:
+            results = int8[1]
+            self.report.update(accuracy_metric="export/acc", fake_quant_accuracy=self._accuracy(trainer),
+                               fake_quant_accuracy_metric=self.monitor)
+            self.report["int8_export"] = {key: results.get(key) for key in (
+                "path", "size_bytes", "format", "agreement", "fake_quant_acc", "samples", "identical_after_load")}
+        if self.references:
+            compared = compare_with_references(self.report, self._measured_references(inputs))
+            for name, entry in compared.items():
+                entry["source"] = self._reference_sources.get(name)
+            self.report["references"] = compared
         self._write(trainer, self.report)
 
     def _write(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
@@ -153,8 +263,11 @@ class CompressionReport(Callback):
         table = format_markdown(report)
         (directory / f"{self.filename}.json").write_text(json.dumps(report, indent=2) + "\n")
         (directory / f"{self.filename}.md").write_text(table + "\n")
-        scalars = {f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and v is not None}
+        scalars = {f"report/{k}": v for k, v in report.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         scalars.update({f"report/ratio/{k}": v for k, v in report.get("ratios", {}).items()})
+        for name, entry in report.get("references", {}).items():
+            scalars.update({f"report/reference/{name}/{k}": v for k, v in entry["ratios"].items()})
         log_scalars(trainer, scalars)
         log_text(trainer, "report/table", table)
         for logger in trainer.loggers:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,3 +63,18 @@ def digits():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def tiny_input() -> torch.Tensor:
     return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: Any) -> Path:
+    """The README's main command, once per session, in a fresh process and a temporary directory:
+    ``lightning-compress fit --config examples/configs/pipeline.yaml``; returns its run directory."""
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "pipeline.yaml"
+    root = tmp_path_factory.mktemp("pipeline-full")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "lightning_compress.cli", "fit", "--config", str(config),
+                             "--trainer.enable_progress_bar=false"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = (root / "runs" / "pipeline").glob("version_*")
+    return run_dir

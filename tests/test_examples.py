@@ -21,7 +21,8 @@ QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer
 def test_config_runs_in_quick_mode(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    main(["fit", "--config", str(config), *QUICK])
+    references = ["--references.teacher_epochs=1"] if "references:" in config.read_text() else []
+    main(["fit", "--config", str(config), *QUICK, *references])
     assert list(tmp_path.rglob("events.out.tfevents.*")), "the config must log to TensorBoard"
 
 

@@ -6,8 +6,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from lightning_compress.utils.checkpoint import RESUME_ADVICE, check_checkpoint
+
+#: What a corrupt ``teacher_checkpoint`` error tells the user to do.
+TEACHER_ADVICE = ("Point teacher_checkpoint at another checkpoint of the trained teacher, e.g. an earlier "
+                  "'epoch=..' file or its run's 'last.ckpt'")
 
 
 def find_prefix(state_dict: Mapping[str, Any], network: nn.Module) -> str:
@@ -17,6 +22,7 @@ def find_prefix(state_dict: Mapping[str, Any], network: nn.Module) -> str:
     Raises:
         ValueError: when no prefix covers all of the network's keys with matching shapes.
 
+    >>> import torch
     >>> net = nn.Linear(2, 2)
     >>> find_prefix({"backbone.weight": torch.zeros(2, 2), "backbone.bias": torch.zeros(2), "other": 0}, net)
     'backbone.'
@@ -43,18 +49,31 @@ def find_prefix(state_dict: Mapping[str, Any], network: nn.Module) -> str:
     return complete[0]
 
 
-def load_network_weights(network: nn.Module, path: str | Path, prefix: str | None = None) -> nn.Module:
+def load_network_weights(network: nn.Module, path: str | Path, prefix: str | None = None, *,
+                         what: str = "Checkpoint", advice: str = RESUME_ADVICE) -> nn.Module:
     """Load ``network``'s weights from a checkpoint file (a trusted file: it is unpickled).
 
     The file may be a Lightning checkpoint (its ``state_dict``) of any LightningModule that holds the network
     (``ClassifierModule`` stores it under ``backbone.``, :class:`~.module.DistillationModule` its student under
     ``student.``) or a plain state dict. ``prefix=None`` finds the prefix with :func:`find_prefix`.
 
+    Args:
+        network: the network whose weights are replaced.
+        path: the checkpoint file.
+        prefix: the key prefix of the network's entries; ``None`` finds it.
+        what: how the file is named in an error message (e.g. ``"teacher_checkpoint"``).
+        advice: what the error message tells the user to do instead.
+
     Returns:
         ``network``, loaded strictly.
+
+    Raises:
+        lightning_compress.utils.CheckpointError: (a ``ValueError``) the file is missing, empty, truncated or
+            corrupt, or holds no dictionary; nothing is loaded then.
+        ValueError: the file holds no complete set of the network's weights.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    checkpoint = check_checkpoint(path, require_state_dict=False, advice=advice, what=what)
+    state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
         raise ValueError(f"{str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
     prefix = find_prefix(state, network) if prefix is None else prefix

@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_compress.distillation import losses
 from lightning_compress.distillation._checks import check_temperature, check_weights
 from lightning_compress.distillation.base import DistillationBase
-from lightning_compress.distillation.checkpoints import load_network_weights
+from lightning_compress.distillation.checkpoints import TEACHER_ADVICE, load_network_weights
 from lightning_compress.distillation.feature_terms import FEATURE_TERMS, RESPONSE_TERMS, feature_terms
 from lightning_compress.distillation.features import (
     FeatureTaps,
@@ -145,7 +145,7 @@ class DistillationModule(DistillationBase):
             if len(paths) != len(teachers):
                 raise ValueError(f"teacher_checkpoint needs one path per teacher ({len(teachers)}), got {paths!r}.")
             for network, path in zip(teachers, paths, strict=True):
-                load_network_weights(network, path)
+                load_network_weights(network, path, what="teacher_checkpoint", advice=TEACHER_ADVICE)
         check_temperature(temperature)
         self.temperature = temperature
         self.teacher_weights = check_weights(teacher_weights, len(teachers), "teacher_weights")

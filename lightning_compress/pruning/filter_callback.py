@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_compress.pruning.batchnorm import batchnorm_after
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
-from lightning_compress.pruning.filter_final import FinalPruneSteps
+from lightning_compress.pruning.filter_final import BeforeModelLoad, FinalPruneSteps, Origins
 from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
@@ -48,6 +48,19 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     ``mode="hard"``: a pruned channel stays pruned (masks only grow along the schedule); weights, biases and
     BatchNorm channels are zeroed after every optimizer step.
 
+    ``compact_at_schedule_end=True`` (either mode) ends pruning in the middle of ``fit``: at the end of the epoch in
+    which the schedule reaches ``end``, the selection is made permanent as above and the network is compacted in
+    place; training goes on with the smaller network (e.g. distilling, then quantization-aware training from a later
+    epoch), and the checkpoint written after that epoch already holds it. Afterwards the callback leaves the weights
+    alone and only logs.
+
+    Logged every epoch: ``prune/sparsity`` (the fraction of the original prunable channels of all groups that are
+    pruned or removed), ``prune/sparsity/<layer>`` (the same for each pruned layer's original filters),
+    ``prune/filters_alive/<layer>``, ``prune/progress`` (along the schedule), ``prune/revived_filters`` (soft mode:
+    pruned filters that grew back into the selection) and, with an in-place compaction, ``prune/compacted`` (0
+    before the first one, 1 after); the histogram ``prune/layer_sparsity``. The values refer to the original sizes,
+    so they continue unchanged across a compaction.
+
     ``granularity="filter"`` scores producing filters; ``"channel"`` scores the consumers' input channels that read
     each channel (the same group is then removed).
 
@@ -63,8 +76,12 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             compacted copy (fewer filters and channels, same outputs); a later ``fit`` (fine-tuning) builds its
             optimizer over the compact network, and this callback then leaves it alone.
         compact_every_epoch: hard mode only: after every epoch shrink the layers in place and slice the optimizer
-            state to match, so training itself gets cheaper (single process; a resumed run replays the recorded
-            compactions on the fresh model before loading the checkpoint).
+            state to match, so training itself gets cheaper (a resumed run replays the recorded compactions on the
+            fresh model before loading the checkpoint; under DDP the wrapper is rebuilt on every rank).
+        compact_at_schedule_end: at the end of the epoch in which the schedule reaches its end, make the selection
+            permanent (final prune, BatchNorm zeroing, BatchNorm re-estimation averaged across ranks) and compact the
+            network in place, the optimizer state sliced to match (resume and DDP as for ``compact_every_epoch``);
+            then only log. Quantization must start after that epoch.
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip (their whole group is skipped).
@@ -72,8 +89,11 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         log_histograms: per-layer sparsity histogram in TensorBoard.
 
     Raises:
-        ValueError: for a rate outside [0, 1), an unknown mode or granularity, ``p`` not in {1, 2}, a rate that
-            would remove every channel of a group (before the first training step), or a pattern matching nothing.
+        ValueError: for a rate outside [0, 1), an unknown mode or granularity, ``p`` not in {1, 2},
+            ``compact_every_epoch`` in soft mode or together with ``compact_at_schedule_end``; before the first
+            training step for a rate that would remove every channel of a group, a pattern matching nothing, or a
+            ``QuantizationAwareTraining`` that starts before the compaction at the schedule's end; at a compaction in
+            place if the network holds quantized layers.
     """
 
     def __init__(
@@ -86,6 +106,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         recalibration_batches: int = 20,
         compact_on_fit_end: bool = False,
         compact_every_epoch: bool = False,
+        compact_at_schedule_end: bool = False,
         layers: str | list[str] | None = None,
         types: list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -102,6 +123,9 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         check_p(p)
         if compact_every_epoch and mode != "hard":
             raise ValueError(f"compact_every_epoch needs mode='hard' (soft-pruned filters may regrow), got {mode!r}.")
+        if compact_every_epoch and compact_at_schedule_end:
+            raise ValueError("compact_every_epoch=True and compact_at_schedule_end=True: choose one (every epoch, or "
+                             "once when the schedule ends).")
         if recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be >= 0, got {recalibration_batches!r}.")
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
@@ -112,8 +136,13 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.recalibration_batches = recalibration_batches
         self.compact_on_fit_end = compact_on_fit_end
         self.compact_every_epoch = compact_every_epoch
+        self.compact_at_schedule_end = compact_at_schedule_end
+        self.compacted_at: int | None = None  # the epoch at whose end the schedule-end compaction happened
         self.events: list[dict[str, list[int]]] = []
-        self.original_sizes: dict[str, int] = {}
+        self.original_sizes: dict[str, int] = {}  # channels of each group before any compaction
+        self.original_filters: dict[str, int] = {}  # filters of each pruned layer before any compaction
+        self._origins: Origins = {}
+        self._load_hook: BeforeModelLoad | None = None
         self.compaction: dict[str, Any] = {}
         self.finalized = False
         self.revived_filters = 0
@@ -139,42 +168,67 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if self.compacted:
             return
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.compact_every_epoch:
-            if trainer.world_size > 1:
-                raise ValueError("compact_every_epoch replaces parameters during training, which DDP cannot follow; "
-                                 f"got world_size={trainer.world_size}. Use compact_on_fit_end under DDP.")
+        if stage == "fit" and (self.compact_every_epoch or self.compact_at_schedule_end):
+            self._check_quantization_starts_later(trainer)
             self._replay_before_loading(pl_module)
+
+    def _check_quantization_starts_later(self, trainer: pl.Trainer) -> None:
+        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse."""
+        from lightning_compress.quantization.callbacks import QuantizationAwareTraining
+
+        if not self.compact_at_schedule_end or self.schedule.unit != "epoch":
+            return
+        epoch = max(self.schedule.end - 1, 0)  # the epoch at whose end the compaction happens
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch:
+            return  # fit ends first: no compaction in this fit
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            start = getattr(callback, "start_epoch", 0)
+            if isinstance(callback, QuantizationAwareTraining) and isinstance(start, int) and start <= epoch:
+                raise ValueError(
+                    f"QuantizationAwareTraining(start_epoch={start}) attaches quantizers before FilterPruning("
+                    f"compact_at_schedule_end=True) compacts the network at the end of epoch {epoch} (its schedule "
+                    f"ends at {self.schedule.end}); quantization must start after the compaction: start_epoch >= "
+                    f"{epoch + 1}.")
 
     def _replay_before_loading(self, pl_module: pl.LightningModule) -> None:
         """Lightning calls the module's ``on_load_checkpoint`` right before its strict ``load_state_dict``: shrink
-        the fresh network there, as the interrupted run did, so that the checkpoint's smaller tensors fit."""
-        original = pl_module.on_load_checkpoint
+        the fresh network there, as the interrupted run did, so that the checkpoint's smaller tensors fit. (Callbacks
+        that wrap the hook later, e.g. to attach quantizers, run theirs after the original: after this replay.)"""
+        self._unwrap_load_hook()
 
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        def replay(checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get("callbacks", {}).get(self.state_key)
             if state and state.get("events"):
                 self.replay_compactions(state["events"], state["example"])
-            original(checkpoint)
 
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-        self._patched_module: pl.LightningModule | None = pl_module
+        self._load_hook = BeforeModelLoad(pl_module, replay)
+
+    def _unwrap_load_hook(self) -> None:
+        if self._load_hook is not None and self._load_hook.remove():
+            self._load_hook = None  # else wrapped by another callback: a pass-through now, unwrapped later if possible
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        patched = getattr(self, "_patched_module", None)
-        if patched is not None:
-            del patched.on_load_checkpoint  # the class's own hook again
-            self._patched_module = None
+        self._unwrap_load_hook()
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwrap_load_hook()
+        if stage == "fit":
+            self._hand_back_original_shapes(trainer, pl_module)
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
         if not hasattr(self, "_example") or not self.events:
-            self._example = first_tensor(batch)[:2].detach().clone()
+            # The same example on every rank: compaction plans and their replay must not differ between ranks.
+            example = first_tensor(batch)[:2].detach().cpu().clone()
+            self._example = pl_module.trainer.strategy.broadcast(example, src=0)
         self._refresh_groups()
         if not self.groups:
             raise ValueError(f"FilterPruning found no group of filters it may prune; skipped: {self.skipped}.")
-        self.validate_groups()
+        if self.compacted_at is None:
+            self.validate_groups()
         if self.skipped:
             rank_zero_warn(f"FilterPruning leaves these layers unpruned: {self.skipped}")
 
@@ -185,6 +239,8 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self._modules = {name: self._all_modules[name] for g in self.groups for name in g.producers}
         for group in self.groups:
             self.original_sizes.setdefault(group.name, group.size)
+        for name, module in self._modules.items():
+            self.original_filters.setdefault(name, module.weight.shape[0])
 
     def _resolve_groups(self, example: torch.Tensor) -> tuple[list[PrunableGroup], dict[str, str]]:
         from lightning_compress.pruning.dependency import filter_groups
@@ -220,12 +276,16 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     def validate_groups(self) -> None:
         for group in self.groups:
             try:
-                filters_to_prune(torch.ones(group.size), self.group_rate(group))
+                filters_to_prune(torch.ones(self.original_sizes.get(group.name, group.size)), self.group_rate(group))
             except ValueError as err:
                 raise ValueError(f"Layers {list(group.producers)}: {err}") from err
 
     def target_at(self, position: int) -> float:
         return self.schedule.progress(position)  # progress; each group scales its own rate
+
+    def _update(self, trainer: pl.Trainer, position: int, force: bool = False) -> None:
+        if self.compacted_at is None:  # after the schedule-end compaction the selection is final
+            super()._update(trainer, position, force)
 
     # -- masks ------------------------------------------------------------------------------------------------
     def compute_masks(self, modules: dict[str, Any], progress: float, position: int) -> dict[str, torch.Tensor]:
@@ -282,19 +342,45 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             self.enforce()  # soft mode lets zeroed filters regrow between updates
 
     # -- logging and state ------------------------------------------------------------------------------------
+    def filters_alive(self) -> dict[str, int]:
+        """Filters of each pruned layer that are neither removed nor masked."""
+        alive = {}
+        for name, module in self._modules.items():
+            rows, mask = module.weight.shape[0], self.masks.get(name)
+            alive[name] = rows - (int((~mask).sum()) if mask is not None and mask.numel() == rows else 0)
+        return alive
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Per pruned layer, the fraction of its original filters that are pruned or removed."""
+        return {name: 1.0 - alive / max(self.original_filters.get(name, self._modules[name].weight.shape[0]), 1)
+                for name, alive in self.filters_alive().items()}
+
+    def global_sparsity(self) -> float:
+        """The fraction of the original channels of all groups that are pruned or removed."""
+        original = removed = 0
+        for group in self.groups:
+            keep = self._group_keep(group)
+            size = self.original_sizes.get(group.name, group.size)
+            original += size
+            removed += size - (group.size if keep is None else int(keep.sum()))
+        return removed / max(original, 1)
+
     def epoch_metrics(self) -> dict[str, float]:
         metrics = super().epoch_metrics()
         metrics["prune/progress"] = metrics.pop("prune/target")
-        for name, keep in self.masks.items():
-            metrics[f"prune/filters_alive/{name}"] = float(keep.sum())
+        for name, alive in self.filters_alive().items():
+            metrics[f"prune/filters_alive/{name}"] = float(alive)
         metrics["prune/revived_filters"] = float(self.revived_filters)
         self.revived_filters = 0
+        if self.compact_at_schedule_end or self.compact_every_epoch:
+            metrics["prune/compacted"] = float(self.compacted_at is not None or bool(self.events))
         return metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
-                 "events": self.events, "original_sizes": self.original_sizes}
+                 "events": self.events, "original_sizes": self.original_sizes,
+                 "original_filters": self.original_filters, "compacted_at": self.compacted_at}
         if self.events:
             state["example"] = self._example
         return state
@@ -306,5 +392,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.revived_filters = state_dict.get("revived_filters", 0)
         self.events = list(state_dict.get("events", []))
         self.original_sizes = dict(state_dict.get("original_sizes", {}))
+        self.original_filters = dict(state_dict.get("original_filters", {}))
+        self.compacted_at = state_dict.get("compacted_at")
         if "example" in state_dict:
             self._example = state_dict["example"]

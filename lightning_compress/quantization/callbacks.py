@@ -9,10 +9,13 @@ Phases of QAT (Jacob et al. 2018; NVIDIA / TensorRT calibration conventions):
   ``max |w|`` at every call (observer on), or LSQ learns the steps (Esser et al. 2019), or PACT the input clipping
   (Choi et al. 2018).
 * ``frozen`` (from ``freeze_epoch``): weight ``amax`` fixed, BatchNorm layers of the target in eval mode.
+
+With ``start_epoch > 0`` these phases begin at that epoch; before it the network trains in float (and may be
+pruned and compacted in place by another callback). ``PostTrainingQuantization`` lives in ``ptq_callback.py``
+and is re-exported here.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +25,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.quantization.calibrate import (
-    PTQ_MODES,
     _Calibration,
     _calibration_pass,
     _finish_calibration,
@@ -31,12 +33,17 @@ from lightning_compress.quantization.calibrate import (
     _start_calibration,
     _validate_bit_widths,
     attach_all,
-    classification_accuracy,
-    quantize_model,
     resolve_specs,
 )
-from lightning_compress.quantization.quantizers import validate_learn
-from lightning_compress.utils import compression_target, log_scalars
+from lightning_compress.quantization.ptq_callback import PostTrainingQuantization
+from lightning_compress.quantization.qat_start import (
+    LoadHook,
+    add_to_optimizers,
+    learned_parameters,
+    validate_start_epoch,
+)
+from lightning_compress.quantization.quantizers import QuantSpec, _detach, is_quantized, validate_learn
+from lightning_compress.utils import compression_target, rewrap_ddp
 
 __all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]
 
@@ -47,10 +54,11 @@ CALIBRATION_DATA = ("steps", "train", "val")
 class QuantizationAwareTraining(Callback):
     """Quantization-aware training of the compression target's Conv1d / Conv2d / Linear layers.
 
-    In ``setup`` (before optimizers exist) each chosen layer becomes a quantized layer in place, so parameter keys
-    stay the user's (quantizer buffers are added and re-created on resume). The input activations are calibrated
-    over ``calibration_batches`` batches, then training runs with fake quantization (weights per output channel
-    by default, inputs per tensor); at ``freeze_epoch`` the weight observers and BatchNorm statistics freeze.
+    In ``setup`` (before optimizers exist; at ``start_epoch`` if given, see below) each chosen layer becomes a
+    quantized layer in place, so parameter keys stay the user's (quantizer buffers are added and re-created on
+    resume). The input activations are calibrated over ``calibration_batches`` batches, then training runs with
+    fake quantization (weights per output channel by default, inputs per tensor); at ``freeze_epoch`` the weight
+    observers and BatchNorm statistics freeze.
     Phase, calibrator state (histograms), scales and progress are checkpointed in this callback's state and a
     resumed run continues where it stopped. Under DDP the per-batch histogram range and, at the end, the counts /
     running max are all-reduced before any ``amax`` is computed, so every rank holds the same scales.
@@ -58,14 +66,32 @@ class QuantizationAwareTraining(Callback):
     A checkpoint of such a run loads into a fresh model of the user's class given a callback configured alike
     (``setup`` re-creates the quantizer buffers before the strict load; ``trainer.test(ckpt_path=...)`` works), or
     without the callback through :func:`~lightning_compress.quantization.quantizers.float_state_dict`. ``fit``
-    may be called again with the same callback: it continues from its phase without recalibrating.
+    may be called again with the same callback: it continues from its phase without recalibrating. Under a
+    launcher that starts worker processes (``ddp_spawn``, ``ddp_notebook``) the main process's module gets only
+    the float weights back (Lightning loads the workers' state non-strictly into a module never quantized there):
+    load a checkpoint with ``trainer.test(ckpt_path=...)`` (one process) for the quantized model.
 
     QAT starts from a trained float model (Jacob et al. 2018): the input ranges are calibrated once and then fixed
     (unless learned). On a network trained from scratch the activations outgrow ranges calibrated on its first
     batches and get clipped (in a test here a 4-bit student lost 9-33 points that way); there use ``learn="lsq"``
     or ``"pact"``, or train in float first and add this callback for the fine-tuning.
 
-    Logged every epoch: ``quant/phase`` (0 calibrating, 1 training, 2 frozen), ``quant/amax/<layer>`` (input),
+    ``start_epoch > 0`` starts all this in the middle of ``fit``, e.g. after a student was distilled and pruned
+    (and compacted in place, see ``FilterPruning(compact_every_epoch=True)``) in the same run: ``setup`` only
+    checks the layer patterns; at the start of epoch ``start_epoch`` the compression target is resolved again
+    (its layers may have shrunk by then), the quantizers are attached and calibration begins (``"steps"``: over
+    the following batches; ``"train"`` / ``"val"``: a pass right there; ``"global"``: at once). With
+    ``learn="lsq"`` / ``"pact"`` the learned parameters join every optimizer as a new last parameter group whose
+    hyper-parameters (learning rate, weight decay, ...) are copied from the optimizer's first group (a scheduler's
+    per-group lists are extended alike). Under DDP the ``DistributedDataParallel`` wrapper is rebuilt on every rank
+    after attaching. A checkpoint saved after the start records ``attached``; resuming from it (or testing it in a
+    fresh model) attaches the quantizers in the LightningModule's ``on_load_checkpoint``, after the module's own
+    hook (and after ``FilterPruning`` replayed its compactions), right before Lightning's strict load, and the
+    learned parameters are moved to their own group again before the optimizer state is loaded. Quantized layers
+    must not be compacted afterwards: finish pruning before ``start_epoch``.
+
+    Logged every epoch: ``quant/phase`` (-1 not started yet (before ``start_epoch``), 0 calibrating, 1 training,
+    2 frozen; before the start nothing else is logged), ``quant/amax/<layer>`` (input),
     ``quant/weight_amax/<layer>`` (mean over channels) and ``quant/error/<layer>`` (MSE between the layer's float
     and fake-quantized output on the last training batch of the epoch).
 
@@ -87,15 +113,18 @@ class QuantizationAwareTraining(Callback):
         learn: ``"none"``, ``"lsq"`` (learned step sizes, Esser et al. 2019) or ``"pact"`` (learned input clipping
             of non-negative inputs, Choi et al. 2018). Under DDP with ``"lsq"`` / ``"pact"`` use a strategy that
             finds unused parameters (the learned steps get no gradient while calibrating).
-        freeze_epoch: epoch from which weight ``amax`` and BatchNorm statistics are frozen; ``None`` never.
+        freeze_epoch: epoch from which weight ``amax`` and BatchNorm statistics are frozen; ``None`` never; not
+            before ``start_epoch``.
         percentile: for ``"percentile"``, in ``(0, 100]``.
         num_bins: histogram bins.
         start_bin: first candidate bin of the mse / entropy searches.
         log_error: compute and log ``quant/error/<layer>``.
+        start_epoch: the epoch at whose start the quantizers are attached (0: in ``setup``, before training).
 
     Raises:
         ValueError: bits outside 2..16, an unknown method / learn / calibration data, percentile outside
-            (0, 100], a global amax <= 0 (in ``__init__``); a pattern matching no layer, an unsupported layer type
+            (0, 100], a global amax <= 0, a negative or non-integer ``start_epoch``, ``freeze_epoch`` before
+            ``start_epoch`` (in ``__init__``); a pattern matching no layer, an unsupported layer type
             (in ``setup``); NaN / Inf or (unsigned) negative calibration data, naming the layer (at the first
             calibration batch, before any optimizer step).
     """
@@ -119,6 +148,7 @@ class QuantizationAwareTraining(Callback):
         num_bins: int = 2048,
         start_bin: int = 128,
         log_error: bool = True,
+        start_epoch: int = 0,
     ) -> None:
         _validate_bit_widths(num_bits, bit_widths)
         self.settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
@@ -130,35 +160,78 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer")
         if freeze_epoch is not None and (not isinstance(freeze_epoch, int) or freeze_epoch < 0):
             raise ValueError(f"freeze_epoch={freeze_epoch!r} must be a non-negative integer or None")
+        validate_start_epoch(start_epoch, freeze_epoch)
         self.num_bits, self.layers, self.exclude, self.bit_widths = num_bits, layers, exclude, bit_widths
         self.skip_first_and_last, self.per_channel, self.unsigned = skip_first_and_last, per_channel, unsigned
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data
         self.learn, self.freeze_epoch, self.log_error = learn, freeze_epoch, log_error
+        self.start_epoch = start_epoch
+        #: whether the quantizers are attached to the compression target (from ``start_epoch`` on)
+        self.attached = False
         self.phase = "calibrating"
         self.calibrated_batches = 0
         self.calibrators: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
         self._target: nn.Module | None = None
         self._restored: dict[str, Any] | None = None
+        self._load_hook: LoadHook | None = None
 
     @property
     def quantized_layers(self) -> dict[str, Any]:
-        """The quantized layers, by name inside the compression target (after ``setup``)."""
+        """The quantized layers, by name inside the compression target (after ``setup``; empty before
+        ``start_epoch``)."""
         return dict(self._layers)
 
     # -- setup and state --------------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._target = compression_target(pl_module)
-        specs = resolve_specs(
-            self._target, layers=self.layers, exclude=self.exclude, num_bits=self.num_bits,
+    def _specs(self, target: nn.Module) -> dict[str, QuantSpec]:
+        return resolve_specs(
+            target, layers=self.layers, exclude=self.exclude, num_bits=self.num_bits,
             bit_widths=self.bit_widths, per_channel=self.per_channel, unsigned=self.unsigned, learn=self.learn,
             skip_first_and_last=self.skip_first_and_last,
         )
-        self._layers = attach_all(self._target, specs)
+
+    def _attach(self, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the compression target (again: it may have been compacted) and attach the quantizers."""
+        self._target = compression_target(pl_module)
+        self._layers = attach_all(self._target, self._specs(self._target))
+        self.attached = True
         # outside fit (validate / test / predict from a checkpoint) the stored scales are used as they are
         _set_modes(self._layers, "frozen" if stage != "fit" and self.phase == "calibrating" else self.phase,
                    self.learn)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._target = compression_target(pl_module)
+        specs = self._specs(self._target)  # fails on a bad pattern before the first step, whatever start_epoch
+        modules = dict(self._target.named_modules())
+        in_memory = stage != "fit" and any(is_quantized(modules[name]) for name in specs)  # e.g. test after fit
+        # start_epoch > 0: attached at that epoch, or (resume, test from a checkpoint) by the hook installed below
+        if self.start_epoch == 0 or self.attached or in_memory:
+            self._attach(pl_module, stage)
+        else:
+            self._layers = {}
+        if self.start_epoch > 0:
+            self._remove_load_hook()
+            self._load_hook = LoadHook(pl_module, lambda checkpoint: self._on_module_load(pl_module, stage,
+                                                                                           checkpoint))
+
+    def _on_module_load(self, pl_module: pl.LightningModule, stage: str, checkpoint: dict[str, Any]) -> None:
+        """Right before Lightning's strict model load: quantize the network as it was when the checkpoint was saved."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return
+        if state.get("attached", True):
+            self._attach(pl_module, stage)
+        elif self._layers:  # quantized in memory, but the checkpoint is from before start_epoch: back to float
+            for layer in self._layers.values():
+                _detach(layer)
+            self._layers, self.attached = {}, False
+
+    def _remove_load_hook(self) -> None:
+        """The module's own ``on_load_checkpoint`` again; under another callback's wrapper, retried at later hooks
+        (``on_train_start``, ``on_fit_end``) once that callback unwrapped its own."""
+        if self._load_hook is not None and self._load_hook.remove():
+            self._load_hook = None
 
     def _evaluation_modes(self, trainer: pl.Trainer) -> None:
         """Outside fit, before calibration: quantize with the scales a checkpoint brought, float where none."""
@@ -171,19 +244,23 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()  # a checkpoint, if any, is loaded by now
         self._evaluation_modes(trainer)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()  # a checkpoint, if any, is loaded by now
         self._evaluation_modes(trainer)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()  # a checkpoint, if any, is loaded by now
         self._evaluation_modes(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "attached": self.attached,
             "phase": self.phase,
             "calibrated_batches": self.calibrated_batches,
             "calibrators": {n: c.state_dict() for n, c in self.calibrators.items() if c is not None},
@@ -200,6 +277,8 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"checkpointed phase {state.get('phase')!r} is not one of {PHASES}")
         self.phase, self.calibrated_batches = state["phase"], int(state["calibrated_batches"])
         self.calibrators = {}
+        if not state.get("attached", True):  # saved before start_epoch: nothing started yet
+            return
         for name in self._layers:
             calibrator = self.settings.calibrator(name, self._layers[name].input_quantizer.unsigned)
             if calibrator is not None and name in state["calibrators"]:
@@ -213,15 +292,36 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
         if self._restored is not None:
             self._apply_restored(self._restored)
             self._restored = None
-        elif self.phase == "calibrating" and not self.calibrators:
+        elif self.attached and self.phase == "calibrating" and not self.calibrators:
             self.calibrators = _start_calibration(self._layers, self.settings)
+        if not self.attached:
+            return
         if self.phase == "calibrating":  # (re)connect calibrators, e.g. restored mid-calibration
             for name, layer in self._layers.items():
                 layer.input_quantizer.calibrator = self.calibrators.get(name)
         _set_modes(self._layers, self.phase, self.learn)
+        if self.start_epoch > 0:  # optimizers exist now; their checkpointed state is loaded right after this hook
+            self._learned_into_optimizers(trainer)
+
+    def _learned_into_optimizers(self, trainer: pl.Trainer) -> None:
+        configs = getattr(trainer, "lr_scheduler_configs", [])
+        add_to_optimizers(trainer.optimizers, learned_parameters(self._layers), [c.scheduler for c in configs])
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``start_epoch``: attach to the (possibly compacted) network, start calibrating, train the new
+        parameters, let DDP know them."""
+        self.phase, self.calibrated_batches = "calibrating", 0
+        self._attach(pl_module, "fit")
+        self.calibrators = _start_calibration(self._layers, self.settings)
+        _set_modes(self._layers, self.phase, self.learn)
+        self._learned_into_optimizers(trainer)
+        rewrap_ddp(trainer)  # every rank, at the same epoch
+        if self.calibration_data != "steps" or self.settings.method == "global":
+            self._calibrate_now(trainer, pl_module)
 
     # -- calibration ----------------------------------------------------------------------------------------
     def _range_reducer(self, trainer: pl.Trainer) -> Any:
@@ -256,8 +356,13 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.phase != "calibrating" or self.calibration_data == "steps":
+        self._remove_load_hook()
+        if not self.attached or self.phase != "calibrating" or self.calibration_data == "steps":
             return
+        self._calibrate_now(trainer, pl_module)
+
+    def _calibrate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate on ``calibration_data`` ("train" / "val") in one pass, or with the global amax; then train."""
         if self.settings.method != "global":
             self._calibrating(trainer, True)
             try:
@@ -270,6 +375,8 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if not self.attached:
+            return
         if self.phase == "calibrating":
             if self.settings.method == "global":
                 self._finish(trainer)
@@ -286,7 +393,7 @@ class QuantizationAwareTraining(Callback):
                            batch_idx: int) -> None:
         for layer in self._layers.values():
             layer.measure_error = False
-        if self.phase == "calibrating":
+        if self.attached and self.phase == "calibrating":
             self._calibrating(trainer, False)
             self.calibrated_batches += 1
             if self.calibrated_batches >= self.calibration_batches:
@@ -299,6 +406,8 @@ class QuantizationAwareTraining(Callback):
                 module.eval()
 
     def _maybe_freeze(self, trainer: pl.Trainer) -> None:
+        if not self.attached:
+            return
         frozen_now = self.freeze_epoch is not None and trainer.current_epoch >= self.freeze_epoch
         if self.phase == "training" and frozen_now:
             with torch.no_grad():
@@ -310,11 +419,16 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.attached and trainer.current_epoch >= self.start_epoch:
+            self._start(trainer, pl_module)
         self._maybe_freeze(trainer)
 
     # -- logging -------------------------------------------------------------------------------------------
     def epoch_metrics(self) -> dict[str, float]:
-        """Public override point: the scalars logged at the end of every training epoch."""
+        """Public override point: the scalars logged at the end of every training epoch (before ``start_epoch``
+        only ``quant/phase`` = -1)."""
+        if not self.attached:
+            return {"quant/phase": -1.0}
         metrics = {"quant/phase": float(PHASES.index(self.phase))}
         for name, layer in self._layers.items():
             metrics[f"quant/amax/{name}"] = float(layer.input_quantizer.current_amax())
@@ -329,7 +443,13 @@ class QuantizationAwareTraining(Callback):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.attached:
+            return
         if self.phase == "frozen":  # leave BatchNorm as Lightning expects it; the next batch start freezes it again
             for module in self._target.modules():  # type: ignore[union-attr]
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -339,99 +459,3 @@ class QuantizationAwareTraining(Callback):
                 for layer in self._layers.values():
                     layer.input_quantizer.sync_amax()
                     layer.weight_quantizer.sync_amax(layer.weight)
-
-
-# ------------------------------------------------------------------------------------------------- PTQ
-
-
-class PostTrainingQuantization(Callback):
-    """Post-training quantization of the compression target, at the end of ``fit`` or through
-    ``trainer.validate``: each of ``modes`` yields a fake-quantized copy (the trained model is untouched) whose
-    accuracy on the validation data is logged as ``ptq/<mode>/acc`` (and the float one as ``ptq/fp32/acc``).
-
-    The copies are kept in :attr:`models` (e.g. for ``export_int8``) and the accuracies in :attr:`results`. Static
-    calibration uses the validation loader of the datamodule (the full split on every rank, so all ranks agree) or
-    the data given to :meth:`set_calibration_data`.
-
-    Args:
-        modes: one of ``"weight_only"``, ``"static"``, ``"dynamic"`` or a list of them.
-        num_bits: 2 to 16.
-        calibration: static calibration method (see :func:`quantize_model`).
-        amax: threshold(s) for ``"global"``.
-        layers: layer names or regexes inside the compression target.
-        exclude: names or regexes left float.
-        bit_widths: ``{pattern: bits}`` overriding ``num_bits``.
-        per_channel: per-output-channel weight ``amax``.
-        calibration_batches: at most this many calibration batches (``None``: all).
-        percentile: for ``"percentile"``.
-        num_bins: histogram bins.
-
-    Raises:
-        ValueError: an unknown mode or any invalid setting (in ``__init__``).
-    """
-
-    def __init__(
-        self,
-        modes: str | list[str] = "static",
-        num_bits: int = 8,
-        calibration: str = "max",
-        amax: float | dict[str, float] | None = None,
-        layers: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        bit_widths: dict[str, int] | None = None,
-        per_channel: bool = True,
-        calibration_batches: int | None = None,
-        percentile: float = 99.99,
-        num_bins: int = 2048,
-    ) -> None:
-        self.modes = [modes] if isinstance(modes, str) else list(modes)
-        for mode in self.modes:
-            if mode not in PTQ_MODES:
-                raise ValueError(f"Unknown mode {mode!r}; allowed: {', '.join(map(repr, PTQ_MODES))}")
-        _validate_bit_widths(num_bits, bit_widths)
-        _Calibration(calibration, amax, percentile, num_bins)
-        self.options: dict[str, Any] = {
-            "num_bits": num_bits, "calibration": calibration, "amax": amax, "layers": layers, "exclude": exclude,
-            "bit_widths": bit_widths, "per_channel": per_channel, "calibration_batches": calibration_batches,
-            "percentile": percentile, "num_bins": num_bins,
-        }
-        self.models: dict[str, Any] = {}
-        self.results: dict[str, float] = {}
-        self._calibration_data: Any = None
-
-    def set_calibration_data(self, data: Any) -> None:
-        """Calibrate on ``data`` (a tensor or an iterable of batches) instead of the validation loader."""
-        self._calibration_data = data
-
-    def evaluate(self, model: nn.Module, loader: Iterable[Any], device: torch.device) -> float:
-        """Public override point: the accuracy logged for each variant (top-1 on ``(inputs, targets)`` batches)."""
-        return classification_accuracy(model, loader, device)
-
-    def _val_loader(self, trainer: pl.Trainer) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-        if loader is None:
-            raise ValueError("PostTrainingQuantization needs validation data (a datamodule or val_dataloaders)")
-        return loader[0] if isinstance(loader, (list, tuple)) else loader
-
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Quantize the compression target in every mode, evaluate, log; returns :attr:`results`."""
-        target = compression_target(pl_module)
-        loader = self._val_loader(trainer)
-        data = self._calibration_data if self._calibration_data is not None else loader
-        self.results = {"fp32": self.evaluate(target, loader, pl_module.device)}
-        for mode in self.modes:
-            self.models[mode] = quantize_model(target, mode, data if mode == "static" else None, **self.options)
-            self.results[mode] = self.evaluate(self.models[mode], loader, pl_module.device)
-        log_scalars(trainer, {f"ptq/{mode}/acc": acc for mode, acc in self.results.items()})
-        return self.results
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.run(trainer, pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self.run(trainer, pl_module)
-

@@ -62,3 +62,18 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int | None = None) -> 
     step = trainer.global_step if step is None else step
     for writer in tensorboard_writers(trainer):
         writer.add_text(tag, text, global_step=step)
+
+
+def run_directory(trainer: Trainer) -> str:
+    """The run's directory as ``trainer.log_dir`` gives it, without its broadcast (safe on one rank alone).
+
+    ``trainer.log_dir`` is a collective call under DDP: code that runs on global rank zero only (writing a report
+    at fit end) would wait forever for the other ranks.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    directory = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return directory or trainer.default_root_dir

@@ -1,0 +1,278 @@
+"""Int8Export: the real int8 model of a quantization-aware run, written to a file and evaluated at the end of ``fit``.
+
+The file is TorchScript (``torch.jit.script`` of the converted FX graph, ``torch.jit.trace`` when scripting fails):
+of the formats torch 2.13 offers for a ``torch.ao`` int8 model it is the one that loads back with ``torch.jit.load``
+alone and gives bit-identical outputs. Pickling the whole converted ``GraphModule`` (``torch.save(model)``) saves but
+fails to load (``'ConvReLU2d' object has no attribute '_modules'``), and ``torch.export`` cannot handle the packed
+weights (``Conv2dPackedParamsBase`` has no ``__obj_flatten__``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.quantization.export import Int8Model, deterministic_off, export_int8
+from lightning_compress.quantization.quantizers import quantized_layers
+from lightning_compress.report import collect_inputs
+from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
+
+__all__ = ["Int8Export", "load_int8", "save_int8"]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.* is deprecated (for export)
+        warnings.filterwarnings("ignore", message=".*(TorchScript|Converting a tensor to a Python|quantized tensor).*")
+        yield
+
+
+def save_int8(model: nn.Module, path: str | Path, example_inputs: Any) -> str:
+    """Write an int8 model from :func:`~lightning_compress.quantization.export_int8` as TorchScript.
+
+    The converted graph's type annotations are dropped first, in place (a model written with ``from __future__
+    import annotations`` leaves string annotations that TorchScript cannot parse); when scripting still fails the
+    graph is traced on ``example_inputs`` (it has no data-dependent control flow left). The file loads back with
+    ``torch.jit.load`` alone.
+
+    Args:
+        model: the :class:`~lightning_compress.quantization.export.Int8Model` (or its inner graph module).
+        path: the file to write.
+        example_inputs: a batch (tensor or tuple), used only when tracing.
+
+    Returns:
+        ``"script"`` or ``"trace"``: how the file was made.
+    """
+    graph = model.model if isinstance(model, Int8Model) else model
+    if isinstance(graph, torch.fx.GraphModule):
+        for node in graph.graph.nodes:
+            node.type = None
+        graph.recompile()
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with _quiet(), deterministic_off(), torch.no_grad():
+        try:
+            scripted, how = torch.jit.script(graph), "script"
+        except Exception:  # TorchScript rejects some Python; the graph is straight-line, so a trace is exact
+            scripted, how = torch.jit.trace(graph, args, check_trace=False), "trace"
+        torch.jit.save(scripted, str(path))
+    return how
+
+
+def load_int8(path: str | Path) -> torch.jit.ScriptModule:
+    """Load a file written by :func:`save_int8` (the same as ``torch.jit.load(path, map_location="cpu")``).
+
+    Quantized CPU kernels refuse ``torch.use_deterministic_algorithms(True)``: call the loaded model with it off.
+    """
+    with _quiet():
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+class Int8Export(Callback):
+    """Converts the quantization-aware-trained compression target into a real int8 model at the end of ``fit``.
+
+    At ``on_fit_end`` (global rank zero only) :func:`~lightning_compress.quantization.export_int8` converts
+    ``pl_module.compression_target`` (whose quantized layers :class:`~lightning_compress.QuantizationAwareTraining`
+    or :class:`~lightning_compress.PostTrainingQuantization` attached) into an int8 model for CPU, using
+    ``batch_size`` validation inputs to trace it and to observe the tensors that have no quantizer of ours. The
+    model is written to ``<output_dir>/<filename>.pt`` as TorchScript: it loads back with
+    ``torch.jit.load(path)``, without this package, and gives the same outputs (checked after writing; a mismatch
+    warns). Call it with deterministic algorithms off (quantized kernels refuse them).
+
+    It then runs the validation batches (the data module's validation loader, limited like the validation loop by
+    ``limit_val_batches``, or at most ``eval_batches``) through both models and logs through every logger:
+    ``export/acc`` (int8 top-1 accuracy; also put into ``trainer.callback_metrics``), ``export/fake_quant_acc``
+    (the fake-quantized model on the same batches), ``export/agreement`` (share of samples where both predict the
+    same class) and ``export/size_bytes`` (the file). The int8 model stays in :attr:`model` and the numbers in
+    :attr:`results`.
+
+    :meth:`export` is public and runs once per fit, so another callback (``CompressionReport`` does) can ask for
+    the int8 model whatever the callback order. Without quantized layers, or with quantizers that never got static
+    scales (calibration still running, dynamic quantization), it warns and skips: the fit is not lost to a
+    misconfigured schedule, and :attr:`model` stays ``None``.
+
+    Args:
+        output_dir: where the file is written; defaults to ``trainer.log_dir`` (else ``default_root_dir``).
+        filename: file name without the ``.pt`` extension.
+        batch_size: validation inputs used to trace the model and observe its intermediate tensors.
+        eval_batches: at most this many validation batches are evaluated (``None``: as many as the validation
+            loop runs; ``0``: no evaluation).
+
+    Raises:
+        ValueError: for an empty ``filename``, a non-positive ``batch_size`` or a negative ``eval_batches``.
+
+    Attributes:
+        model: the int8 model (an :class:`~lightning_compress.quantization.export.Int8Model`), or ``None``.
+        results: ``path``, ``size_bytes``, ``acc``, ``fake_quant_acc``, ``agreement``, ``samples``,
+            ``quantized_layers``, ``format`` and ``identical_after_load``; or ``skipped`` (the reason); ``None``
+            before the export.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        filename: str = "model_int8",
+        batch_size: int = 256,
+        eval_batches: int | None = None,
+    ) -> None:
+        if not filename:
+            raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if eval_batches is not None and eval_batches < 0:
+            raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
+        self.output_dir = output_dir
+        self.filename = filename
+        self.batch_size = batch_size
+        self.eval_batches = eval_batches
+        self.model: nn.Module | None = None
+        self.results: dict[str, Any] | None = None
+
+    def path(self, trainer: pl.Trainer) -> Path:
+        """The file the int8 model is written to."""
+        directory = self.output_dir or run_directory(trainer)
+        return Path(directory) / f"{self.filename}.pt"
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.model, self.results = None, None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.export(trainer, pl_module)
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+        """Export, write, evaluate and log once per fit (later calls return the same model); global rank zero only.
+
+        Returns:
+            The int8 model, or ``None`` when skipped (see the class docstring) or on other ranks.
+        """
+        if self.results is not None or not trainer.is_global_zero:
+            return self.model
+        target = compression_target(pl_module)
+        reason = _not_exportable(target)
+        if reason is not None:
+            rank_zero_warn(f"Int8Export skipped: {reason}. No int8 model was written.")
+            self.results = {"skipped": reason}
+            return None
+        inputs = collect_inputs(trainer, self.batch_size).cpu()
+        model = export_int8(target, inputs)
+        path = self.path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        how = save_int8(model, path, inputs)
+        identical = self._identical_after_load(model, path, inputs)
+        self.model = model
+        self.results = {"path": str(path), "size_bytes": path.stat().st_size, "format": f"torchscript ({how})",
+                        "identical_after_load": identical, "quantized_layers": len(quantized_layers(target)),
+                        **self._evaluate(trainer, target, model)}
+        self._log(trainer)
+        return model
+
+    @staticmethod
+    def _identical_after_load(model: nn.Module, path: Path, inputs: torch.Tensor) -> bool:
+        with deterministic_off(), torch.no_grad():
+            identical = torch.equal(load_int8(path)(inputs), model(inputs))
+        if not identical:
+            rank_zero_warn(f"Int8Export: the model loaded back from {str(path)!r} does not reproduce the int8 model's "
+                           "outputs exactly; evaluate the file before shipping it.")
+        return identical
+
+    def _evaluate(self, trainer: pl.Trainer, target: nn.Module, int8: nn.Module) -> dict[str, Any]:
+        correct = correct_fake = agree = total = labelled = 0
+        device = next((p.device for p in target.parameters()), torch.device("cpu"))
+        was_training = target.training
+        target.eval()
+        try:
+            with torch.no_grad():
+                for batch in _validation_batches(trainer, self.eval_batches):
+                    inputs = first_tensor(batch)
+                    predicted = first_tensor(int8(inputs.cpu())).argmax(1)
+                    fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
+                    agree += int((predicted == fake).sum())
+                    total += int(predicted.numel())
+                    labels = _labels(batch)
+                    if labels is not None:
+                        correct += int((predicted == labels.cpu()).sum())
+                        correct_fake += int((fake == labels.cpu()).sum())
+                        labelled += int(labels.numel())
+        finally:
+            target.train(was_training)
+        return {"acc": correct / labelled if labelled else None,
+                "fake_quant_acc": correct_fake / labelled if labelled else None,
+                "agreement": agree / total if total else None, "samples": total}
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        assert self.results is not None
+        names = {"acc": "export/acc", "fake_quant_acc": "export/fake_quant_acc", "agreement": "export/agreement",
+                 "size_bytes": "export/size_bytes"}
+        scalars = {tag: self.results[key] for key, tag in names.items() if self.results.get(key) is not None}
+        log_scalars(trainer, scalars)
+        if self.results.get("acc") is not None:
+            trainer.callback_metrics["export/acc"] = torch.tensor(float(self.results["acc"]))
+
+
+def _not_exportable(target: nn.Module) -> str | None:
+    layers = quantized_layers(target)
+    if not layers:
+        return (f"{type(target).__name__} has no quantized layers (add QuantizationAwareTraining before Int8Export, "
+                "or PostTrainingQuantization with a static mode)")
+    for name, layer in layers.items():
+        quantizer = layer.input_quantizer
+        if not quantizer.enabled or quantizer.calibrating or quantizer.dynamic:
+            state = "dynamic" if quantizer.dynamic else "calibrating" if quantizer.calibrating else "disabled"
+            return (f"layer {name!r} has no static input scale (its input quantizer is {state}: quantization-aware "
+                    "training still calibrating at the end of fit, or dynamic quantization)")
+    return None
+
+
+def _labels(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
+def _validation_batches(trainer: pl.Trainer, eval_batches: int | None) -> Iterator[Any]:
+    """The validation batches: a fresh loader of the data module (every sample, not a DDP shard), limited like
+    the validation loop (``limit_val_batches``) and by ``eval_batches``."""
+    if eval_batches == 0:
+        return
+    datamodule = getattr(trainer, "datamodule", None)
+    loader: Any = None
+    if datamodule is not None:
+        try:
+            loader = datamodule.val_dataloader()
+        except (NotImplementedError, AttributeError, TypeError):
+            loader = None
+    if loader is None:
+        loader = trainer.val_dataloaders
+    if loader is None:
+        return
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    limit = _batch_limit(loader, trainer.limit_val_batches, eval_batches)
+    for index, batch in enumerate(loader):
+        if index >= limit:
+            break
+        yield batch
+
+
+def _batch_limit(loader: Any, limit_val_batches: int | float | None, eval_batches: int | None) -> float:
+    try:
+        count: float = len(loader)
+    except TypeError:
+        count = float("inf")
+    if isinstance(limit_val_batches, int):
+        count = min(count, limit_val_batches)
+    elif isinstance(limit_val_batches, float) and count != float("inf"):
+        count = int(count * limit_val_batches)
+    return count if eval_batches is None else min(count, eval_batches)

@@ -1,0 +1,84 @@
+"""Reference runs before a compression run: trained once, reused while nothing they depend on changes, the teacher's
+weights loaded, the reports wired into CompressionReport, the random state left as it was."""
+
+import json
+
+import pytest
+import torch
+
+from lightning_compress import CompressionReport, DistillationModule
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
+from lightning_compress.references import References, prepare_references
+
+
+def _setup(tmp_path, trainer_factory, student_width=4, teacher=True):
+    torch.manual_seed(0)  # the same initial weights every time, as the CLI's seed_everything gives
+    report = CompressionReport(latency_runs=1, warmup=0)
+    trainer = trainer_factory(callbacks=[report], max_epochs=1)
+    if teacher:
+        teacher_network = ResidualCNN(width=8)  # first: its initial weights do not depend on the student's size
+        module = DistillationModule(ResidualCNN(width=student_width), teacher_network, lr=3e-3)
+    else:
+        module = ClassifierModule(ResidualCNN(width=student_width))
+    settings = References(directory=str(tmp_path / "refs"), teacher_epochs=1, alone_epochs=3)
+    return settings, trainer, module, report
+
+
+def test_teacher_and_student_alone_are_trained_loaded_and_given_to_the_report(tmp_path, trainer_factory):
+    settings, trainer, module, report = _setup(tmp_path, trainer_factory)
+    student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    found = prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
+    assert set(found) == {"teacher", "student_alone"}
+    trained = torch.load(found["teacher"] / "weights.pt", weights_only=True)
+    for key, value in module.teacher.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+    for key, value in module.student.state_dict().items():  # the student itself is not trained by its reference
+        assert torch.equal(value, student_before[key]), key
+    reference = json.loads((found["student_alone"] / "compression_report.json").read_text())
+    assert report.references["student_alone"]["parameters"] == reference["parameters"]
+    assert reference["accuracy"] > 0.5  # three epochs on the digits already train it
+
+
+def test_existing_references_are_reused_and_a_changed_network_retrains(tmp_path, trainer_factory):
+    settings, trainer, module, _ = _setup(tmp_path, trainer_factory)
+    found = prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
+    stamps = {name: (d / "weights.pt").stat().st_mtime_ns for name, d in found.items()}
+    settings2, trainer2, module2, _ = _setup(tmp_path, trainer_factory)
+    prepare_references(settings2, trainer2, module2, DigitsDataModule(batch_size=64))
+    assert {name: (d / "weights.pt").stat().st_mtime_ns for name, d in found.items()} == stamps
+    settings3, trainer3, module3, _ = _setup(tmp_path, trainer_factory, student_width=2)
+    prepare_references(settings3, trainer3, module3, DigitsDataModule(batch_size=64))
+    assert (found["teacher"] / "weights.pt").stat().st_mtime_ns == stamps["teacher"]
+    assert (found["student_alone"] / "weights.pt").stat().st_mtime_ns != stamps["student_alone"]
+    assert json.loads((found["student_alone"] / "reference.json").read_text())["shapes"]["stem.conv.weight"][0] == 2
+
+
+def test_random_state_is_the_same_whether_references_were_trained_or_reused(tmp_path, trainer_factory):
+    draws = []
+    for _ in range(2):
+        settings, trainer, module, _ = _setup(tmp_path, trainer_factory)
+        torch.manual_seed(123)
+        prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_without_a_teacher_the_reference_is_the_uncompressed_network(tmp_path, trainer_factory):
+    settings, trainer, module, report = _setup(tmp_path, trainer_factory, teacher=False)
+    assert set(prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))) == {"uncompressed"}
+    assert set(report.references) == {"uncompressed"}
+
+
+@pytest.mark.parametrize("field, value", [("teacher_epochs", -1), ("alone_epochs", 1.5), ("seed", True)])
+def test_bad_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"references.{field} must be a non-negative integer, got {value!r}"):
+        References(**{field: value})
+
+
+def test_several_teachers_are_refused_before_training(tmp_path, trainer_factory):
+    module = DistillationModule(ResidualCNN(width=4), [ResidualCNN(width=8), ResidualCNN(width=8)])
+    trainer = trainer_factory(max_epochs=1)
+    with pytest.raises(ValueError, match="references train one teacher; this module has 2"):
+        prepare_references(References(directory=str(tmp_path)), trainer, module, DigitsDataModule())
+    assert not list(tmp_path.iterdir())
