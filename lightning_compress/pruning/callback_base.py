@@ -177,7 +177,7 @@ class PruningCallback(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation inside fit runs before on_train_epoch_end: update first so it measures the pruned model.
         epoch_done = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if trainer.training and not trainer.sanity_checking and self._ready and epoch_done:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._ready and epoch_done:
             self._epoch_end_update(trainer)
 
     @override

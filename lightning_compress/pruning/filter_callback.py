@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_compress.pruning.batchnorm import batchnorm_after
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
-from lightning_compress.pruning.filter_final import BeforeModelLoad, FinalPruneSteps, Origins
+from lightning_compress.pruning.filter_final import FinalPruneSteps, Origins
 from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
@@ -23,6 +23,7 @@ from lightning_compress.pruning.groups import (
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.utils import first_tensor
+from lightning_compress.utils.load_hook import ModelLoadHook
 
 MODES = ("soft", "hard")
 GRANULARITIES = ("filter", "channel")
@@ -142,7 +143,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.original_sizes: dict[str, int] = {}  # channels of each group before any compaction
         self.original_filters: dict[str, int] = {}  # filters of each pruned layer before any compaction
         self._origins: Origins = {}
-        self._load_hook: BeforeModelLoad | None = None
+        self._load_hook: ModelLoadHook | None = None
         self.compaction: dict[str, Any] = {}
         self.finalized = False
         self.revived_filters = 0
@@ -201,7 +202,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             if state and state.get("events"):
                 self.replay_compactions(state["events"], state["example"])
 
-        self._load_hook = BeforeModelLoad(pl_module, replay)
+        self._load_hook = ModelLoadHook(pl_module, before=replay)
 
     def _unwrap_load_hook(self) -> None:
         if self._load_hook is not None and self._load_hook.remove():

@@ -7,7 +7,8 @@ An in-place compaction during ``fit`` changes parameter shapes, and everything h
   (:func:`~lightning_compress.pruning.optimizer_state.slice_optimizer_state`);
 * DistributedDataParallel: rebuilt over the new parameters on every rank (:func:`~lightning_compress.utils.rewrap_ddp`);
 * a resumed run: every compaction is recorded (``events``) and replayed on the fresh model in the LightningModule's
-  ``on_load_checkpoint``, which Lightning calls right before its strict load (:class:`BeforeModelLoad`);
+  ``on_load_checkpoint``, which Lightning calls right before its strict load
+  (:class:`~lightning_compress.utils.load_hook.ModelLoadHook`);
 * the main process of a fork or spawn launcher (``ddp_notebook``, ``ddp_spawn``), which takes rank zero's weights
   back with a load that cannot change shapes: rank zero hands the network back in its original shapes, the removed
   channels zero (:func:`to_original_shapes`), an equivalent network that
@@ -18,7 +19,6 @@ A mixin of :class:`~lightning_compress.pruning.filter_callback.FilterPruning`, k
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
@@ -35,53 +35,6 @@ from lightning_compress.utils import first_tensor, replace_compression_target, r
 #: ``state_dict`` key inside the compression target -> (original shape, per leading dimension the original
 #: positions of the entries kept now)
 Origins = dict[str, tuple[torch.Size, tuple[torch.Tensor, ...]]]
-
-_CLASS_HOOK = object()  # marks "no instance attribute was there": the class's own hook
-
-
-class BeforeModelLoad:
-    """Run ``before(checkpoint)`` in ``pl_module.on_load_checkpoint``, ahead of the hook that was there (the class's
-    own, or another callback's wrapper). Lightning calls that hook right before its strict ``load_state_dict``.
-
-    :meth:`remove` puts back exactly the attribute value this wrapper replaced, and only while the wrapper is still
-    the outermost one; under a wrapper installed later it only becomes a pass-through (deleting or overwriting the
-    attribute would drop the other wrapper), and a later :meth:`remove` may still unwrap it.
-
-    >>> class Module:
-    ...     def on_load_checkpoint(self, checkpoint):
-    ...         checkpoint["calls"].append("own")
-    >>> module = Module()
-    >>> hook = BeforeModelLoad(module, lambda checkpoint: checkpoint["calls"].append("before"))
-    >>> checkpoint = {"calls": []}; module.on_load_checkpoint(checkpoint); checkpoint["calls"]
-    ['before', 'own']
-    >>> hook.remove(), "on_load_checkpoint" in vars(module)
-    (True, False)
-    """
-
-    def __init__(self, pl_module: Any, before: Callable[[dict[str, Any]], None]) -> None:
-        self.module, self.active = pl_module, True
-        self._replaced = vars(pl_module).get("on_load_checkpoint", _CLASS_HOOK)
-        inner = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            if self.active:
-                before(checkpoint)
-            inner(checkpoint)
-
-        self._wrapper = on_load_checkpoint
-        pl_module.on_load_checkpoint = on_load_checkpoint
-
-    def remove(self) -> bool:
-        """Stop running ``before``; unwrap if outermost. Returns whether the wrapper is gone from the module."""
-        self.active = False
-        if vars(self.module).get("on_load_checkpoint") is not self._wrapper:
-            return False
-        if self._replaced is _CLASS_HOOK:
-            del self.module.on_load_checkpoint
-        else:
-            self.module.on_load_checkpoint = self._replaced
-        return True
-
 
 def record_origins(origins: Origins, plan: CompactionPlan, modules: dict[str, nn.Module]) -> None:
     """Compose the slicing of one in-place compaction (``plan.replacements``) into ``origins``; BatchNorm running

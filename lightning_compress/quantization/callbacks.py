@@ -37,13 +37,13 @@ from lightning_compress.quantization.calibrate import (
 )
 from lightning_compress.quantization.ptq_callback import PostTrainingQuantization
 from lightning_compress.quantization.qat_start import (
-    LoadHook,
     add_to_optimizers,
     learned_parameters,
     validate_start_epoch,
 )
 from lightning_compress.quantization.quantizers import QuantSpec, _detach, is_quantized, validate_learn
 from lightning_compress.utils import compression_target, rewrap_ddp
+from lightning_compress.utils.load_hook import ModelLoadHook
 
 __all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]
 
@@ -174,7 +174,7 @@ class QuantizationAwareTraining(Callback):
         self._layers: dict[str, Any] = {}
         self._target: nn.Module | None = None
         self._restored: dict[str, Any] | None = None
-        self._load_hook: LoadHook | None = None
+        self._load_hook: ModelLoadHook | None = None
 
     @property
     def quantized_layers(self) -> dict[str, Any]:
@@ -212,7 +212,7 @@ class QuantizationAwareTraining(Callback):
             self._layers = {}
         if self.start_epoch > 0:
             self._remove_load_hook()
-            self._load_hook = LoadHook(pl_module, lambda checkpoint: self._on_module_load(pl_module, stage,
+            self._load_hook = ModelLoadHook(pl_module, after=lambda checkpoint: self._on_module_load(pl_module, stage,
                                                                                            checkpoint))
 
     def _on_module_load(self, pl_module: pl.LightningModule, stage: str, checkpoint: dict[str, Any]) -> None:

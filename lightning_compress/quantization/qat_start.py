@@ -1,26 +1,25 @@
 """Quantization-aware training that starts in the middle of ``fit`` (``QuantizationAwareTraining(start_epoch=...)``).
 
-Three small pieces the callback uses when it attaches its quantizers to a network that is already training:
+Two small pieces the callback uses when it attaches its quantizers to a network that is already training:
 
 * :func:`validate_start_epoch`: the argument checks.
 * :func:`add_to_optimizers`: the learned quantizer parameters (LSQ steps, PACT clipping levels) join every
   optimizer as one parameter group of their own, appended last, so that a resumed run can rebuild the same groups
   before Lightning loads the optimizer state.
-* :class:`LoadHook`: a wrapper of the LightningModule's ``on_load_checkpoint`` (Lightning calls it right before its
-  strict model load) that runs the module's own hook, and any wrapper installed before (``FilterPruning`` replays
-  its in-place compactions there), first and then attaches the quantizers, so the checkpoint's quantizer buffers
-  fit.
+
+On resume the callback re-attaches its quantizers after the module's ``on_load_checkpoint`` (and after any
+compaction ``FilterPruning`` replays there) through :class:`~lightning_compress.utils.load_hook.ModelLoadHook`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LoadHook", "add_to_optimizers", "learned_parameters", "validate_start_epoch"]
+__all__ = ["add_to_optimizers", "learned_parameters", "validate_start_epoch"]
 
 _PER_GROUP_LISTS = ("base_lrs", "min_lrs", "_last_lr")  # scheduler attributes with one entry per parameter group
 
@@ -80,50 +79,3 @@ def add_to_optimizers(optimizers: Iterable[torch.optim.Optimizer], params: list[
                 values = getattr(scheduler, attribute, None)
                 if isinstance(values, list) and values and len(values) == len(optimizer.param_groups) - 1:
                     values.append(values[0])
-
-
-class LoadHook:
-    """Run ``after(checkpoint)`` in ``pl_module.on_load_checkpoint``, after the hook that was there (the class's
-    own, or another callback's wrapper). Lightning calls that hook right before its strict ``load_state_dict``.
-
-    :meth:`remove` puts back exactly the attribute value this wrapper replaced, and only while the wrapper is still
-    the outermost one; under a wrapper installed later it only becomes a pass-through, and a later :meth:`remove`
-    (once the outer wrapper put this one back) unwraps it.
-
-    >>> class Module:
-    ...     def on_load_checkpoint(self, checkpoint):
-    ...         checkpoint["calls"].append("own")
-    >>> module = Module()
-    >>> hook = LoadHook(module, lambda checkpoint: checkpoint["calls"].append("after"))
-    >>> checkpoint = {"calls": []}; module.on_load_checkpoint(checkpoint); checkpoint["calls"]
-    ['own', 'after']
-    >>> hook.remove(), "on_load_checkpoint" in vars(module)
-    (True, False)
-    """
-
-    def __init__(self, pl_module: Any, after: Callable[[dict[str, Any]], None]) -> None:
-        self.module, self.active = pl_module, True
-        self._instance_hook = "on_load_checkpoint" in vars(pl_module)
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            original(checkpoint)  # first: wrappers installed before replay compactions there
-            if self.active:
-                after(checkpoint)
-
-        self._original, self._wrapper = original, on_load_checkpoint
-        pl_module.on_load_checkpoint = on_load_checkpoint
-
-    def remove(self) -> bool:
-        """Stop running ``after``; unwrap if outermost. Returns whether the wrapper is gone from the module."""
-        self.active = False
-        current = vars(self.module).get("on_load_checkpoint")
-        if current is None:
-            return True  # nothing is patched any more (another callback deleted the attribute)
-        if current is not self._wrapper:
-            return False
-        if self._instance_hook:
-            self.module.on_load_checkpoint = self._original
-        else:
-            del self.module.on_load_checkpoint  # the class's own hook again
-        return True

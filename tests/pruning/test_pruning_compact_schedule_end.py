@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import DistillationModule, FilterPruning
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
-from lightning_compress.pruning.filter_final import BeforeModelLoad
 from lightning_compress.pruning.schedules import AGP, Constant
 from lightning_compress.testing import read_scalars, read_tags
+from lightning_compress.utils.load_hook import ModelLoadHook
 
 EPOCHS, END = 6, 3  # AGP(start=0, end=3) reaches its end with the epoch-end update of epoch 2
 COMPACTION_EPOCH = END - 1
@@ -238,7 +238,7 @@ def test_before_model_load_restores_only_what_it_replaced():
             checkpoint.append("own")
 
     module, calls = Module(), []
-    ours = BeforeModelLoad(module, lambda checkpoint: checkpoint.append("replay"))
+    ours = ModelLoadHook(module, before=lambda checkpoint: checkpoint.append("replay"))
     inner = module.on_load_checkpoint
     other = module.on_load_checkpoint = lambda checkpoint: (inner(checkpoint), checkpoint.append("attach"))
     assert not ours.remove()  # another wrapper on top: stay, as a pass-through
@@ -248,7 +248,7 @@ def test_before_model_load_restores_only_what_it_replaced():
     module.on_load_checkpoint = inner  # the other wrapper restores what it replaced: ours
     assert ours.remove() and "on_load_checkpoint" not in vars(module)
     instance_hook = module.on_load_checkpoint = lambda checkpoint: checkpoint.append("instance")
-    assert BeforeModelLoad(module, lambda checkpoint: None).remove()
+    assert ModelLoadHook(module, before=lambda checkpoint: None).remove()
     assert vars(module)["on_load_checkpoint"] is instance_hook
 
 
