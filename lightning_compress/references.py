@@ -2,24 +2,28 @@
 
 :func:`prepare_references` trains each reference once as a :class:`~lightning_compress.demo.ClassifierModule`
 (cross-entropy, the compression run's optimizer settings, the same data module) into ``directory/<name>/``, with a
-:class:`~lightning_compress.CompressionReport` there. A later call with the same architecture, epochs and seed
-reuses the files, so a resumed or repeated run does not train them again (and every DDP rank, started after the
-main process prepared them, only loads them). The teacher's trained weights go into the compression run's teacher;
-the reports become the references of its ``CompressionReport`` (the table that compares the compressed network
-with the teacher and with the same network trained alone).
+:class:`~lightning_compress.CompressionReport` there. A later call with the same architecture, initial weights,
+data module, epochs, seed and optimizer settings reuses the files, so a resumed or repeated run does not train them
+again. The teacher's trained weights go into the compression run's teacher; the reports become the references of
+its ``CompressionReport`` (the table that compares the compressed network with the teacher and with the same
+network trained alone).
 
-The random state is saved before and restored after, so the compression run starts from the same state whether
-the references were trained now or loaded.
+The random generators, deterministic mode and the seeding environment variables are saved before and restored
+after, so the compression run starts from the same state whether the references were trained now or loaded.
+Under a launcher that starts every rank at once (torchrun, SLURM) rank zero trains and the others wait for its
+files; Lightning's own ``ddp`` launcher starts the other ranks after the main process prepared them.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,23 +61,57 @@ class References:
                 raise ValueError(f"references.{name} must be a non-negative integer, got {value!r}.")
 
 
+_ENVIRONMENT = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")  # what seeding and determinism set
+
+
 @contextmanager
-def _preserved_random_state() -> Iterator[None]:
+def _preserved_global_state() -> Iterator[None]:
+    """Random generators (CUDA too), deterministic mode and the environment variables Lightning's seeding and
+    ``deterministic=True`` set: as they were, whatever the reference runs did."""
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    environment = {name: os.environ.get(name) for name in _ENVIRONMENT}
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-def _fingerprint(network: nn.Module, epochs: int, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+def _fingerprint(network: nn.Module, datamodule: pl.LightningDataModule, epochs: int, seed: int,
+                 settings: dict[str, Any]) -> dict[str, Any]:
     state = network.state_dict()
     shapes = {name: list(t.shape) for name, t in state.items()}
     checksum = sum(float(t.double().abs().sum()) for t in state.values() if t.is_floating_point())
+    data = {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "hparams": {k: repr(v) for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items()}}
     return {"architecture": repr(network), "shapes": shapes, "initial_checksum": round(checksum, 6),
-            "epochs": epochs, "seed": seed, "settings": settings}
+            "data": data, "epochs": epochs, "seed": seed, "settings": settings}
+
+
+def _is_first_process() -> bool:
+    """Rank zero, or a process no launcher started (launchers set ``RANK`` / ``LOCAL_RANK`` before the script)."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _wait_for(record: Path, fingerprint: dict[str, Any], timeout: float = 3600.0) -> None:
+    """Other ranks of a launcher that starts them all at once (torchrun, SLURM) wait for rank zero's reference."""
+    deadline = time.monotonic() + timeout
+    while not (record.is_file() and json.loads(record.read_text()) == fingerprint):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for rank zero to prepare the reference {record.parent}.")
+        time.sleep(1.0)
 
 
 def _optimizer_settings(module: pl.LightningModule) -> dict[str, Any]:
@@ -106,10 +144,13 @@ def _reference(name: str, network: nn.Module, datamodule: pl.LightningDataModule
                seed: int, settings: dict[str, Any]) -> Path:
     """Train ``network`` (a copy) alone unless ``root/name`` already holds this exact run; returns its directory."""
     directory = root / name
-    fingerprint = _fingerprint(network, epochs, seed, settings)
+    fingerprint = _fingerprint(network, datamodule, epochs, seed, settings)
     record = directory / "reference.json"
     done = record.is_file() and json.loads(record.read_text()) == fingerprint
     if not done or not (directory / "compression_report.json").is_file() or not (directory / "weights.pt").is_file():
+        if not _is_first_process():
+            _wait_for(record, fingerprint)
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         record.unlink(missing_ok=True)
         _train_alone(copy.deepcopy(network), datamodule, directory, epochs, seed, settings)
@@ -141,7 +182,7 @@ def prepare_references(settings: References, trainer: pl.Trainer, module: pl.Lig
     root = Path(settings.directory)
     optimizer = _optimizer_settings(module)
     found: dict[str, Path] = {}
-    with _preserved_random_state():
+    with _preserved_global_state():
         teachers = getattr(module, "teachers", None)
         if teachers is not None and settings.teacher_epochs > 0:
             if len(teachers) != 1:
@@ -152,6 +193,9 @@ def prepare_references(settings: References, trainer: pl.Trainer, module: pl.Lig
             state = torch.load(found["teacher"] / "weights.pt", map_location="cpu", weights_only=True)
             teachers[0].load_state_dict(state)
         alone_epochs = trainer.max_epochs if settings.alone_epochs is None else settings.alone_epochs
+        if alone_epochs is None or alone_epochs < 0:
+            raise ValueError(f"references.alone_epochs is not set and the trainer's max_epochs is {alone_epochs!r} "
+                             "(training limited by steps or time): give references.alone_epochs explicitly.")
         if alone_epochs:
             name = "student_alone" if teachers is not None else "uncompressed"
             found[name] = _reference(name, compression_target(module), datamodule, root, int(alone_epochs),
@@ -161,7 +205,3 @@ def prepare_references(settings: References, trainer: pl.Trainer, module: pl.Lig
             report.set_reference(name, directory / "compression_report.json")
     return found
 
-
-def describe(settings: References) -> dict[str, Any]:
-    """The settings as a plain dictionary (for logs and hyperparameters)."""
-    return asdict(settings)

@@ -2,6 +2,7 @@
 weights loaded, the reports wired into CompressionReport, the random state left as it was."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -82,3 +83,33 @@ def test_several_teachers_are_refused_before_training(tmp_path, trainer_factory)
     with pytest.raises(ValueError, match="references train one teacher; this module has 2"):
         prepare_references(References(directory=str(tmp_path)), trainer, module, DigitsDataModule())
     assert not list(tmp_path.iterdir())
+
+
+def test_global_state_is_restored_after_training_references(tmp_path, trainer_factory, monkeypatch):
+    settings, trainer, module, _ = _setup(tmp_path, trainer_factory)
+    torch.use_deterministic_algorithms(False)  # the test's own Trainer(deterministic=True) set these
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert os.environ["PL_GLOBAL_SEED"] == "5" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_a_changed_data_module_retrains_and_other_ranks_wait_for_rank_zero(tmp_path, trainer_factory, monkeypatch):
+    settings, trainer, module, _ = _setup(tmp_path, trainer_factory)
+    found = prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
+    stamp = (found["student_alone"] / "weights.pt").stat().st_mtime_ns
+    settings, trainer, module, _ = _setup(tmp_path, trainer_factory)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("lightning_compress.references._wait_for", lambda record, fingerprint: waited.append(record))
+    waited = []
+    prepare_references(settings, trainer, module, DigitsDataModule(batch_size=32))
+    assert [p.parent.name for p in waited] == ["teacher", "student_alone"]
+    assert (found["student_alone"] / "weights.pt").stat().st_mtime_ns == stamp  # rank 1 trained nothing
+
+
+def test_max_epochs_unset_needs_explicit_alone_epochs(tmp_path, trainer_factory):
+    module = ClassifierModule(ResidualCNN(width=4))
+    trainer = trainer_factory(max_epochs=-1, max_steps=2)
+    with pytest.raises(ValueError, match=r"give references\.alone_epochs explicitly"):
+        prepare_references(References(directory=str(tmp_path)), trainer, module, DigitsDataModule())

@@ -22,7 +22,7 @@ from lightning_compress.pruning.groups import (
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
-from lightning_compress.utils import first_tensor
+from lightning_compress.utils import compression_target, first_tensor
 from lightning_compress.utils.load_hook import ModelLoadHook
 
 MODES = ("soft", "hard")
@@ -169,9 +169,13 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if self.compacted:
             return
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and (self.compact_every_epoch or self.compact_at_schedule_end):
+        if not (self.compact_every_epoch or self.compact_at_schedule_end):
+            return
+        if stage == "fit":
             self._check_quantization_starts_later(trainer)
-            self._replay_before_loading(pl_module)
+        else:  # validate / test / predict from a checkpoint of a compacted network
+            self._target = compression_target(pl_module)
+        self._replay_before_loading(pl_module)
 
     def _check_quantization_starts_later(self, trainer: pl.Trainer) -> None:
         """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse."""
@@ -199,10 +203,36 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
 
         def replay(checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get("callbacks", {}).get(self.state_key)
-            if state and state.get("events"):
+            if state and state.get("events") and not self._shapes_match(pl_module, checkpoint):
                 self.replay_compactions(state["events"], state["example"])
 
         self._load_hook = ModelLoadHook(pl_module, before=replay)
+
+    def _shapes_match(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> bool:
+        """Whether the network already has the checkpoint's shapes (e.g. compacted in this process by ``fit``)."""
+        prefix = next((f"{name}." if name else "" for name, module in pl_module.named_modules()
+                       if module is self._target), "")
+        saved = checkpoint.get("state_dict", {})
+        return all(tuple(saved[prefix + key].shape) == tuple(value.shape)
+                   for key, value in self._target.state_dict().items() if prefix + key in saved)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit":
+            self._unwrap_load_hook()  # a checkpoint, if any, is loaded by now
+        super().on_validation_start(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap_load_hook()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unwrap_load_hook()  # e.g. a failed checkpoint load: no later hook of this callback runs
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwrap_load_hook()
 
     def _unwrap_load_hook(self) -> None:
         if self._load_hook is not None and self._load_hook.remove():

@@ -227,6 +227,14 @@ class QuantizationAwareTraining(Callback):
                 _detach(layer)
             self._layers, self.attached = {}, False
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_load_hook()  # e.g. a failed checkpoint load: no later hook of this callback runs
+
     def _remove_load_hook(self) -> None:
         """The module's own ``on_load_checkpoint`` again; under another callback's wrapper, retried at later hooks
         (``on_train_start``, ``on_fit_end``) once that callback unwrapped its own."""

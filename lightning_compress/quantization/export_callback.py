@@ -97,19 +97,22 @@ class Int8Export(Callback):
     :attr:`results`.
 
     :meth:`export` is public and runs once per fit, so another callback (``CompressionReport`` does) can ask for
-    the int8 model whatever the callback order. Without quantized layers, or with quantizers that never got static
-    scales (calibration still running, dynamic quantization), it warns and skips: the fit is not lost to a
-    misconfigured schedule, and :attr:`model` stays ``None``.
+    the int8 model whatever the callback order. A fit with neither a ``QuantizationAwareTraining`` callback nor a
+    network quantized beforehand fails in ``setup``; a QAT ``start_epoch`` at or past ``max_epochs`` warns there.
+    If at the end there are still no quantized layers, or quantizers that never got static scales (calibration
+    still running, dynamic quantization), it warns and skips: the fit is not lost, and :attr:`model` stays
+    ``None``.
 
     Args:
-        output_dir: where the file is written; defaults to ``trainer.log_dir`` (else ``default_root_dir``).
+        output_dir: where the file is written; defaults to the logger's run directory (else ``default_root_dir``).
         filename: file name without the ``.pt`` extension.
         batch_size: validation inputs used to trace the model and observe its intermediate tensors.
         eval_batches: at most this many validation batches are evaluated (``None``: as many as the validation
             loop runs; ``0``: no evaluation).
 
     Raises:
-        ValueError: for an empty ``filename``, a non-positive ``batch_size`` or a negative ``eval_batches``.
+        ValueError: for an empty ``filename``, a non-positive ``batch_size`` or a negative ``eval_batches`` (in
+            ``__init__``); in ``setup``, when nothing will quantize the compression target.
 
     Attributes:
         model: the int8 model (an :class:`~lightning_compress.quantization.export.Int8Model`), or ``None``.
@@ -142,6 +145,24 @@ class Int8Export(Callback):
         """The file the int8 model is written to."""
         directory = self.output_dir or run_directory(trainer)
         return Path(directory) / f"{self.filename}.pt"
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the first step: something must quantize the compression target during this fit."""
+        from lightning_compress.quantization.callbacks import QuantizationAwareTraining
+
+        if stage != "fit":
+            return
+        qat = [c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining)]  # type: ignore[attr-defined]
+        if not qat and not quantized_layers(compression_target(pl_module)):
+            raise ValueError("Int8Export needs a quantized network at the end of fit: add QuantizationAwareTraining "
+                             f"to the callbacks (found {[type(c).__name__ for c in trainer.callbacks]}) or "  # type: ignore[attr-defined]
+                             "quantize the network before fit.")
+        last = trainer.max_epochs
+        for callback in qat:
+            if last is not None and last >= 0 and callback.start_epoch >= last:
+                rank_zero_warn(f"Int8Export: QuantizationAwareTraining(start_epoch={callback.start_epoch}) starts "
+                               f"after the last epoch (max_epochs={last}); no int8 model will be written.")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

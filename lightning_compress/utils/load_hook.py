@@ -23,7 +23,7 @@ class ModelLoadHook:
     to the layers (quantizers) ``after``; then the order in which the wrappers were installed does not matter.
     :meth:`remove` puts back exactly the attribute value this wrapper replaced, and only while the wrapper is still
     the outermost one; under a wrapper installed later it only becomes a pass-through (deleting or overwriting the
-    attribute would drop the other wrapper), and a later :meth:`remove` may still unwrap it.
+    attribute would drop the other wrapper), unwrapped when that outer wrapper is removed.
 
     >>> class Module:
     ...     def on_load_checkpoint(self, checkpoint):
@@ -33,8 +33,8 @@ class ModelLoadHook:
     >>> outer = ModelLoadHook(module, before=lambda checkpoint: checkpoint.append("before"))
     >>> module.on_load_checkpoint(calls); calls
     ['before', 'own', 'after']
-    >>> inner.remove(), outer.remove(), inner.remove(), "on_load_checkpoint" in vars(module)
-    (False, True, True, False)
+    >>> inner.remove(), outer.remove(), "on_load_checkpoint" in vars(module)
+    (False, True, False)
     """
 
     def __init__(self, pl_module: Any, before: Callable[[dict[str, Any]], None] | None = None,
@@ -50,6 +50,7 @@ class ModelLoadHook:
             if self.active and after is not None:
                 after(checkpoint)
 
+        on_load_checkpoint.load_hook = self  # type: ignore[attr-defined]
         self._wrapper = on_load_checkpoint
         pl_module.on_load_checkpoint = on_load_checkpoint
 
@@ -65,4 +66,7 @@ class ModelLoadHook:
             del self.module.on_load_checkpoint
         else:
             self.module.on_load_checkpoint = self._replaced
+            inner = getattr(self._replaced, "load_hook", None)
+            if isinstance(inner, ModelLoadHook) and not inner.active:
+                inner.remove()  # a wrapper already removed while this one covered it: unwrap it now
         return True

@@ -1,5 +1,6 @@
 """Int8Export: the int8 file loads back with torch alone and reproduces the model; accuracy, agreement and size are
-logged; CompressionReport measures the int8 model whatever the callback order; without quantized layers it warns."""
+logged; CompressionReport measures the int8 model whatever the callback order; without quantization it fails
+before the first step."""
 
 from __future__ import annotations
 
@@ -125,15 +126,26 @@ def test_export_is_idempotent(qat_run):
     assert exporter.export(qat_run.trainer, qat_run.module) is model and exporter.results == results
 
 
-def test_without_quantized_layers_it_warns_and_skips(trainer_factory, tmp_path):
+def test_without_quantization_it_fails_before_the_first_step(trainer_factory, tmp_path):
     exporter = Int8Export(output_dir=str(tmp_path / "out"))
-    report = CompressionReport(batch_size=8, latency_runs=2, warmup=0)
-    trainer = trainer_factory(callbacks=[exporter, report], limit_train_batches=2, limit_val_batches=1)
+    trainer = trainer_factory(callbacks=[exporter], limit_train_batches=2, limit_val_batches=1)
     module = ClassifierModule(PlainCNN(width=4))
-    with pytest.warns(UserWarning, match="Int8Export skipped: PlainCNN has no quantized layers"):
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="Int8Export needs a quantized network"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0 and not (tmp_path / "out").exists()
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_quantization_starting_after_the_last_epoch_warns_early_and_skips(trainer_factory):
+    exporter = Int8Export()
+    report = CompressionReport(batch_size=8, latency_runs=2, warmup=0)
+    qat = QuantizationAwareTraining(start_epoch=3)
+    trainer = trainer_factory(callbacks=[qat, exporter, report], limit_train_batches=2, limit_val_batches=1)
+    module = ClassifierModule(PlainCNN(width=4))
+    with pytest.warns(UserWarning, match=r"starts after the last epoch \(max_epochs=1\)"):
         trainer.fit(module, DigitsDataModule(batch_size=32))
     assert exporter.model is None and "no quantized layers" in exporter.results["skipped"]
-    assert not (tmp_path / "out").exists() and "export/acc" not in trainer.callback_metrics
     assert report.report["accuracy_metric"] == "val/acc" and "int8_export" not in report.report
     assert report.report["parameters"] == sum(p.numel() for p in module.backbone.parameters())
 
