@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_compress.utils.data import first_training_batch
 from lightning_compress.utils.optim import build_optimizers, check_optimizer_settings
 
 
@@ -104,7 +105,5 @@ class DistillationBase(pl.LightningModule):
         trainer = self._trainer
         if trainer is None:
             raise ValueError("input_shape is needed to build the module outside a Trainer.")
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.train_dataloader() if datamodule is not None else trainer.fit_loop._data_source.dataloader()
-        inputs, _ = self.split_batch(next(iter(loader)))
+        inputs, _ = self.split_batch(first_training_batch(trainer))
         return inputs

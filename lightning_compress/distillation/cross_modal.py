@@ -32,6 +32,7 @@ from lightning_compress.distillation.losses_cross_modal import (
     pool_features,
 )
 from lightning_compress.distillation.module import DistillationModule
+from lightning_compress.utils.data import first_training_batch
 
 # ---------------------------------------------------------------------------------------------------- module
 
@@ -204,9 +205,7 @@ class CrossModalDistillationModule(DistillationModule):
         trainer = self._trainer
         if trainer is None:
             raise ValueError("input_shape is needed to build the module outside a Trainer.")
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.train_dataloader() if datamodule is not None else trainer.fit_loop._data_source.dataloader()
-        return next(iter(loader))
+        return first_training_batch(trainer)
 
     def forward(self, x: Any) -> torch.Tensor:
         """The student's prediction on ``x`` seen through the student's view."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -172,28 +173,47 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if not (self.compact_every_epoch or self.compact_at_schedule_end):
             return
         if stage == "fit":
-            self._check_quantization_starts_later(trainer)
+            self.check_quantization_starts_later(trainer)
         else:  # validate / test / predict from a checkpoint of a compacted network
             self._target = compression_target(pl_module)
         self._replay_before_loading(pl_module)
 
-    def _check_quantization_starts_later(self, trainer: pl.Trainer) -> None:
-        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse."""
+    def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
+        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse (also
+        called by ``QuantizationAwareTraining.setup``, whichever callback comes first). With a schedule in steps the
+        compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that only a start at epoch 0
+        is known to come first."""
         from lightning_compress.quantization.callbacks import QuantizationAwareTraining
 
-        if not self.compact_at_schedule_end or self.schedule.unit != "epoch":
+        if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):
             return
-        epoch = max(self.schedule.end - 1, 0)  # the epoch at whose end the compaction happens
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch:
+        epoch = self._compaction_epoch(steps_per_epoch)
+        if trainer.max_epochs is not None and epoch is not None and 0 <= trainer.max_epochs <= epoch:
             return  # fit ends first: no compaction in this fit
+        end = f"{self.schedule.end}" if self.schedule.unit == "epoch" else f"step {self.schedule.end}"
+        when = f"the end of epoch {epoch}" if epoch is not None else "the end of the epoch that reaches it"
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             start = getattr(callback, "start_epoch", 0)
-            if isinstance(callback, QuantizationAwareTraining) and isinstance(start, int) and start <= epoch:
+            if not isinstance(callback, QuantizationAwareTraining) or not isinstance(start, int):
+                continue
+            if start <= (epoch if epoch is not None else 0):
                 raise ValueError(
                     f"QuantizationAwareTraining(start_epoch={start}) attaches quantizers before FilterPruning("
-                    f"compact_at_schedule_end=True) compacts the network at the end of epoch {epoch} (its schedule "
-                    f"ends at {self.schedule.end}); quantization must start after the compaction: start_epoch >= "
-                    f"{epoch + 1}.")
+                    f"compact_at_schedule_end=True) compacts the network at {when} (its schedule ends at {end}); "
+                    "quantization must start after the compaction: start_epoch >= "
+                    f"{'the epoch after it' if epoch is None else epoch + 1}.")
+
+    def _ends_before_compaction(self, trainer: pl.Trainer) -> bool:
+        max_steps = trainer.max_steps
+        return self.schedule.unit == "step" and max_steps is not None and 0 <= max_steps < self.schedule.end
+
+    def _compaction_epoch(self, steps_per_epoch: int | None) -> int | None:
+        """The epoch at whose end the schedule-end compaction happens (``None``: steps per epoch not known yet)."""
+        if self.schedule.unit == "epoch":
+            return max(self.schedule.end - 1, 0)
+        if steps_per_epoch is None:
+            return None
+        return max(math.ceil(self.schedule.end / steps_per_epoch) - 1, 0)
 
     def _replay_before_loading(self, pl_module: pl.LightningModule) -> None:
         """Lightning calls the module's ``on_load_checkpoint`` right before its strict ``load_state_dict``: shrink
@@ -242,6 +262,12 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap_load_hook()
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if self.schedule.unit == "step" and math.isfinite(batches):  # before any quantizer attaches (epoch starts)
+            self.check_quantization_starts_later(trainer, math.ceil(batches / trainer.accumulate_grad_batches))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -43,6 +43,7 @@ from lightning_compress.quantization.qat_start import (
 )
 from lightning_compress.quantization.quantizers import QuantSpec, _detach, is_quantized, validate_learn
 from lightning_compress.utils import compression_target, rewrap_ddp
+from lightning_compress.utils.data import stage_loader
 from lightning_compress.utils.load_hook import ModelLoadHook
 
 __all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]
@@ -205,6 +206,11 @@ class QuantizationAwareTraining(Callback):
         specs = self._specs(self._target)  # fails on a bad pattern before the first step, whatever start_epoch
         modules = dict(self._target.named_modules())
         in_memory = stage != "fit" and any(is_quantized(modules[name]) for name in specs)  # e.g. test after fit
+        if stage == "fit":  # e.g. a FilterPruning compaction before start_epoch: refuse before attaching anything
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                check = getattr(callback, "check_quantization_starts_later", None)
+                if callable(check):
+                    check(trainer)
         # start_epoch > 0: attached at that epoch, or (resume, test from a checkpoint) by the hook installed below
         if self.start_epoch == 0 or self.attached or in_memory:
             self._attach(pl_module, stage)
@@ -353,14 +359,11 @@ class QuantizationAwareTraining(Callback):
         self._maybe_freeze(trainer)
 
     def _loader(self, trainer: pl.Trainer) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
         kind = self.calibration_data
-        loader = trainer.train_dataloader if kind == "train" else trainer.val_dataloaders
-        if loader is None and datamodule is not None:
-            loader = datamodule.train_dataloader() if kind == "train" else datamodule.val_dataloader()
+        loader = stage_loader(trainer, kind, prefer_trainer=True)
         if loader is None:
             raise ValueError(f"calibration_data={kind!r} but the trainer has no {kind} loader")
-        return loader[0] if isinstance(loader, (list, tuple)) else loader
+        return loader
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

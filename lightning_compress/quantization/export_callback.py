@@ -26,6 +26,7 @@ from lightning_compress.quantization.export import Int8Model, deterministic_off,
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.report import collect_inputs
 from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
+from lightning_compress.utils.data import stage_loader
 
 __all__ = ["Int8Export", "load_int8", "save_int8"]
 
@@ -268,18 +269,9 @@ def _validation_batches(trainer: pl.Trainer, eval_batches: int | None) -> Iterat
     the validation loop (``limit_val_batches``) and by ``eval_batches``."""
     if eval_batches == 0:
         return
-    datamodule = getattr(trainer, "datamodule", None)
-    loader: Any = None
-    if datamodule is not None:
-        try:
-            loader = datamodule.val_dataloader()
-        except (NotImplementedError, AttributeError, TypeError):
-            loader = None
-    if loader is None:
-        loader = trainer.val_dataloaders
+    loader = stage_loader(trainer, "val")
     if loader is None:
         return
-    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
     limit = _batch_limit(loader, trainer.limit_val_batches, eval_batches)
     for index, batch in enumerate(loader):
         if index >= limit:

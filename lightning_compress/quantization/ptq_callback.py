@@ -20,6 +20,7 @@ from lightning_compress.quantization.calibrate import (
     quantize_model,
 )
 from lightning_compress.utils import compression_target, log_scalars
+from lightning_compress.utils.data import stage_loader
 
 __all__ = ["PostTrainingQuantization"]
 
@@ -88,11 +89,10 @@ class PostTrainingQuantization(Callback):
         return classification_accuracy(model, loader, device)
 
     def _val_loader(self, trainer: pl.Trainer) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        loader = stage_loader(trainer, "val")
         if loader is None:
             raise ValueError("PostTrainingQuantization needs validation data (a datamodule or val_dataloaders)")
-        return loader[0] if isinstance(loader, (list, tuple)) else loader
+        return loader
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Quantize the compression target in every mode, evaluate, log; returns :attr:`results`."""

@@ -54,3 +54,46 @@ def probe_forward(model: nn.Module, example_inputs: Any, handles: Iterable[Remov
         model.train(was_training)
         for handle in handles:
             handle.remove()
+
+
+def stage_loader(trainer: Any, kind: str, prefer_trainer: bool = False) -> Any:
+    """One loader of ``kind`` (``"train"`` or ``"val"``): a fresh one from the data module (every sample, not a DDP
+    shard) or the one the trainer holds (``prefer_trainer`` picks which comes first); the training loader falls back
+    on the fit loop's data source (the module's own ``train_dataloader``) before the trainer has built it. The first
+    of a list of loaders; ``None`` when there is none."""
+    if kind not in ("train", "val"):
+        raise ValueError(f"kind must be 'train' or 'val', got {kind!r}.")
+    sources = [_trainer_loader, _datamodule_loader]
+    for source in sources if prefer_trainer else reversed(sources):
+        loader = source(trainer, kind)
+        if loader is not None:
+            return loader[0] if isinstance(loader, (list, tuple)) else loader
+    return None
+
+
+def _datamodule_loader(trainer: Any, kind: str) -> Any:
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return None
+    try:
+        return getattr(datamodule, f"{kind}_dataloader")()
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+
+
+def _trainer_loader(trainer: Any, kind: str) -> Any:
+    if kind == "val":
+        return trainer.val_dataloaders
+    if trainer.train_dataloader is not None:
+        return trainer.train_dataloader
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    return source.dataloader() if source is not None and source.is_defined() else None
+
+
+def first_training_batch(trainer: Any) -> Any:
+    """The first batch of the training data (to build a module from its shapes); a clear error when there is none."""
+    loader = stage_loader(trainer, "train")
+    if loader is None:
+        raise ValueError("No training data to take an example batch from: give the module input_shape, or the "
+                         "trainer a datamodule or train_dataloaders.")
+    return next(iter(loader))

@@ -304,6 +304,37 @@ def test_quantization_starting_before_the_compaction_fails_before_the_first_step
         trainer.fit(FailOnStep(PlainCNN(width=4)), DigitsDataModule(batch_size=16))
 
 
+@pytest.mark.parametrize("quantization_first", [False, True])
+@pytest.mark.parametrize(("start_epoch", "unit", "message"), [
+    (2, "step", r"start_epoch=2.*end of epoch 2 \(its schedule ends at step 5\).*start_epoch >= 3"),  # 2 per epoch
+    (0, "step", r"start_epoch=0.*end of the epoch that reaches it.*step 5"),  # known before the loaders exist
+    (0, "epoch", r"start_epoch=0.*end of epoch 4.*start_epoch >= 5"),
+])
+def test_quantization_before_the_compaction_leaves_the_model_untouched(trainer_factory, start_epoch, unit, message,
+                                                                       quantization_first):
+    from lightning_compress import QuantizationAwareTraining
+
+    callbacks = [schedule_end_pruning(schedule=AGP(start=0, end=5, unit=unit)),
+                 QuantizationAwareTraining(start_epoch=start_epoch)]
+    trainer = trainer_factory(callbacks=callbacks[::-1] if quantization_first else callbacks, max_epochs=6,
+                              limit_train_batches=2, limit_val_batches=0)
+    network = PlainCNN(width=4)
+    before = copy.deepcopy(network.state_dict())
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(FailOnStep(network), DigitsDataModule(batch_size=16))
+    assert network.state_dict().keys() == before.keys()
+
+
+def test_quantization_after_a_compaction_in_steps_is_accepted(trainer_factory):
+    from lightning_compress import QuantizationAwareTraining
+
+    pruning = schedule_end_pruning(schedule=AGP(start=0, end=5, unit="step"))  # compaction at the end of epoch 2
+    qat = QuantizationAwareTraining(start_epoch=3, calibration_batches=1)
+    trainer = trainer_factory(callbacks=[pruning, qat], max_epochs=4, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=16))
+    assert pruning.compacted_at == 2 and qat.attached
+
+
 def test_quantized_layers_at_the_compaction_are_refused(trainer_factory):
     from lightning_compress.quantization.quantizers import QuantSpec, attach_quantizer
 
