@@ -48,7 +48,7 @@ class CompressCLI(LightningCLI):
         path = config.get("ckpt_path") if hasattr(config, "get") else None
         if path not in (None, "last", "best", "hpc", "registry"):
             try:
-                check_checkpoint(path)
+                check_checkpoint(path, mmap=True)
             except CheckpointError as error:
                 print(f"error: {error}", file=sys.stderr)
                 raise SystemExit(2) from error

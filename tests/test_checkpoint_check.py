@@ -4,9 +4,11 @@ the distillation package (student_from_checkpoint, teacher_checkpoint) give the 
 
 from __future__ import annotations
 
+import gc
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,12 +73,13 @@ DAMAGES = {
 }
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_checkpoint_raises_a_clear_error_and_changes_nothing(checkpoint, tmp_path, damage):
+def test_damaged_checkpoint_raises_a_clear_error_and_changes_nothing(checkpoint, tmp_path, damage, mmap):
     path = _damaged(checkpoint, tmp_path, damage)
     before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
     with pytest.raises(CheckpointError) as info:
-        check_checkpoint(path)
+        check_checkpoint(path, mmap=mmap)
     message = str(info.value)
     size = "size unknown" if damage == "missing" else f"{path.stat().st_size:,} bytes"
     diagnosis, raised = DAMAGES[damage]
@@ -90,6 +93,32 @@ def test_damaged_checkpoint_raises_a_clear_error_and_changes_nothing(checkpoint,
     assert "(next to it: 'epoch=0-step=2.ckpt')" in message  # the checkpoint to resume from instead
     assert isinstance(info.value, ValueError)
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
+def test_the_mmap_check_maps_the_tensors_instead_of_reading_them(checkpoint, tmp_path):
+    read = check_checkpoint(checkpoint)
+    mapped = check_checkpoint(checkpoint, mmap=True)
+    assert read.keys() == mapped.keys() and read["epoch"] == mapped["epoch"]
+    for name, tensor in read["state_dict"].items():
+        assert torch.equal(mapped["state_dict"][name], tensor)
+    # The mapped check leaves the tensors in the file (a memory map of it), the full load copies them into memory.
+    big = tmp_path / "big.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1_000_000)}}, big)
+
+    def mapped_files():
+        return Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else str(big)
+
+    kept = check_checkpoint(big, mmap=True)
+    assert str(big) in mapped_files()
+    del kept
+    gc.collect()
+    copied = check_checkpoint(big)
+    assert copied["state_dict"]["w"].sum() == 0
+    if Path("/proc/self/maps").exists():
+        assert str(big) not in mapped_files()
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip format cannot be mapped: read whole, no error
+    torch.save({"state_dict": {"w": torch.ones(3)}}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(check_checkpoint(legacy, mmap=True)["state_dict"]["w"], torch.ones(3))
 
 
 def test_a_plain_state_dict_is_accepted_when_asked(tmp_path):

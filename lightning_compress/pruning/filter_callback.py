@@ -172,17 +172,15 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         super().setup(trainer, pl_module, stage)
         if not (self.compact_every_epoch or self.compact_at_schedule_end):
             return
-        if stage == "fit":
-            self.check_quantization_starts_later(trainer)
-        else:  # validate / test / predict from a checkpoint of a compacted network
+        if stage != "fit":  # validate / test / predict from a checkpoint of a compacted network
             self._target = compression_target(pl_module)
         self._replay_before_loading(pl_module)
 
     def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
-        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse (also
-        called by ``QuantizationAwareTraining.setup``, whichever callback comes first). With a schedule in steps the
-        compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that only a start at epoch 0
-        is known to come first."""
+        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse. Called
+        by ``QuantizationAwareTraining.setup`` before it attaches anything, whichever callback comes first. With a
+        schedule in steps the compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that
+        only a start at epoch 0 is known to come first."""
         from lightning_compress.quantization.callbacks import QuantizationAwareTraining
 
         if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):

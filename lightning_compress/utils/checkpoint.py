@@ -9,6 +9,7 @@ or overwritten, and points to the other checkpoints next to it. It only reads th
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,19 @@ def _error(path: Path, problem: str, advice: str, what: str) -> CheckpointError:
     )
 
 
+def _load(path: Path, mmap: bool) -> Any:
+    if mmap and path.is_file() and zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def check_checkpoint(
     path: str | Path,
     *,
     require_state_dict: bool = True,
     advice: str = RESUME_ADVICE,
     what: str = "Checkpoint",
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint on CPU (a trusted file: it is unpickled) and return it, or raise a clear error.
 
@@ -85,6 +93,10 @@ def check_checkpoint(
             ``False`` any dictionary is accepted (a plain ``state_dict`` saved with ``torch.save``).
         advice: the sentence that tells the user what to do instead (default: resume from another checkpoint).
         what: how the file is named in the message (``"Checkpoint"``, ``"teacher_checkpoint"``).
+        mmap: map the tensors' storage instead of reading it (``torch.load(mmap=True)``), for a check that is
+            followed by the real load: the archive's directory and every record's header are still read, so
+            truncated, empty and garbage files fail the same way, at a fraction of the cost for a large file.
+            Files in the legacy (non-zip) format are read whole.
 
     Returns:
         The loaded dictionary.
@@ -107,7 +119,7 @@ def check_checkpoint(
     """
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = _load(path, mmap)
     except Exception as error:
         underlying = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
         raise _error(path, f"{_diagnosis(path, error)} [{underlying}]", advice, what) from error
