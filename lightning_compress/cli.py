@@ -60,8 +60,8 @@ class CompressCLI(LightningCLI):
             prepare_references(references, self.trainer, self.model, self.datamodule)
 
 
-def main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
-    """Entry point of the ``lightning-compress`` command (``args`` replaces ``sys.argv[1:]`` in tests)."""
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``) and, with ``run``, run the subcommand; returns the CLI object."""
     # Schedules are dataclasses, which jsonargparse otherwise accepts only as the base class: allow AGP, Cosine, ...
     set_parsing_settings(subclasses_enabled=[Schedule])
     return CompressCLI(
@@ -74,6 +74,12 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> CompressCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-compress`` command: returns nothing, so the process exits with status 0 after a
+    successful run (the console script passes the return value to ``sys.exit``)."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_compress.cli import main
+from lightning_compress.cli import build_cli, main
 from lightning_compress.testing import read_scalars
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -36,7 +36,7 @@ def test_script_runs_in_quick_mode(script, tmp_path, monkeypatch):
 def test_cli_defaults_to_the_digits_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    cli = main(["fit", *QUICK, "--trainer.logger=false", "--trainer.enable_checkpointing=false"], run=True)
+    cli = build_cli(["fit", *QUICK, "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
     assert type(cli.model).__name__ == "ClassifierModule"
     assert type(cli.model.backbone).__name__ == "ResidualCNN"
     assert type(cli.datamodule).__name__ == "DigitsDataModule"
@@ -54,3 +54,17 @@ def test_baseline_config_reaches_97_percent(tmp_path, monkeypatch):
     assert len(accuracy) == 20 and accuracy[-1][1] >= 0.97
     report = json.loads((run_dir / "compression_report.json").read_text())
     assert report["accuracy"] == pytest.approx(accuracy[-1][1])
+
+
+def test_the_command_exits_with_status_zero_after_a_successful_run(tmp_path):
+    """The console script passes ``main()``'s return value to ``sys.exit``: a successful run must exit 0, silently."""
+    import shutil
+    import subprocess
+
+    script = shutil.which("lightning-compress")
+    launcher = [script] if script else [sys.executable, "-c",
+                                        "import sys; from lightning_compress.cli import main; sys.exit(main())"]
+    done = subprocess.run([*launcher, "fit", *QUICK, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CompressCLI object" not in done.stderr

@@ -38,11 +38,15 @@ def similarity_preserving_loss(student_features: torch.Tensor, teacher_features:
 
 
 def _offdiagonal_distances(embeddings: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``||x_i - x_j||`` of the ``B (B - 1)`` ordered pairs with ``i != j``."""
+    """Euclidean distances ``||x_i - x_j||`` of the ``B (B - 1)`` ordered pairs with ``i != j``.
+
+    Squared distances are clamped at ``1e-12`` before the root, as in the authors' ``pdist``: two equal samples
+    (a duplicate image, features zeroed by ReLU) would otherwise give the root an infinite gradient and NaN weights.
+    """
     flat = embeddings.flatten(1)
     squared = (flat.unsqueeze(1) - flat.unsqueeze(0)).pow(2).sum(dim=2)
     mask = ~torch.eye(flat.shape[0], dtype=torch.bool, device=flat.device)
-    return squared[mask].sqrt()
+    return squared[mask].clamp_min(1e-12).sqrt()
 
 
 def rkd_distance_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:

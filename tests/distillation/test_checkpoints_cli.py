@@ -54,7 +54,7 @@ def test_lightning_cli_with_class_path_networks(
 ) -> None:
     pytest.importorskip("jsonargparse")
     monkeypatch.setattr(sys, "argv", ["lightning-compress"])
-    from lightning_compress.cli import main
+    from lightning_compress.cli import build_cli
 
     path, trained = teacher_checkpoint
     config = tmp_path / "distill.yaml"
@@ -80,7 +80,7 @@ trainer:
   enable_model_summary: false
   default_root_dir: {tmp_path}
 """)
-    cli = main(["fit", "--config", str(config)])
+    cli = build_cli(["fit", "--config", str(config)])
     model = cli.model
     assert isinstance(model, DistillationModule) and model.temperature == 3.0
     assert cli.trainer.global_step == 2

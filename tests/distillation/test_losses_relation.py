@@ -67,6 +67,25 @@ def test_rkd_distance_uses_huber_beyond_one() -> None:
     assert rkd_distance_loss(_t(student), _t(teacher)).item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("loss", [rkd_distance_loss, rkd_angle_loss])
+def test_rkd_gradients_stay_finite_with_duplicate_samples(loss) -> None:
+    """Two equal samples in a batch (a duplicate image, features zeroed by ReLU) must not give NaN gradients."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(4, 16, generator=generator, dtype=torch.float64)
+    student[1], teacher[3] = student[0], teacher[2]
+    student.requires_grad_(True)
+    value = loss(student, teacher)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(student.grad).all()
+    # The duplicate pair's distance is 0 for both: the loss equals the hand value over the pairs.
+    if loss is rkd_distance_loss:
+        ds, dt = _distances(student.detach().numpy()), _distances(teacher.numpy())
+        mu_s, mu_t = sum(ds.values()) / len(ds), sum(dt.values()) / len(dt)
+        expected = sum(_huber(ds[k] / mu_s, dt[k] / mu_t) for k in ds) / len(ds)
+        assert value.item() == pytest.approx(expected, abs=1e-5)
+
+
 def _cosines(x: np.ndarray) -> list[float]:
     out = []
     for i, j, k in itertools.permutations(range(x.shape[0]), 3):
