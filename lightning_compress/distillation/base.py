@@ -64,6 +64,12 @@ class DistillationBase(pl.LightningModule):
         """Modules whose parameters the optimizer trains (override point)."""
         raise NotImplementedError
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The predicted class of each input (``forward``'s logits at ``T = 1``): a batch may be ``(inputs, ...)``
+        as in training or the inputs alone."""
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(inputs).argmax(dim=1)
+
     # ------------------------------------------------------------------ shared machinery
 
     def configure_optimizers(self) -> Any:

@@ -285,7 +285,7 @@ class CrossModalDistillationModule(DistillationModule):
         return terms
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         student_in = self.split_batch(batch)[0] if not torch.is_tensor(batch) else self.student_view(batch)
         return self.student(student_in).argmax(dim=1)
 

@@ -309,11 +309,6 @@ class LwFModule(DistillationBase):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test", dataloader_idx)
 
-    @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(inputs).argmax(dim=1)
-
     # ------------------------------------------------------------------ checkpoints
 
     @override

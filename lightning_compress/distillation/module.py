@@ -370,11 +370,6 @@ class DistillationModule(DistillationBase):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    @override
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.student(inputs).argmax(dim=1)
-
     # ------------------------------------------------------------------ checkpoints
 
     @override
