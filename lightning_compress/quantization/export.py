@@ -147,7 +147,27 @@ def _qconfig_mapping(model: nn.Module, scales: dict[str, dict[str, Any]]) -> QCo
     return mapping
 
 
+_RELUS = (nn.ReLU, nn.ReLU6)
+_RELU_CALLS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, "relu", "relu_")
+
+
+def _after_relu(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether an FX node's value is the output of a ReLU (module, function, method, or a fused ``...ReLU``)."""
+    if getattr(node, "op", None) == "call_module":
+        module = modules.get(node.target)
+        fused = type(module).__module__.startswith("torch.ao.nn.intrinsic") and "ReLU" in type(module).__name__
+        return isinstance(module, _RELUS) or fused
+    return getattr(node, "op", None) in ("call_function", "call_method") and node.target in _RELU_CALLS
+
+
 def _set_input_observers(prepared: torch.fx.GraphModule, scales: dict[str, dict[str, Any]]) -> None:
+    """Give each quantized layer's input observer our scale.
+
+    A signed scale on a ReLU output is written with ``zero_point`` 0 and the same step (``amax / 127``): the integers
+    are those of the fake-quantized model, and torch.ao, which lowers ``op -> ReLU -> quantize`` to ``op ->
+    quantize`` on the assumption that the output range starts at 0, then keeps the ReLU's effect. (With ``zero_point``
+    128 the negative values would pass.) Values above ``amax`` are not clipped there (up to ``2 * amax``).
+    """
     modules = dict(prepared.named_modules())
     for node in prepared.graph.nodes:
         if node.op != "call_module" or node.target not in scales or not node.args:
@@ -163,6 +183,8 @@ def _set_input_observers(prepared: torch.fx.GraphModule, scales: dict[str, dict[
             observer.amax = max(observer.amax, s["amax"])
             if observer.unsigned != s["unsigned"]:
                 observer.unsigned, observer.qmax = False, min(observer.qmax, s["qmax"], 127)
+        if source.args and _after_relu(source.args[0], modules):
+            observer.unsigned = True  # same step (qmax kept), zero_point 0
 
 
 def export_int8(model: nn.Module, example_inputs: Any) -> nn.Module:
@@ -207,8 +229,32 @@ def export_int8(model: nn.Module, example_inputs: Any) -> nn.Module:
         prepared = prepare_fx(float_model, mapping, example_inputs=args)
         prepared(*args)
         _set_input_observers(prepared, scales)
-        converted = convert_fx(prepared)
+        converted = _views_as_reshapes(convert_fx(prepared))
+        _check_runs(converted, args)
     return Int8Model(converted).eval()
+
+
+def _views_as_reshapes(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``x.view(...)`` as ``x.reshape(...)``: quantized convolutions return channels-last strides, which ``view``
+    rejects (``x.view(x.size(0), -1)`` into the classifier); ``reshape`` copies only where ``view`` would fail."""
+    changed = False
+    for node in converted.graph.nodes:
+        if node.op == "call_method" and node.target == "view":
+            node.target, changed = "reshape", True
+    if changed:
+        converted.recompile()
+    return converted
+
+
+def _check_runs(converted: nn.Module, args: tuple[Any, ...]) -> None:
+    """Run the int8 model once on the example batch, so a model that cannot run fails here, not at its first use."""
+    try:
+        converted(*args)
+    except Exception as error:
+        raise RuntimeError(
+            f"the int8 model converted by torch.ao fails on the example inputs ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); the float and fake-quantized models are unchanged"
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------ counting
