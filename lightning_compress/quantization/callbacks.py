@@ -248,13 +248,15 @@ class QuantizationAwareTraining(Callback):
             self._load_hook = None
 
     def _evaluation_modes(self, trainer: pl.Trainer) -> None:
-        """Outside fit, before calibration: quantize with the scales a checkpoint brought, float where none."""
+        """Outside fit, before calibration ended: quantize with the scales a checkpoint brought (its ``amax``
+        buffers), float where there are none, as ``fit`` computes while it calibrates. An uninitialised LSQ step or
+        PACT alpha is not a scale."""
         if trainer.state.fn == "fit" or self.phase != "calibrating":
             return
         for layer in self._layers.values():
-            layer.input_quantizer.enabled = bool(layer.input_quantizer.current_amax().abs().sum() > 0)
-            layer.weight_quantizer.observe = layer.weight_quantizer.learn != "lsq" and not bool(
-                layer.weight_quantizer.amax.abs().sum() > 0)
+            for quantizer in (layer.input_quantizer, layer.weight_quantizer):
+                quantizer.enabled = bool(quantizer.amax.abs().sum() > 0)
+                quantizer.observe = False
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
