@@ -47,7 +47,7 @@ class ClassifierModule(pl.LightningModule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler)
+        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler, momentum)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
         self.save_hyperparameters(ignore=["backbone"])

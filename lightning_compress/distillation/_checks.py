@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,22 +11,42 @@ import torch
 import torch.nn.functional as F
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 def check_temperature(temperature: float) -> None:
-    """Raise a ``ValueError`` unless ``temperature`` is a positive number."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}.")
+    """Raise a ``ValueError`` unless ``temperature`` is a finite positive number."""
+    if not (_is_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}.")
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` unless it is a finite non-negative number
+    (``inf`` would turn the loss into NaN, ``nan`` would silently drop the term)."""
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
+    return float(value)
+
+
+def check_count(value: Any, name: str) -> int:
+    """``value`` if it is a non-negative integer, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    return value
 
 
 def check_weights(weights: Sequence[float] | None, count: int, name: str = "weights") -> list[float]:
-    """Validate non-negative weights, not all zero, one per item; ``None`` gives equal weights of 1."""
+    """Validate finite non-negative weights, not all zero, one per item; ``None`` gives equal weights of 1."""
     if weights is None:
         return [1.0] * count
-    weights = [float(w) for w in weights]
+    weights = list(weights)
     if len(weights) != count:
         raise ValueError(f"{name} must have one entry per item ({count}), got {len(weights)}: {weights!r}.")
-    negative = [w for w in weights if w < 0]
-    if negative:
-        raise ValueError(f"{name} must be non-negative, got {weights!r}.")
+    bad = [w for w in weights if not (_is_number(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"{name} must be finite non-negative numbers, got {weights!r} ({bad[0]!r} is not).")
+    weights = [float(w) for w in weights]
     if not any(w > 0 for w in weights):
         raise ValueError(f"{name} must not all be zero, got {weights!r}.")
     return weights

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.distillation._checks import check_nonnegative
 from lightning_compress.distillation.features import FeatureTaps, check_layer_names, inspect_layer_pairs
 from lightning_compress.distillation.losses_adversarial import (
     ADVERSARIAL_LOSSES,
@@ -132,11 +133,9 @@ class AdversarialDistillationModule(DistillationModule):
         discriminator_hidden: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        if adversarial_weight < 0:
-            raise ValueError(f"adversarial_weight must be non-negative, got {adversarial_weight!r}.")
+        check_nonnegative(adversarial_weight, "adversarial_weight")
         _check_loss(adversarial_loss)
-        if gradient_penalty_weight < 0:
-            raise ValueError(f"gradient_penalty_weight must be non-negative, got {gradient_penalty_weight!r}.")
+        check_nonnegative(gradient_penalty_weight, "gradient_penalty_weight")
         hidden = [64, 64] if discriminator_hidden is None else list(discriminator_hidden)
         if any(int(width) < 1 for width in hidden):
             raise ValueError(f"discriminator_hidden must list positive widths, got {discriminator_hidden!r}.")

@@ -43,7 +43,7 @@ class DistillationBase(pl.LightningModule):
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
-        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler)
+        check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler, momentum)
         if input_shape is not None and (not input_shape or any(int(d) < 1 for d in input_shape)):
             raise ValueError(f"input_shape must list positive sizes without the batch dimension, got {input_shape!r}.")
         self.optimizer_name = optimizer

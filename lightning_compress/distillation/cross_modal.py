@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.distillation import losses
+from lightning_compress.distillation._checks import check_nonnegative
 from lightning_compress.distillation.feature_terms import FEATURE_TERMS
 from lightning_compress.distillation.features import LayerPair, _output_shapes, check_layer_pairs, eval_mode
 from lightning_compress.distillation.losses_cross_modal import (
@@ -118,8 +119,7 @@ class CrossModalDistillationModule(DistillationModule):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
-        if cross_modal_weight < 0:
-            raise ValueError(f"cross_modal_weight must be non-negative, got {cross_modal_weight!r}.")
+        check_nonnegative(cross_modal_weight, "cross_modal_weight")
         if (student_key is None) != (teacher_key is None):
             raise ValueError(
                 f"Give both student_key and teacher_key (mapping batches) or neither (tuple batches), got "
@@ -158,8 +158,7 @@ class CrossModalDistillationModule(DistillationModule):
     def _check_term_weights(**weights: float) -> dict[str, float]:
         """Negative weights fail here; "all zero" is checked once the ``cross_modal`` weight is known."""
         for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{name}_weight must be non-negative, got {value!r}.")
+            check_nonnegative(value, f"{name}_weight")
         return dict(weights)
 
     # ------------------------------------------------------------------ inputs

@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress.distillation._checks import check_count, check_nonnegative
+
 #: Names of the synthesis terms, as passed to ``on_step`` and logged by :class:`SyntheticDataModule`.
 
 #: Names of the synthesis terms, as passed to ``on_step`` and logged by ``SyntheticDataModule``.
@@ -169,17 +171,14 @@ def _check_synthesis_arguments(num_samples: int, input_shape: Sequence[int], num
         raise ValueError(f"input_shape must list positive sizes without the batch dimension, got {input_shape!r}.")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
-    if steps < 0:
-        raise ValueError(f"steps must be non-negative, got {steps!r}.")
+    check_count(steps, "steps")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}.")
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (batch statistics), got {batch_size!r}.")
     for name, value in weights.items():
-        if value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value!r}.")
-    if jitter < 0:
-        raise ValueError(f"jitter must be non-negative, got {jitter!r}.")
+        check_nonnegative(value, name)
+    check_nonnegative(jitter, "jitter")
     if jitter > 0 and len(input_shape) != 3:
         raise ValueError(
             f"jitter shifts images: it needs a (channels, height, width) input_shape, got {input_shape!r}."

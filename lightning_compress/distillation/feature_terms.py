@@ -24,6 +24,9 @@ FEATURE_TERMS: dict[str, tuple[str, ...]] = {
     "pairwise": ("same", "channels", "spatial", "channels+spatial"),
 }
 
+#: Terms over maps with spatial positions: ``(batch, channels, *spatial)`` layers, not ``(batch, features)`` vectors.
+SPATIAL_TERMS = ("attention", "fsp", "pairwise")
+
 _PER_PAIR = {
     "similarity": losses.similarity_preserving_loss,
     "rkd_distance": losses.rkd_distance_loss,

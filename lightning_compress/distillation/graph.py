@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.distillation._checks import check_nonnegative
 from lightning_compress.distillation.losses_graph import (
     WEIGHTINGS,
     graph_matching_loss,
@@ -71,8 +72,7 @@ class GraphDistillationModule(DistillationModule):
         weighting_k: int = 5,
         **kwargs: Any,
     ) -> None:
-        if graph_weight < 0:
-            raise ValueError(f"graph_weight must be non-negative, got {graph_weight!r}.")
+        check_nonnegative(graph_weight, "graph_weight")
         if graph_k is not None and graph_k < 1:
             raise ValueError(f"graph_k must be a positive integer or None, got {graph_k!r}.")
         if weighting_k < 1:
@@ -94,8 +94,7 @@ class GraphDistillationModule(DistillationModule):
     def _check_term_weights(**weights: float) -> dict[str, float]:
         """Negative weights fail here; "all zero" is checked once the ``graph`` weight is known."""
         for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{name}_weight must be non-negative, got {value!r}.")
+            check_nonnegative(value, f"{name}_weight")
         return dict(weights)
 
     @override

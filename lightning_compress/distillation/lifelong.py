@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_compress.distillation._checks import check_logits, check_temperature
+from lightning_compress.distillation._checks import check_count, check_logits, check_nonnegative, check_temperature
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.features import eval_mode
 
@@ -201,13 +201,11 @@ class LwFModule(DistillationBase):
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
         self.save_hyperparameters(ignore=["backbone", "old_head", "new_head"])
         for name, value in (("old_weight", old_weight), ("new_weight", new_weight)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be non-negative, got {value!r}.")
+            check_nonnegative(value, name)
         if not (old_weight > 0 or new_weight > 0):
             raise ValueError(f"old_weight and new_weight must not both be zero, got {old_weight!r}, {new_weight!r}.")
         check_temperature(temperature)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}.")
+        check_count(warmup_epochs, "warmup_epochs")
         if old_head is new_head or backbone is old_head or backbone is new_head:
             raise ValueError("backbone, old_head and new_head must be three different modules (one was given twice).")
         self.old_weight, self.new_weight = float(old_weight), float(new_weight)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_compress.distillation._checks import check_logits, check_temperature
+from lightning_compress.distillation._checks import check_logits, check_nonnegative, check_temperature
 from lightning_compress.distillation.losses_response import hard_target_loss, soft_target_loss
 
 
@@ -78,8 +78,7 @@ def be_your_own_teacher_loss(
     tensor(0.6931)
     """
     terms = be_your_own_teacher_terms(exit_logits, targets, exit_features, temperature)
-    if feature_weight < 0:
-        raise ValueError(f"feature_weight must be non-negative, got {feature_weight!r}.")
+    check_nonnegative(feature_weight, "feature_weight")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
     total = (1.0 - alpha) * terms["hard"] + alpha * terms["soft"]

@@ -11,12 +11,18 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.distillation import losses
-from lightning_compress.distillation._checks import check_temperature, check_weights
+from lightning_compress.distillation._checks import check_count, check_nonnegative, check_temperature, check_weights
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checkpoints import TEACHER_ADVICE, load_network_weights
-from lightning_compress.distillation.feature_terms import FEATURE_TERMS, RESPONSE_TERMS, feature_terms
+from lightning_compress.distillation.feature_terms import (
+    FEATURE_TERMS,
+    RESPONSE_TERMS,
+    SPATIAL_TERMS,
+    feature_terms,
+)
 from lightning_compress.distillation.features import (
     FeatureTaps,
+    LayerPair,
     check_layer_names,
     check_layer_pairs,
     eval_mode,
@@ -25,6 +31,17 @@ from lightning_compress.distillation.features import (
 
 _TEACHER_PREFIX = "teachers."
 _REGRESSOR_PREFIX = "regressors."
+
+
+def _check_spatial(pairs: list[LayerPair], term: str) -> None:
+    """``term`` reads maps with spatial positions: refuse a pair of ``(batch, features)`` vectors before training."""
+    for pair in pairs:
+        if len(pair.student_shape) < 3:
+            raise ValueError(
+                f"{term} needs (batch, channels, *spatial) feature maps, got student {pair.student_layer!r} "
+                f"{pair.student_shape} and teacher {pair.teacher_layer!r} {pair.teacher_shape}; tap convolutional "
+                f"layers for {term}, or use hint, similarity or rkd terms on vector layers."
+            )
 
 
 def _freeze(teacher: nn.Module) -> nn.Module:
@@ -172,12 +189,10 @@ class DistillationModule(DistillationBase):
 
     @staticmethod
     def _check_term_weights(**weights: float) -> dict[str, float]:
-        for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"{name}_weight must be non-negative, got {value!r}.")
-        if not any(value > 0 for value in weights.values()):
+        checked = {name: check_nonnegative(value, f"{name}_weight") for name, value in weights.items()}
+        if not any(value > 0 for value in checked.values()):
             raise ValueError(f"At least one loss weight must be positive, got {weights!r}.")
-        return dict(weights)
+        return checked
 
     def _check_layers(self, student: nn.Module, teacher: nn.Module, feature_stage_epochs: int) -> None:
         if len(self.student_layers) != len(self.teacher_layers):
@@ -192,12 +207,16 @@ class DistillationModule(DistillationBase):
             raise ValueError(f"Feature terms {active} need student_layers and teacher_layers; none were given.")
         if self.weights["fsp"] > 0 and len(self.student_layers) < 2:
             raise ValueError(f"fsp needs at least 2 tapped layers per network, got {self.student_layers}.")
-        if feature_stage_epochs < 0:
-            raise ValueError(f"feature_stage_epochs must be non-negative, got {feature_stage_epochs!r}.")
+        check_count(feature_stage_epochs, "feature_stage_epochs")
         if feature_stage_epochs > 0 and not active:
             raise ValueError(
                 f"feature_stage_epochs={feature_stage_epochs} needs a positive feature weight among "
                 f"{list(FEATURE_TERMS)}."
+            )
+        if feature_stage_epochs > 0 and not (self.weights["soft"] > 0 or self.weights["hard"] > 0):
+            raise ValueError(
+                f"feature_stage_epochs={feature_stage_epochs}: the task stage after it trains on soft and hard only, "
+                "so soft_weight or hard_weight must be positive (both are 0)."
             )
 
     def _check_and_build(self, example_input: Any) -> None:
@@ -217,6 +236,8 @@ class DistillationModule(DistillationBase):
             for term, allowed in FEATURE_TERMS.items():
                 if self.weights[term] > 0:
                     check_layer_pairs(pairs, allowed, purpose=term)
+                    if term in SPATIAL_TERMS:
+                        _check_spatial(pairs, term)
             if self.weights["hint"] > 0 and len(self.regressors) == 0:
                 for pair in pairs:
                     rank = len(pair.student_shape)
@@ -374,10 +395,15 @@ class DistillationModule(DistillationBase):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["teacher_acc_logged"] = self._teacher_acc_logged  # once per run, resumed runs included
         if not self.keep_teacher_in_checkpoint:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
                 del state[key]
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._teacher_acc_logged = bool(checkpoint.get("teacher_acc_logged", self._teacher_acc_logged))
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

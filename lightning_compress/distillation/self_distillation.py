@@ -10,7 +10,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.distillation import losses
-from lightning_compress.distillation._checks import check_temperature
+from lightning_compress.distillation._checks import check_nonnegative, check_temperature
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.features import FeatureTaps, check_layer_names, eval_mode
 
@@ -109,8 +109,7 @@ class SelfDistillationModule(DistillationBase):
         check_temperature(temperature)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
-        if feature_weight < 0:
-            raise ValueError(f"feature_weight must be non-negative, got {feature_weight!r}.")
+        check_nonnegative(feature_weight, "feature_weight")
         self.exit_layers = list(exit_layers)
         self.feature_layer = feature_layer
         self.alpha, self.temperature, self.feature_weight = alpha, temperature, feature_weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,8 +12,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULERS = ("cosine", "step", "none")
 
 
-def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, lr_scheduler: str) -> None:
-    """Raise ``ValueError`` naming the value for an unknown optimizer or schedule, ``lr <= 0`` or negative decay.
+def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, lr_scheduler: str,
+                             momentum: float = 0.0) -> None:
+    """Raise ``ValueError`` naming the value for an unknown optimizer or schedule, an ``lr`` that is not a finite
+    positive number, or a weight decay or momentum that is not finite and non-negative.
 
     >>> check_optimizer_settings("rmsprop", 1e-3, 0.0, "none")
     Traceback (most recent call last):
@@ -23,10 +26,11 @@ def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, lr_
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
     if lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {lr_scheduler!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}.")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}.")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}.")
+    for name, value in (("weight_decay", weight_decay), ("momentum", momentum)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
 
 
 def build_optimizers(

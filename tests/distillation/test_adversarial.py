@@ -279,16 +279,16 @@ def test_conditional_discriminator_reads_the_input_too() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"adversarial_weight": -0.5}, "adversarial_weight must be non-negative, got -0.5"),
+        ({"adversarial_weight": -0.5}, "adversarial_weight must be a finite non-negative number, got -0.5"),
         ({"adversarial_loss": "hinge"}, "adversarial_loss must be one of .* got 'hinge'"),
-        ({"gradient_penalty_weight": -1.0}, "gradient_penalty_weight must be non-negative, got -1.0"),
+        ({"gradient_penalty_weight": -1.0}, "gradient_penalty_weight must be a finite non-negative number, got -1.0"),
         ({"discriminator_hidden": [16, 0]}, r"discriminator_hidden must list positive widths, got \[16, 0\]"),
         ({"adversarial_student_layers": ["stage3"]}, "pair up one to one, got 1 and 0"),
         ({"adversarial_student_layers": ["stage7"], "adversarial_teacher_layers": ["stage3"]},
          "Unknown student layer 'stage7'"),
         ({"adversarial_student_layers": ["stage3"], "adversarial_teacher_layers": ["block3"]},
          "Unknown teacher layer 'block3'"),
-        ({"soft_weight": -1.0}, "soft_weight must be non-negative, got -1.0"),
+        ({"soft_weight": -1.0}, "soft_weight must be a finite non-negative number, got -1.0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:

@@ -218,8 +218,8 @@ def test_checkpoint_state_loads_into_a_fresh_module() -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"mode": "both"}, "mode must be one of \\('paired', 'unpaired'\\), got 'both'"),
     ({"statistic": "kl"}, "statistic must be one of"),
-    ({"cross_modal_weight": -1.0}, "cross_modal_weight must be non-negative, got -1.0"),
-    ({"hard_weight": -0.5}, "hard_weight must be non-negative"),
+    ({"cross_modal_weight": -1.0}, "cross_modal_weight must be a finite non-negative number, got -1.0"),
+    ({"hard_weight": -0.5}, "hard_weight must be a finite non-negative number"),
     ({"student_view": "blur"}, "Unknown view 'blur'; allowed"),
     ({"student_key": "low"}, "Give both student_key and teacher_key"),
     ({"mode": "unpaired"}, "not available: {'soft': 0.9}"),

@@ -147,8 +147,8 @@ def test_terms_by_hand_on_logits() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"graph_weight": -1.0}, "graph_weight must be non-negative, got -1.0"),
-    ({"soft_weight": -1.0}, "soft_weight must be non-negative"),
+    ({"graph_weight": -1.0}, "graph_weight must be a finite non-negative number, got -1.0"),
+    ({"soft_weight": -1.0}, "soft_weight must be a finite non-negative number"),
     ({"graph_k": 0}, "graph_k must be a positive integer or None, got 0"),
     ({"weighting_k": 0}, "weighting_k must be a positive integer, got 0"),
     ({"soft_weighting": "degree"}, "soft_weighting must be one of \\('none', 'agreement', 'confidence', "

@@ -46,7 +46,7 @@ def test_lwf_loss_gradient_equals_soft_target_gradient_over_t_squared() -> None:
 
 
 def test_lwf_loss_errors() -> None:
-    with pytest.raises(ValueError, match="temperature must be positive, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number, got 0"):
         lwf_loss(torch.zeros(1, 2), torch.zeros(1, 2), 0.0)
     with pytest.raises(ValueError, match="same shape"):
         lwf_loss(torch.zeros(1, 2), torch.zeros(1, 3))
@@ -168,11 +168,11 @@ def test_task_split_data_module_relabels_and_splits() -> None:
 def test_bad_arguments() -> None:
     backbone, head = split_head(ResidualCNN(width=4, num_classes=3))
     new = nn.Linear(head.in_features, 2)
-    with pytest.raises(ValueError, match="old_weight must be non-negative, got -1"):
+    with pytest.raises(ValueError, match="old_weight must be a finite non-negative number, got -1"):
         LwFModule(backbone, head, new, old_weight=-1)
     with pytest.raises(ValueError, match="must not both be zero"):
         LwFModule(backbone, head, new, old_weight=0, new_weight=0)
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number"):
         LwFModule(backbone, head, new, temperature=0)
     with pytest.raises(ValueError, match="warmup_epochs must be a non-negative integer, got -2"):
         LwFModule(backbone, head, new, warmup_epochs=-2)

@@ -165,7 +165,7 @@ def test_fsp_loss_errors() -> None:
     x = torch.zeros(1, 2, 2, 2)
     with pytest.raises(ValueError, match="same channel counts"):
         fsp_loss([(x, x)], [(x, torch.zeros(1, 3, 2, 2))])
-    with pytest.raises(ValueError, match=r"non-negative, got \[-1.0\]"):
+    with pytest.raises(ValueError, match=r"non-negative numbers, got \[-1.0\]"):
         fsp_loss([(x, x)], [(x, x)], [-1.0])
     with pytest.raises(ValueError, match=r"not all be zero, got \[0.0\]"):
         fsp_loss([(x, x)], [(x, x)], [0.0])

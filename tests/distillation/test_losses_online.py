@@ -59,7 +59,7 @@ def test_mutual_learning_errors() -> None:
         mutual_learning_loss([torch.zeros(1, 2)], torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\(1, 2\) and \(1, 3\)"):
         mutual_learning_loss([torch.zeros(1, 2), torch.zeros(1, 3)], torch.tensor([0]))
-    with pytest.raises(ValueError, match="temperature must be positive, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number, got 0"):
         mutual_learning_loss([torch.zeros(1, 2)] * 2, torch.tensor([0]), temperature=0)
 
 
@@ -89,7 +89,7 @@ def test_byot_detaches_the_deepest_exit() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"alpha": 1.5}, r"alpha must lie in \[0, 1\], got 1.5"), ({"temperature": -2.0}, "got -2.0"),
-     ({"feature_weight": -1.0}, "feature_weight must be non-negative, got -1.0")],
+     ({"feature_weight": -1.0}, "feature_weight must be a finite non-negative number, got -1.0")],
 )
 def test_byot_errors(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):

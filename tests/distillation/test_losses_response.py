@@ -124,7 +124,7 @@ def test_gradcheck_response_losses() -> None:
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
 def test_bad_temperature_is_quoted(temperature: float) -> None:
-    with pytest.raises(ValueError, match=f"temperature must be positive, got {temperature}"):
+    with pytest.raises(ValueError, match=f"temperature must be a finite positive number, got {temperature}"):
         soft_target_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature)
 
 
@@ -135,7 +135,7 @@ def test_mismatched_class_counts_are_quoted() -> None:
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [([1.0, -0.5], r"non-negative, got \[1.0, -0.5\]"), ([0.0, 0.0], r"not all be zero, got \[0.0, 0.0\]"),
+    [([1.0, -0.5], r"non-negative numbers, got \[1.0, -0.5\]"), ([0.0, 0.0], r"not all be zero, got \[0.0, 0.0\]"),
      ([1.0], "one entry per item")],
 )
 def test_bad_teacher_weights(weights: list[float], message: str) -> None:

@@ -201,22 +201,56 @@ def test_resume_continues_like_an_uninterrupted_run(trainer_factory: Any, tmp_pa
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": 0.0}, "temperature must be positive, got 0.0"),
-        ({"soft_weight": -1.0}, "soft_weight must be non-negative, got -1.0"),
+        ({"temperature": 0.0}, "temperature must be a finite positive number, got 0.0"),
+        ({"temperature": float("inf")}, "temperature must be a finite positive number, got inf"),
+        ({"soft_weight": -1.0}, "soft_weight must be a finite non-negative number, got -1.0"),
+        ({"soft_weight": float("nan")}, "soft_weight must be a finite non-negative number, got nan"),
+        ({"hard_weight": float("inf")}, "hard_weight must be a finite non-negative number, got inf"),
         ({"soft_weight": 0.0, "hard_weight": 0.0}, "At least one loss weight must be positive"),
-        ({"teacher_weights": [-1.0]}, r"teacher_weights must be non-negative, got \[-1.0\]"),
+        ({"teacher_weights": [-1.0]}, r"teacher_weights must be finite non-negative numbers, got \[-1.0\]"),
+        ({"teacher_weights": [float("nan")]}, r"teacher_weights must be finite .* got \[nan\] \(nan is not\)"),
         ({"teacher_weights": [0.0]}, r"teacher_weights must not all be zero, got \[0.0\]"),
         ({"student_layers": ["stage1"], "teacher_layers": []}, "pair up one to one, got 1 and 0"),
         ({"student_layers": ["stage7"], "teacher_layers": ["stage1"]}, "Unknown student layer 'stage7'"),
         ({"student_layers": ["stage1"], "teacher_layers": ["block1"]}, "Unknown teacher layer 'block1'"),
         ({"hint_weight": 1.0}, "need student_layers and teacher_layers"),
-        ({"feature_stage_epochs": -1}, "feature_stage_epochs must be non-negative, got -1"),
+        ({"feature_stage_epochs": -1}, "feature_stage_epochs must be a non-negative integer, got -1"),
+        ({"feature_stage_epochs": 1.5, "student_layers": ["stage1"], "teacher_layers": ["stage1"], "hint_weight": 1.0},
+         "feature_stage_epochs must be a non-negative integer, got 1.5"),
+        ({"feature_stage_epochs": 1, "student_layers": ["stage1"], "teacher_layers": ["stage1"], "hint_weight": 1.0,
+          "soft_weight": 0.0, "hard_weight": 0.0}, "the task stage after it trains on soft and hard only"),
+        ({"optimizer": "sgd", "momentum": -1.0}, "momentum must be a finite non-negative number, got -1.0"),
         ({"optimizer": "lamb"}, "optimizer must be one of .* got 'lamb'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DistillationModule(_student(), _teacher(), **kwargs)
+
+
+@pytest.mark.parametrize("term", ["attention", "pairwise", "fsp"])
+def test_spatial_terms_on_vector_layers_fail_at_construction(term: str) -> None:
+    """Attention, pairwise and FSP read maps with spatial positions; (batch, features) layers are refused up front."""
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    teacher = copy.deepcopy(student)  # equal widths: the pair itself is fine for every term but the spatial ones
+    layers = ["1", "3"]
+    with pytest.raises(ValueError, match=rf"{term} needs \(batch, channels, \*spatial\) feature maps, got student "
+                                         r"'1' \(2, 16\) and teacher '1' \(2, 16\)"):
+        DistillationModule(student, teacher, student_layers=layers, teacher_layers=layers, input_shape=[1, 8, 8],
+                           **{f"{term}_weight": 1.0})
+
+
+def test_teacher_accuracy_is_logged_once_across_a_resume(trainer_factory: Any, digits: Any, tmp_path: Path) -> None:
+    def fit(epochs: int, ckpt: Path | None = None) -> pl.Trainer:
+        trainer = trainer_factory(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1)
+        trainer.fit(DistillationModule(_student(), _teacher()), datamodule=digits, ckpt_path=ckpt)
+        return trainer
+
+    first = fit(1)
+    assert "val/teacher_acc" in first.callback_metrics
+    first.save_checkpoint(tmp_path / "epoch0.ckpt")
+    resumed = fit(2, tmp_path / "epoch0.ckpt")
+    assert resumed.current_epoch == 2 and "val/teacher_acc" not in resumed.callback_metrics
 
 
 def test_same_object_as_student_and_teacher() -> None:

@@ -49,7 +49,7 @@ def test_mutual_learning_errors() -> None:
         MutualLearningModule([peer, peer])
     with pytest.raises(ValueError, match=r"same number of classes, got output shapes \[\(3,\), \(2,\)\]"):
         MutualLearningModule([peer, nn.Linear(4, 2)], input_shape=[4])
-    with pytest.raises(ValueError, match="temperature must be positive, got -1"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number, got -1"):
         MutualLearningModule([peer, nn.Linear(4, 3)], temperature=-1)
 
 
