@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -56,9 +56,16 @@ class DistillationBase(pl.LightningModule):
     # ------------------------------------------------------------------ override points
 
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
-        """Return ``(inputs, targets)`` of a batch; override for other batch layouts."""
-        inputs, targets = batch[0], batch[1]
-        return inputs, targets
+        """Return ``(inputs, targets)`` of a batch (a list or tuple ``(inputs, targets, ...)``); override for other
+        batch layouts (e.g. dictionaries)."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            layout = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else (
+                f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
+            raise TypeError(
+                f"{type(self).__name__} expects batches (inputs, targets, ...), got {layout}; override "
+                "split_batch(batch) to return (inputs, targets) for this layout."
+            )
+        return batch[0], batch[1]
 
     def trainable_modules(self) -> Iterable[nn.Module]:
         """Modules whose parameters the optimizer trains (override point)."""

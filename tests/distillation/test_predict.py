@@ -45,3 +45,15 @@ def test_predict_gives_the_class_of_forward(trainer_factory, name, labels):
     with torch.no_grad():
         expected = module(inputs).argmax(dim=1)
     assert torch.equal(torch.cat(predictions), expected)
+
+
+@pytest.mark.parametrize(("batch", "layout"), [
+    ({"image": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2)}, r"a dict with keys \['image', 'label'\]"),
+    ([torch.zeros(2, 1, 8, 8)], "a list of length 1"),
+    (torch.zeros(2, 1, 8, 8), "a Tensor"),
+])
+def test_an_unknown_batch_layout_names_itself_and_the_override(batch, layout):
+    module = MODULES["distillation"]()
+    with pytest.raises(TypeError, match=rf"DistillationModule expects batches \(inputs, targets, \.\.\.\), got {layout}; "
+                                        r"override split_batch"):
+        module.split_batch(batch)
