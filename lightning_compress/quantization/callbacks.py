@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -211,6 +212,10 @@ class QuantizationAwareTraining(Callback):
                 check = getattr(callback, "check_quantization_starts_later", None)
                 if callable(check):
                     check(trainer)
+            last = trainer.max_epochs
+            if self.start_epoch > 0 and not self.attached and last is not None and 0 <= last <= self.start_epoch:
+                rank_zero_warn(f"QuantizationAwareTraining(start_epoch={self.start_epoch}) starts after the last "
+                               f"epoch (max_epochs={last}): this fit will not quantize the network.")
         # start_epoch > 0: attached at that epoch, or (resume, test from a checkpoint) by the hook installed below
         if self.start_epoch == 0 or self.attached or in_memory:
             self._attach(pl_module, stage)

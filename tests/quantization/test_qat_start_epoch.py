@@ -92,6 +92,15 @@ def test_bad_layer_pattern_fails_in_setup_even_before_the_start(trainer_factory)
         trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
 
 
+def test_a_start_after_the_last_epoch_warns_in_setup(trainer_factory) -> None:
+    qat = QuantizationAwareTraining(start_epoch=3)
+    trainer = trainer_factory(callbacks=[qat], max_epochs=3, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"start_epoch=3\) starts after the last epoch \(max_epochs=3\): this fit "
+                                         "will not quantize the network"):
+        trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
+    assert not qat.attached
+
+
 # --------------------------------------------------------------------------------------- the start itself
 
 
