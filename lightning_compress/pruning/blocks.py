@@ -88,9 +88,9 @@ def block_scores(model: nn.Module, names: Sequence[str], p: int = 2) -> torch.Te
     return torch.stack(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
-def remove_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` with the named blocks replaced by ``nn.Identity``."""
-    result = copy.deepcopy(model)
+def remove_blocks(model: nn.Module, names: Sequence[str], inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace``) with the named blocks replaced by ``nn.Identity``."""
+    result = model if inplace else copy.deepcopy(model)
     for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = result.get_submodule(parent_name) if parent_name else result

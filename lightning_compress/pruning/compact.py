@@ -67,6 +67,8 @@ class CompactionPlan:
             that are kept.
         graph: the dependency analysis.
         replacements: filled by :func:`compact`: every parameter it replaced.
+        outputs_removed: filled by :func:`compact`: per module, the output channels it removed (also for modules
+            without parameters, e.g. a BatchNorm without affine parameters whose running statistics were sliced).
     """
 
     groups: list[ChannelGroup]
@@ -74,6 +76,7 @@ class CompactionPlan:
     skipped: list[tuple[int, list[int], str]] = field(default_factory=list)
     graph: DependencyGraph | None = None
     replacements: list[Replacement] = field(default_factory=list)
+    outputs_removed: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_removable(self) -> int:
@@ -188,6 +191,7 @@ def compact(
                 out_remove.setdefault(module, set()).add(index)
             for consumer, index, value, _ in meta.reads:
                 in_remove.setdefault(consumer, {})[index] = value
+    plan.outputs_removed = {name: sorted(indices) for name, indices in out_remove.items()}
     compacted = model if inplace else copy.deepcopy(model)
     for name, module in compacted.named_modules():
         if name in out_remove or name in in_remove:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "check_sparsity",
+    "check_splicing_decay",
     "expand_mask",
     "global_magnitude_masks",
     "lowest_k_mask",
@@ -161,6 +162,12 @@ def splicing_probability(iteration: int, gamma: float = 1e-4, power: float = 1.0
     >>> splicing_probability(10_000, gamma=1e-4, power=1.0)
     0.5
     """
-    if gamma < 0 or power < 0:
-        raise ValueError(f"gamma and power must be >= 0, got gamma={gamma!r}, power={power!r}.")
+    check_splicing_decay(gamma, power)
     return (1.0 + gamma * iteration) ** -power
+
+
+def check_splicing_decay(gamma: float, power: float) -> None:
+    """Raise ``ValueError`` unless ``gamma`` and ``power`` are finite numbers >= 0."""
+    for name, value in (("gamma", gamma), ("power", power)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"Splicing needs a finite {name} >= 0, got {name}={value!r}.")

@@ -76,7 +76,8 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         recalibration_batches: training batches to re-estimate BatchNorm statistics after the final prune.
         compact_on_fit_end: at the end of ``fit`` replace the compression target inside the LightningModule by its
             compacted copy (fewer filters and channels, same outputs); a later ``fit`` (fine-tuning) builds its
-            optimizer over the compact network, and this callback then leaves it alone.
+            optimizer over the compact network, and this callback then leaves it alone. Without a
+            ``compression_target`` the LightningModule itself is compacted in place.
         compact_every_epoch: hard mode only: after every epoch shrink the layers in place and slice the optimizer
             state to match, so training itself gets cheaper (a resumed run replays the recorded compactions on the
             fresh model before loading the checkpoint; under DDP the wrapper is rebuilt on every rank).
@@ -91,9 +92,10 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         log_histograms: per-layer sparsity histogram in TensorBoard.
 
     Raises:
-        ValueError: for a rate outside [0, 1), an unknown mode or granularity, ``p`` not in {1, 2},
-            ``compact_every_epoch`` in soft mode or together with ``compact_at_schedule_end``; before the first
-            training step for a rate that would remove every channel of a group, a pattern matching nothing, or a
+        ValueError: for a rate outside [0, 1), a ``sparsity`` key that is not a valid regex, an unknown mode or
+            granularity, ``p`` not in {1, 2}, ``recalibration_batches`` not an integer >= 0, ``compact_every_epoch``
+            in soft mode or together with ``compact_at_schedule_end``; before the first training step for a rate
+            that would remove every channel of a group, a ``sparsity`` pattern matching no selected layer, or a
             ``QuantizationAwareTraining`` that starts before the compaction at the schedule's end; at a compaction in
             place if the network holds quantized layers.
     """
@@ -118,6 +120,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         rates = sparsity if isinstance(sparsity, dict) else {".*": sparsity}
         for pattern, rate in rates.items():
             check_sparsity(rate, f"sparsity[{pattern!r}]" if isinstance(sparsity, dict) else "sparsity")
+            _check_pattern(pattern)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if granularity not in GRANULARITIES:
@@ -128,8 +131,9 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if compact_every_epoch and compact_at_schedule_end:
             raise ValueError("compact_every_epoch=True and compact_at_schedule_end=True: choose one (every epoch, or "
                              "once when the schedule ends).")
-        if recalibration_batches < 0:
-            raise ValueError(f"recalibration_batches must be >= 0, got {recalibration_batches!r}.")
+        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) \
+                or recalibration_batches < 0:
+            raise ValueError(f"recalibration_batches must be an integer >= 0, got {recalibration_batches!r}.")
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
                          log_histograms)
         self.sparsity = sparsity  # type: ignore[assignment]
@@ -170,11 +174,22 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if self.compacted:
             return
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._check_rate_patterns()
         if not (self.compact_every_epoch or self.compact_at_schedule_end):
             return
         if stage != "fit":  # validate / test / predict from a checkpoint of a compacted network
             self._target = compression_target(pl_module)
         self._replay_before_loading(pl_module)
+
+    def _check_rate_patterns(self) -> None:
+        """Every pattern of a ``sparsity`` mapping must name at least one selected layer."""
+        if not isinstance(self.sparsity, dict):
+            return
+        for pattern in self.rates:
+            if not any(name == pattern or re.fullmatch(pattern, name) for name in self._modules):
+                raise ValueError(f"FilterPruning: the sparsity pattern {pattern!r} matches no selected layer; "
+                                 f"selected: {sorted(self._modules)}.")
 
     def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
         """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse. Called
@@ -451,3 +466,13 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.compacted_at = state_dict.get("compacted_at")
         if "example" in state_dict:
             self._example = state_dict["example"]
+
+
+def _check_pattern(pattern: object) -> None:
+    """A ``sparsity`` key must be a layer name or a valid regular expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"sparsity keys must be layer names or regexes (strings), got {pattern!r}.")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"sparsity key {pattern!r} is not a valid regular expression ({err}).") from None

@@ -38,7 +38,8 @@ Origins = dict[str, tuple[torch.Size, tuple[torch.Tensor, ...]]]
 
 def record_origins(origins: Origins, plan: CompactionPlan, modules: dict[str, nn.Module]) -> None:
     """Compose the slicing of one in-place compaction (``plan.replacements``) into ``origins``; BatchNorm running
-    statistics follow their layer's scale. Biases the compaction created (folded constants) have no origin."""
+    statistics follow their layer's scale (or, without one, the channels the plan removed). Biases the compaction
+    created (folded constants) have no origin."""
     for replacement in plan.replacements:
         if replacement.old is None:
             continue
@@ -47,16 +48,26 @@ def record_origins(origins: Origins, plan: CompactionPlan, modules: dict[str, nn
         if replacement.name == "weight" and isinstance(modules.get(replacement.module), _BatchNorm):
             names += ["running_mean", "running_var"]
         for name in names:
-            key = prefix + name
             shape = replacement.old.shape if name in ("weight", "bias") else replacement.old.shape[:1]
-            original, before = origins.get(key, (shape, ()))
-            index = tuple(i.cpu() for i in replacement.index)
-            composed = []
-            for dim in range(max(len(before), len(index))):
-                was = before[dim] if dim < len(before) else torch.arange(shape[dim])
-                now = index[dim] if dim < len(index) else torch.arange(len(was))
-                composed.append(was[now])
-            origins[key] = (original, tuple(composed))
+            _compose(origins, prefix + name, shape, tuple(i.cpu() for i in replacement.index))
+    for name, removed in plan.outputs_removed.items():  # BatchNorm without a scale: its statistics only
+        module = modules.get(name)
+        if isinstance(module, _BatchNorm) and module.weight is None and module.running_mean is not None:
+            before, dropped = module.num_features + len(removed), set(removed)
+            keep = torch.tensor([i for i in range(before) if i not in dropped], dtype=torch.long)
+            for stat in ("running_mean", "running_var"):
+                _compose(origins, f"{name}.{stat}" if name else stat, torch.Size([before]), (keep,))
+
+
+def _compose(origins: Origins, key: str, shape: torch.Size, index: tuple[torch.Tensor, ...]) -> None:
+    """Compose one more slicing ``index`` of a tensor of ``shape`` into ``origins[key]``."""
+    original, before = origins.get(key, (shape, ()))
+    composed = []
+    for dim in range(max(len(before), len(index))):
+        was = before[dim] if dim < len(before) else torch.arange(shape[dim])
+        now = index[dim] if dim < len(index) else torch.arange(len(was))
+        composed.append(was[now])
+    origins[key] = (original, tuple(composed))
 
 
 def to_original_shapes(state_dict: dict[str, Any], origins: Origins, prefix: str = "") -> None:
@@ -165,13 +176,16 @@ class FinalPruneSteps:
             self.compact(pl_module)
 
     def compact(self, pl_module: pl.LightningModule) -> nn.Module:
-        """Replace the compression target by its compacted copy; returns the copy."""
+        """Replace the compression target by its compacted copy; returns the copy. Without a ``compression_target``
+        the LightningModule itself is compacted in place (as the in-place options do) and returned."""
         from lightning_compress.measure import count_parameters
 
         before = count_parameters(self._target)
-        small, plan = cast(tuple[nn.Module, Any],
-                           compact(self._target, self._example.to(pl_module.device), return_plan=True))
-        replace_compression_target(pl_module, small)
+        in_place = self._target is pl_module
+        small, plan = cast(tuple[nn.Module, Any], compact(self._target, self._example.to(pl_module.device),
+                                                          inplace=in_place, return_plan=True))
+        if not in_place:
+            replace_compression_target(pl_module, small)
         record_origins(self._origins, plan, dict(small.named_modules()))
         self.compaction = {"parameters_before": before, "parameters_after": count_parameters(small),
                            "channels_removed": plan.num_removable,

@@ -68,7 +68,8 @@ def group_scores(group: PrunableGroup, modules: dict[str, Any], p: int, granular
     """The Lp norm of all weights tied to each channel of ``group``.
 
     ``granularity="filter"`` scores the producers' filters (Li et al. 2017; He et al. 2018, on a group as in
-    DepGraph, Fang et al. 2023); ``"channel"`` scores the consumers' input slices that read the channel.
+    DepGraph, Fang et al. 2023); ``"channel"`` scores the consumers' input slices that read the channel, and a
+    channel whose producing filters are all zero (pruned before, not regrown) scores 0: it is pruned already.
     """
     check_p(p)
     total = torch.zeros(group.size, dtype=torch.float64)
@@ -83,7 +84,22 @@ def group_scores(group: PrunableGroup, modules: dict[str, Any], p: int, granular
             for k, columns in enumerate(reads):
                 if columns:
                     total[k] += weight[:, columns].pow(p).sum()
+        total[dead_channels(group, modules)] = 0.0
     return total.pow(1.0 / p)
+
+
+def dead_channels(group: PrunableGroup, modules: dict[str, Any]) -> torch.Tensor:
+    """Channels of ``group`` whose every producing filter and bias entry is zero (what compaction removes)."""
+    live = torch.zeros(group.size, dtype=torch.bool)
+    produced = torch.zeros(group.size, dtype=torch.bool)
+    for name, index in group.producers.items():
+        module, valid = modules[name], index >= 0
+        rows = module.weight.detach().flatten(1).ne(0).any(1)
+        if isinstance(module.bias, torch.Tensor):
+            rows = rows | module.bias.detach().ne(0)
+        live |= rows.cpu()[index.clamp(min=0)] & valid
+        produced |= valid
+    return produced & ~live
 
 
 def pruned_channel_masks(group: PrunableGroup, modules: dict[str, Any], keep: torch.Tensor, batchnorm: bool
@@ -95,15 +111,15 @@ def pruned_channel_masks(group: PrunableGroup, modules: dict[str, Any], keep: to
     pairs = []
     for mapping in mappings:
         for name, index in mapping.items():
-            module = modules[name]
-            rows = torch.zeros(module.weight.shape[0], dtype=torch.bool)
+            tensors = [t for t in (modules[name].weight, modules[name].bias) if isinstance(t, torch.Tensor)]
+            if not tensors:
+                continue  # a BatchNorm without affine parameters: nothing to zero
+            rows = torch.zeros(tensors[0].shape[0], dtype=torch.bool)
             rows[index[drop & (index >= 0)]] = True
             if not rows.any():
                 continue
-            for tensor in (module.weight, module.bias):
-                if isinstance(tensor, torch.Tensor):
-                    pruned = rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1)))
-                    pairs.append((tensor, pruned))
+            for tensor in tensors:
+                pairs.append((tensor, rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1)))))
     return pairs
 
 

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_compress.pruning.blocks import block_scores, removable_blocks, remove_blocks, zero_block
 from lightning_compress.pruning.callback_base import PruningCallback
-from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
+from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask, num_pruned
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.utils import compression_target, first_tensor, replace_compression_target
@@ -36,12 +36,14 @@ class LayerPruning(PruningCallback):
         schedule: progress towards ``sparsity``.
         layers: names or regexes of candidate blocks (default: every removable block).
         exclude: names or regexes of blocks to keep.
-        compact_on_fit_end: replace the removed blocks by ``nn.Identity`` when ``fit`` ends.
+        compact_on_fit_end: replace the removed blocks by ``nn.Identity`` when ``fit`` ends (in a copy of the
+            compression target; without one, in the LightningModule itself).
         log_histograms: unused here (kept for a uniform interface).
 
     Raises:
         ValueError: for a sparsity outside [0, 1), an unknown mode, ``p`` not in {1, 2}; before the first training
-            step, for a model without a removable block or a rate that would remove every block.
+            step, for a model without a removable block, a rate that would remove every block, or a checkpoint
+            with masks for blocks the model lacks.
     """
 
     def __init__(
@@ -75,9 +77,15 @@ class LayerPruning(PruningCallback):
             raise ValueError(f"LayerPruning found no removable block in {type(self._target).__name__} "
                              f"(layers={self.layers!r}, exclude={self.exclude!r}): a block must turn into the "
                              "identity when its parameters are zero, as a residual block with an identity shortcut.")
-        filters_to_prune(torch.ones(len(blocks)), self.sparsity)  # refuses a rate that removes every block
+        _check_block_rate(self.sparsity, blocks)
+        if self.masks and set(self.masks) != set(blocks):  # restored: checked here, the blocks are known only now
+            raise ValueError(f"The checkpoint has masks for the blocks {sorted(self.masks)}, but this model's "
+                             f"removable blocks are {blocks}.")
         self._modules = {name: self._target.get_submodule(name) for name in blocks}
         self._ready = True
+
+    def _apply_restored(self, state: dict[str, Any]) -> None:
+        """The blocks are found on the first training batch: restored masks are checked in :meth:`_prepare`."""
 
     def compute_masks(self, modules: dict[str, Any], sparsity: float, position: int) -> dict[str, torch.Tensor]:
         names = list(modules)
@@ -118,8 +126,21 @@ class LayerPruning(PruningCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compact_on_fit_end and self._ready and not self.compacted:
             self.enforce()
-            replace_compression_target(pl_module, remove_blocks(self._target, self.removed()))
+            if self._target is pl_module:  # no compression_target: the LightningModule itself, in place
+                remove_blocks(pl_module, self.removed(), inplace=True)
+            else:
+                replace_compression_target(pl_module, remove_blocks(self._target, self.removed()))
             self.compacted, self._ready = True, False
+
+
+def _check_block_rate(sparsity: float, blocks: list[str]) -> None:
+    """Refuse a rate that would remove every removable block."""
+    k = num_pruned(sparsity, len(blocks))
+    if k >= len(blocks):
+        raise ValueError(
+            f"LayerPruning(sparsity={sparsity!r}) would remove every removable block (round({sparsity!r} * "
+            f"{len(blocks)}) = {k} of {len(blocks)}: {blocks}); allowed: sparsity < "
+            f"{(len(blocks) - 0.5) / len(blocks):.4g} for this model.")
 
 
 def _matches_any(name: str, patterns: list[str]) -> bool:

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import (
     check_sparsity,
+    check_splicing_decay,
     global_magnitude_masks,
     magnitude_mask,
     splicing_mask,
@@ -68,7 +69,8 @@ class MagnitudePruning(PruningCallback):
 
     Raises:
         ValueError: for a sparsity outside [0, 1), an unknown method, granularity or scope, ``p`` not in {1, 2},
-            a negative threshold, ``a >= b``, only one of ``a`` and ``b``, or a schedule with the threshold method.
+            a negative threshold, ``a >= b``, only one of ``a`` and ``b``, a negative or non-finite ``gamma`` or
+            ``power``, or a schedule with the threshold method.
 
     Example (YAML)::
 
@@ -106,8 +108,12 @@ class MagnitudePruning(PruningCallback):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         check_p(p)
-        if method == "threshold" and (threshold is None or threshold < 0):
+        if method == "threshold" and (threshold is None or not threshold >= 0):
             raise ValueError(f"method='threshold' needs a threshold >= 0, got threshold={threshold!r}.")
+        if method == "threshold" and schedule is not None:
+            raise ValueError(f"method='threshold' prunes |w| < threshold from the start; a schedule does not apply "
+                             f"(it paces sparsity for method='magnitude'), got schedule={schedule!r}.")
+        check_splicing_decay(gamma, power)
         if (a is None) != (b is None):
             raise ValueError(f"Give both splicing thresholds a and b, or neither; got a={a!r}, b={b!r}.")
         if a is not None and b is not None and not 0 <= a < b:

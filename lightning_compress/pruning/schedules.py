@@ -14,6 +14,7 @@ expressible in YAML (``class_path: lightning_compress.pruning.schedules.AGP``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,8 +46,8 @@ class Schedule:
         unit: ``"epoch"`` or ``"step"``; the callback decides which counter it passes.
 
     Raises:
-        ValueError: for a negative start, a schedule that ends before it starts, a frequency below 1 or an unknown
-            unit.
+        ValueError: for a start, end or frequency that is not an integer (e.g. ``nan``, ``inf``, ``1.5``), a
+            negative start, a schedule that ends before it starts, a frequency below 1 or an unknown unit.
     """
 
     start: int = 0
@@ -55,6 +56,10 @@ class Schedule:
     unit: str = "epoch"
 
     def __post_init__(self) -> None:
+        for name in ("start", "end", "frequency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{type(self).__name__}: {name} must be an integer, got {name}={value!r}.")
         if self.start < 0:
             raise ValueError(f"A schedule starts at a position >= 0, got start={self.start!r}.")
         if self.end < self.start:
@@ -153,8 +158,8 @@ class Exponential(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.rate > 0:
-            raise ValueError(f"rate must be > 0, got rate={self.rate!r}.")
+        if not 0 < self.rate < math.inf:
+            raise ValueError(f"rate must be a finite number > 0, got rate={self.rate!r}.")
 
     def shape(self, fraction: float) -> float:
         return (1.0 - math.exp(-self.rate * fraction)) / (1.0 - math.exp(-self.rate))

@@ -54,6 +54,6 @@ def test_predict_gives_the_class_of_forward(trainer_factory, name, labels):
 ])
 def test_an_unknown_batch_layout_names_itself_and_the_override(batch, layout):
     module = MODULES["distillation"]()
-    with pytest.raises(TypeError, match=rf"DistillationModule expects batches \(inputs, targets, \.\.\.\), got {layout}; "
-                                        r"override split_batch"):
+    expected = rf"DistillationModule expects batches \(inputs, targets, \.\.\.\), got {layout}; override split_batch"
+    with pytest.raises(TypeError, match=expected):
         module.split_batch(batch)

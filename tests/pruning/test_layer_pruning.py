@@ -51,7 +51,7 @@ def test_layer_pruning_removes_blocks_and_compacts(trainer_factory, tmp_path, ti
     ("callback", "backbone", "message"),
     [
         (LayerPruning(), PlainCNN(width=4), "no removable block"),
-        (LayerPruning(sparsity=0.9), ResidualCNN(width=4, depth=1), "would remove every filter"),
+        (LayerPruning(sparsity=0.9), ResidualCNN(width=4, depth=1), "would remove every removable block"),
     ],
 )
 def test_bad_models_fail_before_the_first_step(trainer_factory, callback, backbone, message):
