@@ -7,6 +7,7 @@ callbacks in :mod:`~lightning_compress.quantization.callbacks` decide when these
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from lightning_compress.quantization.quantizers import (
     absmax,
     attach_quantizer,
     check_quantizable,
+    validate_flag,
 )
 from lightning_compress.utils import first_tensor, select_layers
 
@@ -37,14 +39,15 @@ PTQ_MODES = ("weight_only", "static", "dynamic")
 _TYPES = ("Conv1d", "Conv2d", "Linear")
 
 
-
-
 # ------------------------------------------------------------------------------------------ configuration
 
 
 @dataclass
 class _Calibration:
-    """Validated calibration settings shared by QAT, PTQ and :func:`quantize_model`."""
+    """Validated calibration settings shared by QAT, PTQ and :func:`quantize_model`.
+
+    ``start_bin`` past the histogram's last bin is clamped to it when the amax is computed.
+    """
 
     method: str = "max"
     amax: float | dict[str, float] | None = None
@@ -58,14 +61,23 @@ class _Calibration:
         if self.method != "global":
             validate_method(self.method)
         validate_percentile(self.percentile)
-        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 2:
-            raise ValueError(f"num_bins={self.num_bins!r} must be an integer >= 2")
-        if self.method == "global" and self.amax is None:
-            raise ValueError("calibration='global' needs amax=<float> or amax={pattern: float}")
-        values = self.amax.values() if isinstance(self.amax, Mapping) else [] if self.amax is None else [self.amax]
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"global amax {value!r} must be a positive number")
+        _check_int("num_bins", self.num_bins, 2)
+        _check_int("start_bin", self.start_bin, 0)
+        self._check_amax()
+
+    def _check_amax(self) -> None:
+        if self.amax is None:
+            if self.method == "global":
+                raise ValueError("calibration='global' needs amax=<float> or amax={pattern: float}")
+            return
+        if not isinstance(self.amax, Mapping):
+            _check_amax_value(self.amax)
+            return
+        if not self.amax:
+            raise ValueError("global amax={} is empty; give one number or {pattern: number} covering every layer")
+        for pattern, value in self.amax.items():
+            _check_amax_pattern(pattern)
+            _check_amax_value(value, pattern)
 
     def calibrator(self, name: str, unsigned: bool) -> MaxCalibrator | HistogramCalibrator | None:
         if self.method == "global":
@@ -74,13 +86,26 @@ class _Calibration:
             return MaxCalibrator(unsigned=unsigned, name=name)
         return HistogramCalibrator(self.num_bins, unsigned=unsigned, name=name)
 
+    def _pattern_amax(self, name: str) -> float | None:
+        for pattern, value in self.amax.items():  # type: ignore[union-attr]
+            if name == pattern or re.fullmatch(pattern, name):
+                return float(value)
+        return None
+
+    def check_covers(self, names: Iterable[str]) -> None:
+        """With a ``{pattern: amax}`` global amax, raise a ``ValueError`` naming every layer no pattern matches."""
+        if self.method != "global" or not isinstance(self.amax, Mapping):
+            return
+        missing = [name for name in names if self._pattern_amax(name) is None]
+        if missing:
+            raise ValueError(f"calibration='global': no amax pattern in {list(self.amax)} matches layers {missing}; "
+                             "add patterns for them or give one number")
+
     def global_amax(self, name: str) -> float:
         if not isinstance(self.amax, Mapping):
             return float(self.amax)  # type: ignore[arg-type]
-        for pattern, value in self.amax.items():
-            if name == pattern or re.fullmatch(pattern, name):
-                return float(value)
-        raise ValueError(f"calibration='global': no amax pattern in {list(self.amax)} matches layer {name!r}")
+        self.check_covers([name])
+        return self._pattern_amax(name)  # type: ignore[return-value]
 
     def compute(self, name: str, calibrator: Any, num_bits: int) -> Tensor:
         if calibrator is None:
@@ -91,6 +116,32 @@ class _Calibration:
             raise RuntimeError(f"layer {name!r} received no calibration data")
         start = min(self.start_bin, calibrator.counts.numel() - 1)
         return calibrator.compute_amax(self.method, num_bits=num_bits, start_bin=start, percentile=self.percentile)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _check_amax_value(value: Any, pattern: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        where = "" if pattern is None else f" (pattern {pattern!r})"
+        raise ValueError(f"global amax {value!r}{where} must be a finite positive number")
+
+
+def _check_amax_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"global amax pattern {pattern!r} must be a layer name or regex (a string)")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"global amax pattern {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _validate_calibration_batches(value: int | None) -> None:
+    """``None`` (every batch) or a positive integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"calibration_batches={value!r} must be a positive integer or None (every batch)")
 
 
 def _validate_bit_widths(num_bits: int, bit_widths: Mapping[str, int] | None) -> None:
@@ -116,14 +167,17 @@ def resolve_specs(
 ) -> dict[str, QuantSpec]:
     """The layers of ``target`` to quantize and how (``bit_widths`` patterns override ``num_bits``).
 
+    ``skip_first_and_last`` leaves the first and the last chosen layer (definition order) in float.
+
     Raises:
         ValueError: a pattern (in ``layers`` or ``bit_widths``) matching no Conv1d/Conv2d/Linear, a selected layer
-            of another type (a subclass), or nothing left to quantize.
+            of another type (a subclass), a flag that is not a bool, or nothing left to quantize (also when
+            ``skip_first_and_last`` would skip the only one or two chosen layers).
     """
+    validate_flag("skip_first_and_last", skip_first_and_last)
     chosen = select_layers(target, layers, types=_TYPES, exclude=exclude)
-    if skip_first_and_last and len(chosen) > 2:
-        names = list(chosen)
-        chosen = {n: chosen[n] for n in names[1:-1]}  # definition (named_modules) order
+    if skip_first_and_last:
+        chosen = _skip_first_and_last(chosen)
     if not chosen:
         raise ValueError(f"nothing to quantize in {type(target).__name__}: layers={layers!r}, exclude={exclude!r}")
     check_quantizable(chosen)
@@ -133,6 +187,14 @@ def resolve_specs(
             if name in bits:
                 bits[name] = width
     return {name: QuantSpec(bits[name], per_channel, unsigned, learn) for name in chosen}
+
+
+def _skip_first_and_last(chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    names = list(chosen)  # definition (named_modules) order
+    if 0 < len(names) <= 2:
+        raise ValueError(f"skip_first_and_last=True would skip every chosen layer {names}, leaving nothing to "
+                         "quantize; use skip_first_and_last=False or choose more layers")
+    return {name: chosen[name] for name in names[1:-1]}
 
 
 def attach_all(target: nn.Module, specs: Mapping[str, QuantSpec]) -> dict[str, Any]:
@@ -253,15 +315,16 @@ def quantize_model(
         bit_widths: ``{pattern: bits}`` overriding ``num_bits``.
         per_channel: per-output-channel weight ``amax``.
         unsigned: non-negative inputs.
-        calibration_batches: at most this many batches of ``calibration_data``.
-        percentile: for ``"percentile"``.
-        num_bins: histogram bins.
-        start_bin: first candidate bin of the mse / entropy searches.
+        calibration_batches: at most this many batches of ``calibration_data`` (a positive integer; ``None``: all).
+        percentile: for ``"percentile"``, in ``(0, 100]``.
+        num_bins: histogram bins (>= 2).
+        start_bin: first candidate bin of the mse / entropy searches (>= 0; clamped to the last bin).
         inplace: quantize ``model`` itself instead of a deep copy.
 
     Raises:
-        ValueError: bad settings (as :class:`QuantizationAwareTraining`), a static mode without data, NaN / Inf
-            in calibration data (naming the layer).
+        ValueError: bad settings (as :class:`QuantizationAwareTraining`; also a global amax that is not finite,
+            or a ``{pattern: amax}`` that misses a layer), a static mode without data, NaN / Inf in calibration
+            data (naming the layer). Settings and layer patterns are checked before the model is changed.
 
     >>> qm = quantize_model(nn.Sequential(nn.Linear(4, 2)), "static", torch.randn(8, 4))
     >>> type(qm[0]).__name__, qm[0].input_quantizer.amax.item() > 0
@@ -271,11 +334,15 @@ def quantize_model(
         raise ValueError(f"Unknown mode {mode!r}; allowed: {', '.join(map(repr, PTQ_MODES))}")
     _validate_bit_widths(num_bits, bit_widths)
     settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
+    _validate_calibration_batches(calibration_batches)
+    for flag, value in (("per_channel", per_channel), ("unsigned", unsigned), ("inplace", inplace)):
+        validate_flag(flag, value)
     if mode == "static" and calibration_data is None and calibration != "global":
         raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
     qmodel = model if inplace else copy.deepcopy(model)
     specs = resolve_specs(qmodel, layers=layers, exclude=exclude, num_bits=num_bits, bit_widths=bit_widths,
                           per_channel=per_channel, unsigned=unsigned, learn="none")
+    settings.check_covers(specs)  # before anything is attached (inplace leaves the model untouched)
     quantized = attach_all(qmodel, specs)
     _set_modes(quantized, "frozen", "none")
     with torch.no_grad():

@@ -56,9 +56,9 @@ def validate_method(method: str) -> str:
 
 
 def validate_percentile(percentile: float) -> None:
-    """Raise a ``ValueError`` unless ``0 < percentile <= 100``."""
-    if not (isinstance(percentile, int | float) and 0 < percentile <= 100):
-        raise ValueError(f"percentile={percentile!r} must be in (0, 100]")
+    """Raise a ``ValueError`` unless ``percentile`` is a number (not a bool) with ``0 < percentile <= 100``."""
+    if isinstance(percentile, bool) or not (isinstance(percentile, int | float) and 0 < percentile <= 100):
+        raise ValueError(f"percentile={percentile!r} must be in (0, 100] (a number, not a bool)")
 
 
 def _what(name: str | None) -> str:

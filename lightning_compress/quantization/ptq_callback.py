@@ -16,13 +16,28 @@ from lightning_compress.quantization.calibrate import (
     PTQ_MODES,
     _Calibration,
     _validate_bit_widths,
+    _validate_calibration_batches,
     classification_accuracy,
     quantize_model,
+    resolve_specs,
 )
+from lightning_compress.quantization.quantizers import validate_flag
 from lightning_compress.utils import compression_target, log_scalars
 from lightning_compress.utils.data import stage_loader
 
 __all__ = ["PostTrainingQuantization"]
+
+
+def _validate_modes(modes: str | list[str]) -> list[str]:
+    """``modes`` as a non-empty list of known modes, or a ``ValueError``."""
+    allowed = ", ".join(map(repr, PTQ_MODES))
+    chosen = [modes] if isinstance(modes, str) else list(modes)
+    if not chosen:
+        raise ValueError(f"modes={modes!r} is empty; give one or more of {allowed}")
+    for mode in chosen:
+        if mode not in PTQ_MODES:
+            raise ValueError(f"Unknown mode {mode!r}; allowed: {allowed}")
+    return chosen
 
 
 class PostTrainingQuantization(Callback):
@@ -35,7 +50,7 @@ class PostTrainingQuantization(Callback):
     the data given to :meth:`set_calibration_data`.
 
     Args:
-        modes: one of ``"weight_only"``, ``"static"``, ``"dynamic"`` or a list of them.
+        modes: one of ``"weight_only"``, ``"static"``, ``"dynamic"`` or a non-empty list of them.
         num_bits: 2 to 16.
         calibration: static calibration method (see :func:`quantize_model`).
         amax: threshold(s) for ``"global"``.
@@ -43,12 +58,14 @@ class PostTrainingQuantization(Callback):
         exclude: names or regexes left float.
         bit_widths: ``{pattern: bits}`` overriding ``num_bits``.
         per_channel: per-output-channel weight ``amax``.
-        calibration_batches: at most this many calibration batches (``None``: all).
-        percentile: for ``"percentile"``.
-        num_bins: histogram bins.
+        calibration_batches: at most this many calibration batches (a positive integer; ``None``: all).
+        percentile: for ``"percentile"``, in ``(0, 100]``.
+        num_bins: histogram bins (>= 2).
 
     Raises:
-        ValueError: an unknown mode or any invalid setting (in ``__init__``).
+        ValueError: an unknown mode, no mode, or any invalid setting (in ``__init__``); a layer pattern matching
+            no layer, an unsupported layer type, a ``{pattern: amax}`` missing a layer (in ``setup`` of ``fit``
+            and ``validate``, before the first step).
     """
 
     def __init__(
@@ -65,12 +82,11 @@ class PostTrainingQuantization(Callback):
         percentile: float = 99.99,
         num_bins: int = 2048,
     ) -> None:
-        self.modes = [modes] if isinstance(modes, str) else list(modes)
-        for mode in self.modes:
-            if mode not in PTQ_MODES:
-                raise ValueError(f"Unknown mode {mode!r}; allowed: {', '.join(map(repr, PTQ_MODES))}")
+        self.modes = _validate_modes(modes)
         _validate_bit_widths(num_bits, bit_widths)
-        _Calibration(calibration, amax, percentile, num_bins)
+        self._settings = _Calibration(calibration, amax, percentile, num_bins)
+        _validate_calibration_batches(calibration_batches)
+        validate_flag("per_channel", per_channel)
         self.options: dict[str, Any] = {
             "num_bits": num_bits, "calibration": calibration, "amax": amax, "layers": layers, "exclude": exclude,
             "bit_widths": bit_widths, "per_channel": per_channel, "calibration_batches": calibration_batches,
@@ -105,6 +121,19 @@ class PostTrainingQuantization(Callback):
             self.results[mode] = self.evaluate(self.models[mode], loader, pl_module.device)
         log_scalars(trainer, {f"ptq/{mode}/acc": acc for mode, acc in self.results.items()})
         return self.results
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage in ("fit", "validate"):  # where this callback runs: fail on a bad pattern before the first step
+            self._check_layers(compression_target(pl_module))
+
+    def _check_layers(self, target: nn.Module) -> None:
+        """Resolve the layer patterns (and the global amax patterns) against ``target`` without changing it."""
+        options = self.options
+        specs = resolve_specs(target, layers=options["layers"], exclude=options["exclude"],
+                              num_bits=options["num_bits"], bit_widths=options["bit_widths"],
+                              per_channel=options["per_channel"], unsigned=False, learn="none")
+        self._settings.check_covers(specs)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

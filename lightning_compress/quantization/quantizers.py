@@ -58,6 +58,13 @@ def validate_learn(learn: str) -> str:
     return learn
 
 
+def validate_flag(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool, else raise a ``ValueError`` naming ``name`` and quoting ``value``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return value
+
+
 def absmax(x: Tensor, axis: int | None = None) -> Tensor:
     """``max |x|`` over everything (``axis=None``) or per slice along ``axis``.
 
@@ -89,6 +96,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         validate_num_bits(self.num_bits)
+        validate_flag("per_channel", self.per_channel)
+        validate_flag("unsigned", self.unsigned)
         validate_learn(self.learn)
 
 
