@@ -42,7 +42,13 @@ from lightning_compress.quantization.qat_start import (
     learned_parameters,
     validate_start_epoch,
 )
-from lightning_compress.quantization.quantizers import QuantSpec, _detach, is_quantized, validate_learn
+from lightning_compress.quantization.quantizers import (
+    QuantSpec,
+    _detach,
+    is_quantized,
+    validate_flag,
+    validate_learn,
+)
 from lightning_compress.utils import compression_target, rewrap_ddp
 from lightning_compress.utils.data import stage_loader
 from lightning_compress.utils.load_hook import ModelLoadHook
@@ -104,7 +110,8 @@ class QuantizationAwareTraining(Callback):
         amax: the threshold for ``"global"``: a number, or ``{layer pattern: number}`` covering every layer.
         layers: names or regexes of layers inside the compression target; default every Conv1d/Conv2d/Linear.
         exclude: names or regexes to leave in float.
-        skip_first_and_last: leave the first and the last chosen layer (definition order) in float.
+        skip_first_and_last: leave the first and the last chosen layer (definition order) in float (needs at least
+            3 chosen layers).
         bit_widths: mixed precision, ``{layer pattern: bits}`` overriding ``num_bits``.
         per_channel: one weight ``amax`` per output channel.
         unsigned: inputs are non-negative (``[0, 2^b - 1]``); negative calibration data raise.
@@ -125,10 +132,12 @@ class QuantizationAwareTraining(Callback):
 
     Raises:
         ValueError: bits outside 2..16, an unknown method / learn / calibration data, percentile outside
-            (0, 100], a global amax <= 0, a negative or non-integer ``start_epoch``, ``freeze_epoch`` before
-            ``start_epoch`` (in ``__init__``); a pattern matching no layer, an unsupported layer type
-            (in ``setup``); NaN / Inf or (unsigned) negative calibration data, naming the layer (at the first
-            calibration batch, before any optimizer step).
+            (0, 100], a global amax that is not finite and positive, a negative ``start_bin``, a negative or
+            non-integer ``start_epoch`` or ``freeze_epoch``, ``freeze_epoch`` before ``start_epoch``, a flag that
+            is not a bool (in ``__init__``); a pattern matching no layer, an unsupported layer type, a global
+            ``{pattern: amax}`` missing a layer, ``skip_first_and_last`` with fewer than 3 chosen layers (in
+            ``setup``, before anything is attached); NaN / Inf or (unsigned) negative calibration data, naming the
+            layer (at the first calibration batch, before any optimizer step).
     """
 
     def __init__(
@@ -160,9 +169,13 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"calibration_data={calibration_data!r} is not supported; allowed: {allowed}")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer")
-        if freeze_epoch is not None and (not isinstance(freeze_epoch, int) or freeze_epoch < 0):
+        if freeze_epoch is not None and (isinstance(freeze_epoch, bool) or not isinstance(freeze_epoch, int)
+                                         or freeze_epoch < 0):
             raise ValueError(f"freeze_epoch={freeze_epoch!r} must be a non-negative integer or None")
         validate_start_epoch(start_epoch, freeze_epoch)
+        for flag, value in (("per_channel", per_channel), ("unsigned", unsigned),
+                            ("skip_first_and_last", skip_first_and_last), ("log_error", log_error)):
+            validate_flag(flag, value)
         self.num_bits, self.layers, self.exclude, self.bit_widths = num_bits, layers, exclude, bit_widths
         self.skip_first_and_last, self.per_channel, self.unsigned = skip_first_and_last, per_channel, unsigned
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data
@@ -205,6 +218,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._target = compression_target(pl_module)
         specs = self._specs(self._target)  # fails on a bad pattern before the first step, whatever start_epoch
+        self.settings.check_covers(specs)  # a global {pattern: amax} must name every layer, before anything attaches
         modules = dict(self._target.named_modules())
         in_memory = stage != "fit" and any(is_quantized(modules[name]) for name in specs)  # e.g. test after fit
         if stage == "fit":  # e.g. a FilterPruning compaction before start_epoch: refuse before attaching anything

@@ -111,18 +111,6 @@ def test_ptq_rejects_non_bool_per_channel_and_empty_modes() -> None:
         PostTrainingQuantization(modes=[])
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"per_channel": "no"}, r"per_channel='no' must be True or False"),
-        ({"unsigned": 1}, r"unsigned=1 must be True or False"),
-        ({"skip_first_and_last": "yes"}, r"skip_first_and_last='yes' must be True or False"),
-    ],
-)
-def test_qat_non_bool_flags_fail_before_the_first_step(trainer_factory, options, message) -> None:
-    _fails_untouched(trainer_factory, QuantizationAwareTraining(**options), PlainCNN(width=4), message)
-
-
 # ---------------------------------------------------------------------------- PTQ layer patterns in setup
 
 
@@ -167,3 +155,21 @@ def test_skip_first_and_last_keeps_the_middle_of_three() -> None:
                           num_bits=8, bit_widths=None, per_channel=True, unsigned=False, learn="none",
                           skip_first_and_last=True)
     assert list(specs) == ["block2.conv"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"per_channel": "no"}, r"per_channel='no' must be True or False"),
+    ({"unsigned": 1}, r"unsigned=1 must be True or False"),
+    ({"skip_first_and_last": "yes"}, r"skip_first_and_last='yes' must be True or False"),
+    ({"log_error": None}, r"log_error=None must be True or False"),
+    ({"freeze_epoch": True}, r"freeze_epoch=True must be a non-negative integer or None"),
+])
+def test_qat_flags_and_freeze_epoch_are_checked_at_construction(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_qat_partial_global_amax_fails_in_setup_before_attaching(trainer_factory) -> None:
+    callback = QuantizationAwareTraining(calibration="global", amax={"block.*": 1.0})
+    _fails_untouched(trainer_factory, callback, PlainCNN(width=4),
+                     r"no amax pattern in \['block\.\*'\] matches layers \['classifier'\]")
