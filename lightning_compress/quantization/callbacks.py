@@ -267,10 +267,17 @@ class QuantizationAwareTraining(Callback):
             self._load_hook = None
 
     def _evaluation_modes(self, trainer: pl.Trainer) -> None:
-        """Outside fit, before calibration ended: quantize with the scales a checkpoint brought (its ``amax``
-        buffers), float where there are none, as ``fit`` computes while it calibrates. An uninitialised LSQ step or
-        PACT alpha is not a scale."""
-        if trainer.state.fn == "fit" or self.phase != "calibrating":
+        """Outside fit, compute as fit computed in the phase the checkpoint (or this callback) is in. Before
+        calibration ended: the scales a checkpoint brought (its ``amax`` buffers), float where there are none, as
+        ``fit`` computes while it calibrates (an uninitialised LSQ step or PACT alpha is not a scale)."""
+        if trainer.state.fn == "fit":
+            return
+        if self._restored is not None:  # validate / test / predict from a checkpoint: its phase
+            if self._restored.get("phase") in PHASES:
+                self.phase = self._restored["phase"]
+            self._restored = None
+        if self.phase != "calibrating":
+            _set_modes(self._layers, self.phase, self.learn)
             return
         for layer in self._layers.values():
             for quantizer in (layer.input_quantizer, layer.weight_quantizer):

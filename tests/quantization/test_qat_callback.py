@@ -278,6 +278,52 @@ def test_a_checkpoint_saved_while_calibrating_evaluates_in_float_as_fit_did(trai
         assert torch.equal(fresh.eval()(inputs), module.eval()(inputs))
 
 
+class _UserNet(pl.LightningModule):
+    """A user's module: the layers are its own attributes (no ``compression_target``), plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.relu(self.conv1(x)).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("learn", ["none", "lsq"])
+def test_a_checkpoint_saved_while_training_evaluates_as_fit_does(trainer_factory, tmp_path, learn) -> None:
+    """validate(ckpt_path=...) on a fresh module computes in the checkpoint's phase: LSQ weights keep their learned
+    step (their amax buffer is only written at the end of fit; they were left float), others observe as in fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def make() -> QuantizationAwareTraining:
+        return QuantizationAwareTraining(calibration_batches=2, learn=learn, num_bits=4)
+
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(128, 1, 8, 8, generator=generator),
+                                    torch.randint(0, 10, (128,), generator=generator)), batch_size=32)
+    pl.seed_everything(0, verbose=False)
+    module = _UserNet()
+    saver = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)  # saved at the epoch's end, before the fit's end
+    trainer = trainer_factory(callbacks=[make(), saver], max_epochs=2, enable_checkpointing=True, logger=False)
+    trainer.fit(module, data, data)
+    in_memory = trainer.validate(module, data, verbose=False)[0]["val_loss"]
+    fresh = _UserNet()
+    tester = trainer_factory(callbacks=[make()], logger=False)
+    from_checkpoint = tester.validate(fresh, data, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert from_checkpoint[0]["val_loss"] == pytest.approx(in_memory, abs=1e-6)
+    assert fresh.conv1.weight_quantizer.enabled and fresh.fc.weight_quantizer.enabled
+
+
 def test_calibrator_state_does_not_grow() -> None:
     model = PlainCNN(width=4)
     layers = attach_all(model, resolve_specs(model, layers=None, exclude=None, num_bits=8, bit_widths=None,
