@@ -142,15 +142,26 @@ class FinalPruneSteps:
             # before the schedule's end, or a checkpoint saved before the epoch's end): compact before this step.
             self.compact_at_end_of_schedule(trainer)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)  # type: ignore[misc]  # the epoch-end update first
+        done = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._ready and done:
+            # The epoch's compaction too: validation measures the compact network, and a checkpoint saved at
+            # validation end (val_check_interval < 1, check_val_every_n_epoch > 1) holds it.
+            self._epoch_end_compaction(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ready:
             return
         self._epoch_end_update(trainer)
+        self._epoch_end_compaction(trainer)  # nothing left to do if the epoch-end validation did it
+        self.log_epoch(trainer, pl_module)  # after the compaction: the checkpoint that follows holds it
+
+    def _epoch_end_compaction(self, trainer: pl.Trainer) -> None:
         if self.finalized and self._compaction_due(trainer):
             self.compact_at_end_of_schedule(trainer)
         elif self.compact_every_epoch and any(not bool(m.all()) for m in self.masks.values()):
             self.compact_in_place(trainer)
-        self.log_epoch(trainer, pl_module)  # after the compaction: the checkpoint that follows holds it
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ready and not self.finalized:

@@ -97,7 +97,8 @@ def test_the_student_shrinks_exactly_at_the_end_of_the_schedule_epoch(distilled)
     before, after, dense = distilled["before"], distilled["after"], distilled["dense"]
     compact = count(distilled["module"].student)
     assert compact < 0.5 * dense
-    assert before.parameters == [dense] * END + [compact] * (EPOCHS - END)  # not before the schedule's end
+    # compacted before the epoch-end validation of the schedule's last epoch, so every callback's epoch end sees it
+    assert before.parameters == [dense] * COMPACTION_EPOCH + [compact] * (EPOCHS - COMPACTION_EPOCH)
     assert after.parameters == [dense] * COMPACTION_EPOCH + [compact] * (EPOCHS - COMPACTION_EPOCH)
     assert after.started == [dense] * END + [compact] * (EPOCHS - END)
     student, pruning = distilled["module"].student, distilled["pruning"]
@@ -397,3 +398,56 @@ def test_ddp_ranks_end_identical_and_compact_and_the_main_process_gets_the_netwo
         torch.testing.assert_close(small.state_dict()[key], value, atol=0, rtol=0, msg=key)
     if case != "fit-end-copy":
         assert float(trainer.callback_metrics["prune/compacted"]) == 1.0
+
+
+class Killed(Exception):
+    pass
+
+
+class StopAtEpoch(pl.Callback):
+    """A run killed when epoch ``epoch`` starts (its last checkpoint is the one written before)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Killed
+
+
+@pytest.mark.parametrize("validation", [{"val_check_interval": 0.5}, {"check_val_every_n_epoch": 2}],
+                         ids=["twice-per-epoch", "every-2-epochs"])
+@pytest.mark.parametrize("compaction", ["schedule_end", "every_epoch"])
+def test_checkpoints_saved_at_validation_end_hold_the_compaction(tmp_path, validation, compaction):
+    """With validation more or less often than once per epoch, ModelCheckpoint saves at validation end, before
+    on_train_epoch_end: the epoch's compaction happens before that validation, so the checkpoint holds the compact
+    network and a resume, with QAT starting the next epoch, equals the uninterrupted run."""
+    from lightning_compress import QuantizationAwareTraining
+
+    def callbacks():
+        pruning = (schedule_end_pruning(schedule=AGP(start=0, end=2)) if compaction == "schedule_end" else
+                   FilterPruning(0.4, mode="hard", schedule=AGP(start=0, end=2), compact_every_epoch=True))
+        return [pruning, QuantizationAwareTraining(calibration_batches=1, start_epoch=2)]
+
+    def run(directory, extra=(), ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        module = ClassifierModule(PlainCNN(width=8), lr_scheduler="none")
+        saver = ModelCheckpoint(dirpath=str(directory), save_last=True)
+        trainer = make_trainer(tmp_path / "logs", callbacks=[*callbacks(), saver, *extra], max_epochs=3,
+                               limit_train_batches=4, limit_val_batches=2, enable_checkpointing=True, logger=False,
+                               **validation)
+        try:
+            trainer.fit(module, DigitsDataModule(batch_size=32, seed=0), ckpt_path=ckpt)
+        except Killed:
+            pass
+        return module
+
+    uninterrupted = run(tmp_path / "a")
+    run(tmp_path / "b", [StopAtEpoch(2)])
+    checkpoint = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["backbone.block1.conv.weight"].shape[0] < 8  # compacted before the save
+    resumed = run(tmp_path / "c", ckpt=tmp_path / "b" / "last.ckpt")
+    expected = uninterrupted.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
