@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -11,6 +12,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+
+def parse_no_options(description: str | None, argv: Sequence[str] | None = None) -> None:
+    """``--help`` prints the script's docstring; a script without options refuses any other argument."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
 
 
 def quiet_trainer(**overrides: Any) -> pl.Trainer:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, markdown_table
+from _common import machine, markdown_table, parse_no_options
 
 STAGES = "['stage1', 'stage2', 'stage3']"
 CONFIGS = {
@@ -77,6 +77,7 @@ def measure(module: str) -> dict[str, float]:
 
 
 def main() -> None:
+    parse_no_options(__doc__)
     results = {name: measure(module) for name, module in CONFIGS.items()}
     base = results["student alone"]
     rows = [(name, r["peak_mib"], r["peak_mib"] / base["peak_mib"], r["saved_mib"], r["step_ms"],

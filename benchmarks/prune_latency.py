@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, markdown_table
+from _common import machine, markdown_table, parse_no_options
 
 from lightning_compress.demo import PlainCNN, ResidualCNN
 from lightning_compress.measure import count_macs, count_parameters, measure_latency
@@ -23,6 +23,7 @@ from lightning_compress.pruning.groups import prune_filter_groups
 
 
 def main() -> None:
+    parse_no_options(__doc__)
     torch.manual_seed(0)
     rows = []
     for name, model in (("PlainCNN(width=64)", PlainCNN(width=64)), ("ResidualCNN(width=16)", ResidualCNN(width=16)),

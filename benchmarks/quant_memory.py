@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import markdown_table, peak_memory_rows
+from _common import markdown_table, parse_no_options, peak_memory_rows
 
 CONFIGS = {
     "plain fit": "[]",
@@ -43,6 +43,7 @@ print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def main() -> None:
+    parse_no_options(__doc__)
     rows = peak_memory_rows(CHILD, CONFIGS)
     print("PlainCNN(width=32) on digits, 3 epochs, 1 thread, each fit in a fresh process\n")
     print(markdown_table(["fit", "peak RSS MiB", "ratio to plain", "callback state KiB (pickled)",

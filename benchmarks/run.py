@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, machine, markdown_table, median_time, quiet_trainer
+from _common import interleaved_medians, machine, markdown_table, median_time, parse_no_options, quiet_trainer
 from calibration_speed import loop_entropy_torch
 from prune_overhead import fit as prune_fit
 from qat_vs_torchao import run_seed as qat_run_seed
@@ -97,6 +97,7 @@ def calibration_time() -> tuple[float, float]:
 
 
 def main() -> None:
+    parse_no_options(__doc__)
     torch.set_num_threads(1)
     rows = []
     ours, lightning = pruning_overhead()
