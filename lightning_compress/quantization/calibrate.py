@@ -31,6 +31,7 @@ from lightning_compress.quantization.quantizers import (
     validate_flag,
 )
 from lightning_compress.utils import first_tensor, select_layers
+from lightning_compress.utils.data import batch_labels
 
 __all__ = ["CALIBRATIONS", "PTQ_MODES", "classification_accuracy", "quantize_model", "resolve_specs"]
 
@@ -367,14 +368,19 @@ def quantize_model(
 
 
 def classification_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on ``(inputs, targets)`` batches (eval mode, no gradients)."""
+    """Top-1 accuracy of ``model`` on batches with labels (``(inputs, targets, ...)`` or a dictionary, see
+    :func:`~lightning_compress.utils.data.batch_labels`), in eval mode without gradients; batches without labels
+    are skipped."""
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
         with torch.no_grad():
             for batch in loader:
-                inputs, targets = batch[0].to(device), batch[1].to(device)
+                targets = batch_labels(batch)
+                if targets is None:
+                    continue
+                inputs, targets = first_tensor(batch).to(device), targets.to(device)
                 correct += int((model(inputs).argmax(dim=1) == targets).sum())
                 total += int(targets.numel())
     finally:

@@ -26,7 +26,7 @@ from lightning_compress.quantization.export import Int8Model, deterministic_off,
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.report import collect_inputs
 from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
-from lightning_compress.utils.data import stage_loader
+from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, stage_loader
 
 __all__ = ["Int8Export", "load_int8", "save_int8"]
 
@@ -79,7 +79,7 @@ def load_int8(path: str | Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-class Int8Export(Callback):
+class Int8Export(ChecksNetworkInput, Callback):
     """Converts the quantization-aware-trained compression target into a real int8 model at the end of ``fit``.
 
     At ``on_fit_end`` (global rank zero only) :func:`~lightning_compress.quantization.export_int8` converts
@@ -223,7 +223,7 @@ class Int8Export(Callback):
                     fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
                     agree += int((predicted == fake).sum())
                     total += int(predicted.numel())
-                    labels = _labels(batch)
+                    labels = batch_labels(batch)
                     if labels is not None:
                         correct += int((predicted == labels.cpu()).sum())
                         correct_fake += int((fake == labels.cpu()).sum())
@@ -255,12 +255,6 @@ def _not_exportable(target: nn.Module) -> str | None:
             state = "dynamic" if quantizer.dynamic else "calibrating" if quantizer.calibrating else "disabled"
             return (f"layer {name!r} has no static input scale (its input quantizer is {state}: quantization-aware "
                     "training still calibrating at the end of fit, or dynamic quantization)")
-    return None
-
-
-def _labels(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
-        return batch[1]
     return None
 
 

@@ -23,7 +23,7 @@ from lightning_compress.quantization.calibrate import (
 )
 from lightning_compress.quantization.quantizers import validate_flag
 from lightning_compress.utils import compression_target, log_scalars
-from lightning_compress.utils.data import stage_loader
+from lightning_compress.utils.data import ChecksNetworkInput, stage_loader
 
 __all__ = ["PostTrainingQuantization"]
 
@@ -40,7 +40,7 @@ def _validate_modes(modes: str | list[str]) -> list[str]:
     return chosen
 
 
-class PostTrainingQuantization(Callback):
+class PostTrainingQuantization(ChecksNetworkInput, Callback):
     """Post-training quantization of the compression target, at the end of ``fit`` or through
     ``trainer.validate``: each of ``modes`` yields a fake-quantized copy (the trained model is untouched) whose
     accuracy on the validation data is logged as ``ptq/<mode>/acc`` (and the float one as ``ptq/fp32/acc``).

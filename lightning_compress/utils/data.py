@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,63 @@ def first_tensor(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict) and batch:
         return first_tensor(next(iter(batch.values())))
     raise TypeError(f"Cannot find an input tensor in a batch of type {type(batch).__name__}.")
+
+
+def check_network_input(network: nn.Module, batch: Any, who: str) -> None:
+    """Run ``network`` once (eval mode, no gradients) on ``first_tensor(batch)``, the input every callback of this
+    library gives it, and turn a failure into a ``ValueError`` that says what was fed and how to fix it: a
+    LightningModule whose ``forward`` takes the whole batch (a dictionary, several inputs) needs a
+    ``compression_target`` property returning the network that takes that tensor."""
+    try:
+        inputs = first_tensor(batch)
+    except TypeError as error:
+        raise ValueError(f"{who} cannot find the network's input in a batch of type {type(batch).__name__}: {error}") \
+            from error
+    layout = f"a dict with keys {list(batch)}" if isinstance(batch, dict) else type(batch).__name__
+    try:
+        probe_forward(network, inputs.to(next(network.parameters(), inputs).device))
+    except Exception as error:
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise ValueError(
+            f"{who} gives {type(network).__name__} the first tensor of each batch (shape {tuple(inputs.shape)}, from "
+            f"{layout}), and its forward fails on it ({cause}). "
+            "If your LightningModule's forward takes the whole batch or several inputs, define a "
+            "`compression_target` property that returns the network taking that tensor."
+        ) from error
+
+
+#: Dictionary keys read as the labels of a batch, in this order.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def batch_labels(batch: Any) -> torch.Tensor | None:
+    """The labels of a batch: the second element of ``(inputs, labels, ...)``, or the value of the first of
+    :data:`LABEL_KEYS` in a dictionary; ``None`` when there is none.
+
+    >>> batch_labels({"image": torch.zeros(2, 3), "label": torch.tensor([1, 0])})
+    tensor([1, 0])
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        return next((batch[key] for key in LABEL_KEYS if isinstance(batch.get(key), torch.Tensor)), None)
+    return None
+
+
+class ChecksNetworkInput:
+    """Callback mixin for work done after training (export, post-training quantization, report): on the fit's
+    first training batch, before its optimizer step, check that the compression target runs on the input this
+    library will give it (on a copy: quantizers still calibrating must not see the batch), so a mismatch fails
+    before training rather than after it."""
+
+    _input_checked = False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._input_checked:
+            from lightning_compress.utils.target import compression_target
+
+            check_network_input(copy.deepcopy(compression_target(pl_module)), batch, type(self).__name__)
+            self._input_checked = True
 
 
 def execution_order(model: nn.Module, example_inputs: Any, names: list[str] | None = None) -> list[str]:
