@@ -7,15 +7,16 @@ fewer of both, an exported int8 model fewer bytes.
 from __future__ import annotations
 
 import io
+import numbers
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_compress.utils.modes import eval_mode
 
 #: The keys of a measurement whose ratio "baseline / this" says how many times smaller or faster a model is.
 RATIO_KEYS = ("parameters", "nonzero_parameters", "size_bytes", "macs", "nonzero_macs", "latency_ms")
@@ -57,21 +58,32 @@ def _first_sample(example_inputs: Any) -> tuple[Any, ...]:
     return tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in _as_args(example_inputs))
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an ``int`` when it is an integer (not a bool) of at least ``minimum``, else a ``ValueError``.
+
+    >>> check_integer("runs", 3, 1)
+    3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
 
 
 def _weight_density(module: nn.Module) -> float | None:
     weight = getattr(module, "weight", None)
+    decode = getattr(module, "dequantized_weight", None)  # weight-only packed layers (quantization.packed)
+    if weight is None and callable(decode):
+        weight = decode()
     if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
         return None
     return float(torch.count_nonzero(weight.detach())) / weight.numel()
+
+
+def _flop_module(model: nn.Module, modules: dict[str, nn.Module], key: str) -> nn.Module | None:
+    """The module a ``FlopCounterMode`` key names: ``"Root.a.b"`` is ``a.b``, ``"Root"`` the model itself."""
+    if "." in key:
+        return modules.get(key.split(".", 1)[1])
+    return model if key == type(model).__name__ else None
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -84,18 +96,49 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     >>> count_macs(nn.Linear(4, 3), torch.zeros(5, 4))
     (12, 12)
     """
-    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*_first_sample(example_inputs))
     dense = counter.get_total_flops() // 2
     modules = dict(model.named_modules())
     saved = 0.0
     for key, ops in counter.get_flop_counts().items():
-        name = key.split(".", 1)[1] if "." in key else None
-        module = modules.get(name) if name is not None else None
+        module = _flop_module(model, modules, key)
         density = _weight_density(module) if module is not None and not list(module.children()) else None
         if density is not None:
             saved += (1.0 - density) * sum(ops.values()) / 2
     return int(dense), round(dense - saved)
+
+
+def _int8_density(module: Any) -> float:
+    """Fraction of a ``torch.ao`` packed layer's int8 weight entries other than their zero point."""
+    from lightning_compress.quantization.export import _PER_CHANNEL
+
+    weight = module.weight()
+    codes = weight.int_repr().int()
+    if weight.qscheme() in _PER_CHANNEL:
+        zero = weight.q_per_channel_zero_points().view(-1, *([1] * (weight.dim() - 1)))
+    else:
+        zero = torch.tensor(weight.q_zero_point())
+    return float(torch.count_nonzero(codes - zero)) / max(codes.numel(), 1)
+
+
+def _packed_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """``(dense, nonzero)`` multiply-adds for ONE sample of the ``torch.ao`` packed (int8) layers alone, which
+    ``torch.utils.flop_counter`` does not see; non-zero scales each by its share of non-zero int8 weights."""
+    from lightning_compress.quantization.export import _packed_layers
+    from lightning_compress.quantization.export import _packed_macs as layer_macs
+
+    counted: list[tuple[int, float]] = []
+    handles = [module.register_forward_hook(
+        lambda mod, _inputs, out: counted.append((layer_macs(mod, out), _int8_density(mod))))
+        for _, module in _packed_layers(model)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*_first_sample(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(m for m, _ in counted), round(sum(m * d for m, d in counted))
 
 
 def measure_latency(
@@ -113,14 +156,15 @@ def measure_latency(
     Returns:
         ``{"latency_ms", "batch_size", "num_threads", "runs", "warmup"}``.
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs!r}, warmup={warmup!r}.")
+    runs, warmup = check_integer("runs", runs, 1), check_integer("warmup", warmup, 0)
+    if num_threads is not None:
+        num_threads = check_integer("num_threads", num_threads, 1)
     args = _as_args(example_inputs)
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 model(*args)
             times = []
@@ -220,8 +264,10 @@ def measure_model(
     if quantized_counts(model)["quantized_parameters"]:
         packed = quantized_counts(model, example_inputs)
         # torch.ao's quantized modules hide packed weights from parameters() and from flop_counter.
-        parameters, nonzero, macs, nonzero_macs = (packed["parameters"], packed["nonzero_parameters"],
-                                                   packed["macs"], packed["macs"])
+        packed_dense, packed_nonzero = _packed_macs(model, example_inputs)
+        saved = (macs - nonzero_macs) + (packed_dense - packed_nonzero)  # zeros of the float and the int8 layers
+        parameters, nonzero, macs = packed["parameters"], packed["nonzero_parameters"], packed["macs"]
+        nonzero_macs = macs - saved
     report: dict[str, Any] = {
         "model": type(model).__name__,
         "parameters": parameters,
@@ -255,20 +301,31 @@ def _format_value(key: str, value: Any) -> str:
     return f"{value:,}"
 
 
+def _versus_baseline(key: str, ratios: dict[str, float]) -> str:
+    """The "vs baseline" cell: ``2.00x`` (baseline / model), or for accuracy ``-5.00 points`` (model - baseline)."""
+    if key == "accuracy":
+        delta = ratios.get("accuracy_delta")
+        return "-" if delta is None else f"{100 * delta:+.2f} points"
+    ratio = ratios.get(key)
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def format_markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown table (with baseline and ratio columns when a baseline is present)."""
+    """The report as a Markdown table (with "baseline" and "vs baseline" columns when a baseline is present: the
+    ratio baseline / model, for accuracy the change model - baseline in points)."""
     keys = (*RATIO_KEYS, "accuracy")
     baseline, ratios = report.get("baseline"), report.get("ratios", {})
-    header = "| metric | model |" + (" baseline | ratio (baseline / model) |" if baseline else "")
+    header = "| metric | model |" + (" baseline | vs baseline |" if baseline else "")
     lines = [header, "|---|---:|" + ("---:|---:|" if baseline else "")]
     for key in keys:
         row = f"| {key} | {_format_value(key, report.get(key))} |"
         if baseline:
-            ratio_key = "accuracy_delta" if key == "accuracy" else key
-            ratio = ratios.get(ratio_key)
-            shown = "-" if ratio is None else (f"{ratio:+.4f}" if key == "accuracy" else f"{ratio:.2f}x")
-            row += f" {_format_value(key, baseline.get(key))} | {shown} |"
+            row += f" {_format_value(key, baseline.get(key))} | {_versus_baseline(key, ratios)} |"
         lines.append(row)
+    if baseline:
+        lines.append("")
+        lines.append("vs baseline: baseline / model for sizes, multiply-adds and latency (above 1: this model is "
+                     "smaller or faster); for accuracy, model - baseline in points (x 100, accuracies in [0, 1]).")
     latency = report.get("latency", {})
     if latency:
         lines.append("")

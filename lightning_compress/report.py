@@ -10,37 +10,37 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.measure import compare_with_references, format_markdown, measure_model
+from lightning_compress.measure import check_integer, compare_with_references, format_markdown, measure_model
 from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
-from lightning_compress.utils.data import first_tensor
+from lightning_compress.utils.data import first_tensor, stage_loader
 
 __all__ = ["CompressionReport", "collect_inputs", "measure_model"]
 
 
+def _loader(trainer: pl.Trainer, kind: str) -> Any:
+    """:func:`~lightning_compress.utils.data.stage_loader`, with ``None`` for a data module's unimplemented hook."""
+    try:
+        return stage_loader(trainer, kind)
+    except MisconfigurationException:  # LightningDataModule's default ``val_dataloader``
+        return None
+
+
 def collect_inputs(trainer: pl.Trainer, count: int) -> torch.Tensor:
-    """``count`` model inputs from the validation loader (else the training loader), repeated when there are
-    fewer; on the loader's device (CPU for a plain loader).
+    """``count`` model inputs from the validation loader (else the training loader: the data module's, the one
+    given to ``fit`` or the module's own), repeated when there are fewer; on the loader's device (CPU for a plain
+    loader).
 
     Raises:
         RuntimeError: when neither loader gives a batch.
     """
-    datamodule = getattr(trainer, "datamodule", None)
-    loaders = []
-    if datamodule is not None:
-        loaders = [datamodule.val_dataloader, datamodule.train_dataloader]
-    elif trainer.val_dataloaders is not None:
-        loaders = [lambda: trainer.val_dataloaders]
     chunks: list[torch.Tensor] = []
-    for make_loader in loaders:
-        try:
-            loader = make_loader()
-        except (NotImplementedError, AttributeError, TypeError):
-            continue
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        for batch in loader:
+    for kind in ("val", "train"):
+        loader = _loader(trainer, kind)
+        for batch in loader if loader is not None else ():
             chunks.append(first_tensor(batch))
             if sum(len(c) for c in chunks) >= count:
                 break
@@ -97,8 +97,9 @@ class CompressionReport(Callback):
         measure_int8: measure the int8 model of an ``Int8Export`` among the callbacks (see above).
 
     Raises:
-        ValueError: for non-positive ``batch_size``/``latency_runs``/``num_threads``, a negative ``warmup``, a
-            baseline or reference file that does not exist, or an empty reference name.
+        ValueError: for a ``batch_size``/``latency_runs``/``num_threads`` that is not a positive integer, a
+            ``warmup`` that is not a non-negative integer, a baseline or reference file that does not exist, or an
+            empty reference name.
     """
 
     def __init__(
@@ -115,18 +116,11 @@ class CompressionReport(Callback):
         references: dict[str, str] | None = None,
         measure_int8: bool = True,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("latency_runs", latency_runs)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup!r}.")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}.")
         self.monitor = monitor
-        self.batch_size = batch_size
-        self.latency_runs = latency_runs
-        self.warmup = warmup
-        self.num_threads = num_threads
+        self.batch_size = check_integer("batch_size", batch_size, 1)
+        self.latency_runs = check_integer("latency_runs", latency_runs, 1)
+        self.warmup = check_integer("warmup", warmup, 0)
+        self.num_threads = None if num_threads is None else check_integer("num_threads", num_threads, 1)
         self.baseline_accuracy = baseline_accuracy
         self.output_dir = output_dir
         self.filename = filename

@@ -83,3 +83,14 @@ def test_with_a_compression_target_the_same_module_quantizes(trainer_factory):
 def test_a_batch_without_a_tensor_is_named():
     with pytest.raises(ValueError, match="Report cannot find the network's input in a batch of type str"):
         check_network_input(nn.Linear(2, 2), "text", "Report")
+
+
+def test_probing_the_network_keeps_every_submodule_mode():
+    """A BatchNorm the user froze stays frozen after a probe (``model.train(flag)`` would set every submodule)."""
+    from lightning_compress.utils.data import probe_forward
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    model[1].eval()
+    probe_forward(model, torch.randn(3, 4))
+    check_network_input(model, (torch.randn(3, 4), torch.zeros(3)), "Probe")
+    assert model.training and model[0].training and not model[1].training

@@ -4,8 +4,12 @@ weights loaded, the reports wired into CompressionReport, the random state left 
 import json
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import CompressionReport, DistillationModule
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
@@ -113,3 +117,79 @@ def test_max_epochs_unset_needs_explicit_alone_epochs(tmp_path, trainer_factory)
     trainer = trainer_factory(max_epochs=-1, max_steps=2)
     with pytest.raises(ValueError, match=r"give references\.alone_epochs explicitly"):
         prepare_references(References(directory=str(tmp_path)), trainer, module, DigitsDataModule())
+
+
+class _ThreeClasses(pl.LightningDataModule):
+    """Three classes, no ``num_classes`` attribute, data made in ``setup`` (as a user's data module often is)."""
+
+    def setup(self, stage=None):
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(48, 6, generator=generator)
+        self.data = TensorDataset(inputs, (inputs[:, 0] > 0).long() + (inputs[:, 1] > 1).long())
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+
+class _UserModule(pl.LightningModule):
+    def __init__(self, outputs=3, inputs=6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 8), nn.ReLU(), nn.Linear(8, outputs))
+
+    @property
+    def compression_target(self):
+        return self.net
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_class_count_comes_from_the_network_output(tmp_path, trainer_factory):
+    trainer = trainer_factory(callbacks=[CompressionReport(latency_runs=1, warmup=0)], max_epochs=1)
+    found = prepare_references(References(directory=str(tmp_path / "refs")), trainer, _UserModule(), _ThreeClasses())
+    reference = json.loads((found["uncompressed"] / "compression_report.json").read_text())
+    assert reference["parameters"] == 6 * 8 + 8 + 8 * 3 + 3 and reference["accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    ("module", "datamodule", "message"),
+    [
+        (lambda: _UserModule(inputs=64), lambda: DigitsDataModule(),
+         "num_classes is 10 but Sequential outputs 3 classes"),
+        (lambda: _UserModule(outputs=1), lambda: _ThreeClasses(), r"at least 2 classes.*is \(16, 1\)"),
+        (lambda: DistillationModule(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), ResidualCNN(width=4)),
+         lambda: DigitsDataModule(), "num_classes is 10 but Sequential outputs 3 classes"),
+    ],
+    ids=["declared_differs", "one_output", "student_differs_after_teacher"],
+)
+def test_a_network_that_cannot_be_trained_is_refused_before_anything_is_written(tmp_path, trainer_factory, module,
+                                                                                 datamodule, message):
+    trainer = trainer_factory(max_epochs=1)
+    with pytest.raises(ValueError, match=message):
+        prepare_references(References(directory=str(tmp_path / "refs"), teacher_epochs=1), trainer, module(),
+                           datamodule())
+    assert not (tmp_path / "refs").exists()
+
+
+def _reference_latency(root, trainer_factory, **report):
+    torch.manual_seed(0)  # the same initial weights every time
+    trainer = trainer_factory(callbacks=[CompressionReport(**report)], max_epochs=1)
+    directory = prepare_references(References(directory=str(root)), trainer, _UserModule(), _ThreeClasses())[
+        "uncompressed"]
+    latency = json.loads((directory / "compression_report.json").read_text())["latency"]
+    stamp = (directory / "weights.pt").stat().st_mtime_ns
+    return {key: latency[key] for key in ("batch_size", "runs", "warmup")}, stamp
+
+
+def test_references_are_measured_with_the_runs_report_settings(tmp_path, trainer_factory):
+    latency, stamp = _reference_latency(tmp_path, trainer_factory, batch_size=8, latency_runs=2, warmup=1)
+    assert latency == {"batch_size": 8, "runs": 2, "warmup": 1}  # not CompressionReport's defaults 64, 20, 5
+    assert _reference_latency(tmp_path, trainer_factory, batch_size=8, latency_runs=2, warmup=1)[1] == stamp
+    latency, restamp = _reference_latency(tmp_path, trainer_factory, batch_size=4, latency_runs=2, warmup=1)
+    assert latency["batch_size"] == 4 and restamp != stamp  # other settings: measured again

@@ -1,10 +1,14 @@
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import CompressionReport
-from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
 from lightning_compress.testing import read_scalars, read_text
 
 REQUIRED_KEYS = {"parameters", "nonzero_parameters", "size_bytes", "macs", "latency_ms", "accuracy"}
@@ -67,6 +71,11 @@ def test_report_without_validation_data_records_no_accuracy(trainer_factory, tmp
         ({"latency_runs": 0}, "latency_runs"),
         ({"warmup": -1}, "warmup"),
         ({"num_threads": 0}, "num_threads"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+        ({"latency_runs": 1.0}, "latency_runs must be an integer >= 1, got 1.0"),
+        ({"warmup": 0.5}, "warmup must be an integer >= 0, got 0.5"),
+        ({"num_threads": 1.5}, "num_threads must be an integer >= 1, got 1.5"),
         ({"baseline": "missing.json"}, "'missing.json'"),
     ],
 )
@@ -87,3 +96,70 @@ def test_measures_the_compression_target_not_the_whole_module(trainer_factory):
     trainer.fit(module, DigitsDataModule(batch_size=32))
     assert report.report["parameters"] == sum(p.numel() for p in module.backbone.parameters())
     assert torch.is_tensor(trainer.callback_metrics["val/acc"])
+
+
+def _pairs(count=32, features=4):
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(count, features, generator=generator),
+                         torch.randint(0, 2, (count,), generator=generator))
+
+
+class _Linear(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _OwnLoader(_Linear):
+    def train_dataloader(self):
+        return DataLoader(_pairs(), batch_size=8)
+
+
+class _TrainOnly(pl.LightningDataModule):
+    """No val_dataloader: LightningDataModule's default raises MisconfigurationException."""
+
+    def train_dataloader(self):
+        return DataLoader(_pairs(), batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        lambda trainer: trainer.fit(_Linear(), datamodule=_TrainOnly()),
+        lambda trainer: trainer.fit(_Linear(), DataLoader(_pairs(), batch_size=8)),
+        lambda trainer: trainer.fit(_OwnLoader()),
+    ],
+    ids=["datamodule_without_val", "fit_with_train_loader_only", "module_own_train_dataloader"],
+)
+def test_without_a_validation_loader_the_training_loader_gives_the_inputs(trainer_factory, fit):
+    report = CompressionReport(batch_size=4, latency_runs=1, warmup=0)
+    fit(trainer_factory(callbacks=[report]))
+    # Linear(4, 2): 8 weights + 2 biases; 8 multiply-adds per sample.
+    assert report.report["parameters"] == 10 and report.report["macs"] == 8
+    assert report.report["latency"]["batch_size"] == 4
+
+
+@pytest.mark.filterwarnings("ignore:Found 1 module.s. in eval mode")
+def test_the_report_leaves_a_frozen_submodule_in_eval_mode(trainer_factory):
+    class FrozenNorm(ClassifierModule):
+        def on_fit_start(self):
+            self.backbone.stem.bn.eval()  # the user freezes the first BatchNorm's statistics
+
+    class Check(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):  # runs after CompressionReport's
+            self.frozen = not pl_module.backbone.stem.bn.training
+
+    check = Check()
+    trainer = trainer_factory(callbacks=[CompressionReport(batch_size=8, latency_runs=1, warmup=0), check],
+                              limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(FrozenNorm(ResidualCNN(width=4)), DigitsDataModule(batch_size=32))
+    assert check.frozen

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_compress.utils.modes import eval_mode
 
 
 def check_layer_names(model: nn.Module, names: Sequence[str], role: str = "model") -> None:
@@ -101,19 +102,6 @@ class FeatureTaps:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.remove()
-
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and restore every submodule's own ``training`` flag afterwards."""
-    saved = [(module, module.training) for model in models for module in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
 
 
 #: Verdicts of :class:`LayerPair`, from cheapest fix to none.

@@ -32,6 +32,7 @@ from lightning_compress.quantization.quantizers import (
 )
 from lightning_compress.utils import first_tensor, select_layers
 from lightning_compress.utils.data import batch_labels
+from lightning_compress.utils.modes import eval_mode
 
 __all__ = ["CALIBRATIONS", "PTQ_MODES", "classification_accuracy", "quantize_model", "resolve_specs"]
 
@@ -214,19 +215,14 @@ def _set_weight_amax(layers: Mapping[str, Any]) -> None:
 
 
 def _calibration_pass(model: nn.Module, data: Any, max_batches: int | None, device: torch.device) -> int:
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        batches = [data] if isinstance(data, Tensor) else data
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                model(first_tensor(batch).to(device))
-                seen += 1
-    finally:
-        model.train(was_training)
+    batches = [data] if isinstance(data, Tensor) else data
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            model(first_tensor(batch).to(device))
+            seen += 1
     return seen
 
 
@@ -371,19 +367,14 @@ def classification_accuracy(model: nn.Module, loader: Iterable[Any], device: tor
     """Top-1 accuracy of ``model`` on batches with labels (``(inputs, targets, ...)`` or a dictionary, see
     :func:`~lightning_compress.utils.data.batch_labels`), in eval mode without gradients; batches without labels
     are skipped."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                targets = batch_labels(batch)
-                if targets is None:
-                    continue
-                inputs, targets = first_tensor(batch).to(device), targets.to(device)
-                correct += int((model(inputs).argmax(dim=1) == targets).sum())
-                total += int(targets.numel())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            targets = batch_labels(batch)
+            if targets is None:
+                continue
+            inputs, targets = first_tensor(batch).to(device), targets.to(device)
+            correct += int((model(inputs).argmax(dim=1) == targets).sum())
+            total += int(targets.numel())
     return correct / max(total, 1)
 

@@ -27,6 +27,7 @@ from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.report import collect_inputs
 from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, stage_loader
+from lightning_compress.utils.modes import eval_mode
 
 __all__ = ["Int8Export", "load_int8", "save_int8"]
 
@@ -213,23 +214,18 @@ class Int8Export(ChecksNetworkInput, Callback):
     def _evaluate(self, trainer: pl.Trainer, target: nn.Module, int8: nn.Module) -> dict[str, Any]:
         correct = correct_fake = agree = total = labelled = 0
         device = next((p.device for p in target.parameters()), torch.device("cpu"))
-        was_training = target.training
-        target.eval()
-        try:
-            with torch.no_grad():
-                for batch in _validation_batches(trainer, self.eval_batches):
-                    inputs = first_tensor(batch)
-                    predicted = first_tensor(int8(inputs.cpu())).argmax(1)
-                    fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
-                    agree += int((predicted == fake).sum())
-                    total += int(predicted.numel())
-                    labels = batch_labels(batch)
-                    if labels is not None:
-                        correct += int((predicted == labels.cpu()).sum())
-                        correct_fake += int((fake == labels.cpu()).sum())
-                        labelled += int(labels.numel())
-        finally:
-            target.train(was_training)
+        with eval_mode(target), torch.no_grad():
+            for batch in _validation_batches(trainer, self.eval_batches):
+                inputs = first_tensor(batch)
+                predicted = first_tensor(int8(inputs.cpu())).argmax(1)
+                fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
+                agree += int((predicted == fake).sum())
+                total += int(predicted.numel())
+                labels = batch_labels(batch)
+                if labels is not None:
+                    correct += int((predicted == labels.cpu()).sum())
+                    correct_fake += int((fake == labels.cpu()).sum())
+                    labelled += int(labels.numel())
         return {"acc": correct / labelled if labelled else None,
                 "fake_quant_acc": correct_fake / labelled if labelled else None,
                 "agreement": agree / total if total else None, "samples": total}

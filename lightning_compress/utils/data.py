@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress.utils.modes import eval_mode
+
 
 def first_tensor(batch: Any) -> torch.Tensor:
     """The first tensor of a batch: the batch itself, its first element, or its first dictionary value.
@@ -103,13 +105,10 @@ def execution_order(model: nn.Module, example_inputs: Any, names: list[str] | No
 def probe_forward(model: nn.Module, example_inputs: Any, handles: Iterable[RemovableHandle] = ()) -> Any:
     """One forward pass in eval mode without gradients, for the hooks behind ``handles`` to observe; the model's
     training flags are restored and the hooks removed afterwards, even on error. Returns the output."""
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             return model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
 
