@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_compress.measure import check_integer, compare_with_references, format_markdown, measure_model
 from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
-from lightning_compress.utils.data import first_tensor, stage_loader
+from lightning_compress.utils.data import ChecksNetworkInput, first_tensor, stage_loader
 
 __all__ = ["CompressionReport", "collect_inputs", "measure_model"]
 
@@ -54,7 +54,7 @@ def collect_inputs(trainer: pl.Trainer, count: int) -> torch.Tensor:
     return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:count]
 
 
-class CompressionReport(Callback):
+class CompressionReport(ChecksNetworkInput, Callback):
     """Measures the compressed network at the end of ``fit`` and writes ``compression_report.json`` and ``.md``.
 
     It measures ``pl_module.compression_target`` (the student of a distillation run, the backbone of a
@@ -173,6 +173,13 @@ class CompressionReport(Callback):
             self.references[name] = dict(reference)
             self._reference_sources[name] = "report dictionary"
         self._reference_accuracy[name] = accuracy
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        overridden = (type(self).example_inputs is not CompressionReport.example_inputs
+                      or type(self).model_to_measure is not CompressionReport.model_to_measure)
+        if not overridden:  # the default input and network: check them before training (ChecksNetworkInput)
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Public override point: the batch the model is measured on (``batch_size`` validation inputs)."""

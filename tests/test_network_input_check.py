@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_compress import Int8Export, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress import CompressionReport, Int8Export, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.utils.data import check_network_input
 
 
@@ -59,7 +59,8 @@ class WithTarget(DictModule):
 @pytest.mark.parametrize("callbacks", [
     lambda: [QuantizationAwareTraining(calibration_batches=1), Int8Export()],
     lambda: [PostTrainingQuantization(modes=["static"])],
-], ids=["int8-export", "ptq"])
+    lambda: [CompressionReport()],
+], ids=["int8-export", "ptq", "report"])
 def test_a_forward_taking_the_whole_batch_fails_before_the_first_step(trainer_factory, callbacks):
     module = DictModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
