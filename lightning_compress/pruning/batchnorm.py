@@ -1,8 +1,9 @@
-"""BatchNorm around pruned filters: find the BN that normalises a layer's output, zero pruned channels in it, and
-re-estimate running statistics after pruning. Pure torch."""
+"""BatchNorm around pruned filters: find the BN that normalises a layer's output (and only it), zero pruned channels in
+it, and re-estimate running statistics after pruning. Pure torch."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,38 +11,48 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_compress.utils.data import probe_forward
+from lightning_compress.pruning.tracing import Call, tensors_in, trace
+
+
+def batchnorm_links(model: nn.Module, example_inputs: Any, names: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """Map each layer in ``names`` to ``(bn, sole)``: ``bn`` is the BatchNorm that reads the layer's output directly
+    and is called only once in the forward (so it normalises nothing else); ``sole`` says it is the output's only
+    reader (the layer called once, its output neither read by any other operation nor returned). Traced on one
+    eval-mode forward (:func:`~lightning_compress.pruning.tracing.trace`), functional operations included.
+
+    >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    >>> batchnorm_links(model, torch.zeros(1, 1, 5, 5), ["0"])
+    {'0': ('1', True)}
+    """
+    recorded = trace(model, example_inputs)
+    calls = Counter(call.name for call in recorded.calls if call.module is not None)
+    readers: dict[int, list[Call]] = {}
+    for call in recorded.calls:
+        if tensors_in(call.output):  # shapes and sizes read no values
+            for tensor_id in {id(x) for x in tensors_in((call.args, call.kwargs))}:
+                readers.setdefault(tensor_id, []).append(call)
+    returned = {id(x) for x in recorded.outputs}
+    wanted, links = set(names), {}
+    for call in recorded.calls:
+        if call.module is None or call.name not in wanted or call.name in links:
+            continue
+        reading = readers.get(id(call.output), []) if isinstance(call.output, torch.Tensor) else []
+        norm = next((r for r in reading if isinstance(r.module, _BatchNorm) and calls[r.name] == 1), None)
+        if norm is not None:
+            sole = len(reading) == 1 and calls[call.name] == 1 and id(call.output) not in returned
+            links[call.name] = (norm.name, sole)
+    return links
 
 
 def batchnorm_after(model: nn.Module, example_inputs: Any, names: Iterable[str]) -> dict[str, str]:
-    """Map each layer in ``names`` to the BatchNorm that consumes its output directly (traced on one forward).
+    """Map each layer in ``names`` to the BatchNorm that consumes its output directly and nothing else (see
+    :func:`batchnorm_links`; a BatchNorm applied to several tensors is no layer's).
 
     >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     >>> batchnorm_after(model, torch.zeros(1, 1, 5, 5), ["0"])
     {'0': '1'}
     """
-    modules = dict(model.named_modules())
-    wanted = set(names)
-    produced: dict[int, str] = {}
-    found: dict[str, str] = {}
-
-    def record_output(name: str) -> Any:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                produced[id(output)] = name
-        return hook
-
-    def record_input(name: str) -> Any:
-        def hook(_module: nn.Module, args: Any) -> None:
-            producer = produced.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            if producer is not None and producer not in found:
-                found[producer] = name
-        return hook
-
-    handles = [modules[n].register_forward_hook(record_output(n)) for n in wanted]
-    handles += [m.register_forward_pre_hook(record_input(n)) for n, m in modules.items() if isinstance(m, _BatchNorm)]
-    probe_forward(model, example_inputs, handles)
-    return found
+    return {name: norm for name, (norm, _) in batchnorm_links(model, example_inputs, names).items()}
 
 
 def zero_batchnorm_channels(bn: Any, keep: torch.Tensor) -> None:

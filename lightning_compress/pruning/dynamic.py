@@ -20,12 +20,15 @@ runs them through hooks, so the user's modules and state_dict keys stay as they 
   sample runs one smaller dense convolution over its own kept filters and input channels (or, with
   ``grouped=True``, all samples run as one grouped convolution with ``groups=B``, which oneDNN executes slower);
   BatchNorm is folded into a per-channel scale and shift; the result is scattered back into a dense tensor for the
-  layers in between (ReLU, pooling), whose cost is elementwise.
+  layers in between (ReLU, pooling), whose cost is elementwise. A layer whose convolution output is read by more
+  than its BatchNorm (a skip connection, or the output returned) cannot skip filters: it runs densely, gated as in
+  training (listed in :attr:`FeatureBoostingGates.dense_layers`), so outputs equal dense execution.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -177,8 +180,9 @@ class FeatureBoostingGates(nn.Module):
         layers: ``{qualified name: conv}`` of the network to gate (ungrouped ``Conv1d``/``Conv2d``, zero padding).
         keep_ratio: fraction of each layer's output channels kept per sample, in (0, 1].
         gate_after: ``"batchnorm"`` multiplies the output of the BatchNorm that directly consumes the convolution
-            (found by tracing the first forward; the convolution itself where there is none), as in the paper;
-            ``"conv"`` multiplies the convolution output.
+            and normalises nothing else (found by tracing the first forward; the convolution itself where there is
+            none, e.g. a BatchNorm shared by two branches), as in the paper; ``"conv"`` multiplies the convolution
+            output.
 
     Raises:
         ValueError: for a bad ``keep_ratio`` or ``gate_after``, or a layer that is not an ungrouped, zero-padded
@@ -214,6 +218,7 @@ class FeatureBoostingGates(nn.Module):
         self.predictors = nn.ModuleDict({_key(n): ChannelSaliency(c.in_channels, c.out_channels)
                                          for n, c in convs.items()})
         self.positions: dict[str, str] = {}  # gated conv -> module whose output the gate multiplies
+        self.dense_layers: list[str] = []  # gated after a BatchNorm that is not their output's only reader
         self.sources: dict[str, str | None] | None = None  # gated conv -> gated layer whose kept channels it reads
         self.executing_sparse = False
         self.grouped = False  # batching of sparse execution, see sparse_gated_conv
@@ -224,7 +229,7 @@ class FeatureBoostingGates(nn.Module):
         self._index: dict[str, Tensor] = {}
         self._pending_l1: list[Tensor] = []
         self._probe: dict[str, Any] | None = None
-        self._busy = self._overridden = False
+        self._busy = self._overridden = self._warned_dense = False
         self._sparse_modules: dict[str, tuple[GatedConv, _BatchNorm | None]] = {}
         self._affine_cache: dict[str, tuple[tuple[int, ...], Tensor, Tensor]] = {}
         self.reset_statistics()
@@ -255,7 +260,7 @@ class FeatureBoostingGates(nn.Module):
         if self._model is not None and getattr(self._model, GATES_ATTRIBUTE, None) is self:
             delattr(self._model, GATES_ATTRIBUTE)
         object.__setattr__(self, "_model", None)
-        self.positions, self.sources = {}, None
+        self.positions, self.sources, self.dense_layers = {}, None, []
 
     def _modules_by_name(self) -> dict[str, nn.Module]:
         if self._model is None:
@@ -263,18 +268,20 @@ class FeatureBoostingGates(nn.Module):
         return dict(self._model.named_modules())
 
     def _place(self, args: tuple[Any, ...]) -> None:
-        """Choose the module whose output each gate multiplies (traced BatchNorm, or the convolution)."""
-        found: dict[str, str] = {}
+        """Choose the module whose output each gate multiplies (traced BatchNorm, or the convolution), and the
+        layers whose BatchNorm cannot be folded in sparse execution (not their convolution output's only reader)."""
+        found: dict[str, tuple[str, bool]] = {}
         if self.gate_after == "batchnorm":
-            from lightning_compress.pruning.batchnorm import batchnorm_after
+            from lightning_compress.pruning.batchnorm import batchnorm_links
 
             self._busy = True
             try:
-                found = batchnorm_after(self._model, args, self.layer_names)  # type: ignore[arg-type]
+                found = batchnorm_links(self._model, args, self.layer_names)  # type: ignore[arg-type]
             finally:
                 self._busy = False
         modules = self._modules_by_name()
-        self.positions = {name: found.get(name, name) for name in self.layer_names}
+        self.positions = {name: found[name][0] if name in found else name for name in self.layer_names}
+        self.dense_layers = [name for name in self.layer_names if name in found and not found[name][1]]
         for name, position in self.positions.items():
             self._handles.append(modules[position].register_forward_hook(partial(self._after_position, name)))
 
@@ -292,7 +299,7 @@ class FeatureBoostingGates(nn.Module):
             self._override()
 
     def _before_conv(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._overridden or (self._busy and self._probe is None):
+        if name in self._sparse_modules or (self._busy and self._probe is None):
             return
         x = args[0]
         if self._probe is not None:  # random keep sets: which later inputs are zero exactly where these are off
@@ -302,7 +309,9 @@ class FeatureBoostingGates(nn.Module):
             self._probe["order"].append(name)
         else:
             saliency = self.predictors[_key(name)](x)
-            gate = winner_take_all(saliency, self.k[name])[0]
+            gate, index = winner_take_all(saliency, self.k[name])
+            if self._overridden:  # a dense layer in sparse execution: later layers may read only its kept channels
+                self._index[name] = index
             if module.training and torch.is_grad_enabled():
                 l1 = saliency.abs().sum(dim=1).mean()
                 if self.collect_regularizer:
@@ -314,7 +323,7 @@ class FeatureBoostingGates(nn.Module):
         self._gate[name] = gate
 
     def _after_position(self, name: str, module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
-        gate = None if self._overridden else self._gate.pop(name, None)
+        gate = self._gate.pop(name, None)
         if gate is None:
             return None
         return output * gate.view(*gate.shape, *([1] * (output.dim() - 2)))
@@ -404,10 +413,14 @@ class FeatureBoostingGates(nn.Module):
         return self.sources
 
     def _override(self) -> None:
+        """Replace the forward of every gated conv (and its folded BatchNorm) by sparse execution, except the
+        :attr:`dense_layers`, whose convolution output other operations read too: they stay dense, gated by hooks."""
         modules = self._modules_by_name()
         for name in self.layer_names:
             conv, position = modules[name], modules[self.positions[name]]
             assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+            if name in self.dense_layers:
+                continue
             norm = None if position is conv else position
             if norm is not None and (not isinstance(norm, _BatchNorm) or norm.running_var is None):
                 raise ValueError(f"Sparse execution folds the BatchNorm after {name!r}, which needs running "
@@ -417,6 +430,11 @@ class FeatureBoostingGates(nn.Module):
                 norm.forward = _identity  # type: ignore[method-assign,assignment]
             self._sparse_modules[name] = (conv, norm)
         self._overridden = True
+        if self.dense_layers and not self._warned_dense:
+            self._warned_dense = True
+            warnings.warn(f"Sparse execution runs the gated layers {self.dense_layers} densely: their convolution "
+                          "output is read by more than the BatchNorm the gate follows, so no filter can be skipped.",
+                          stacklevel=2)
 
     def _restore(self) -> None:
         for conv, norm in self._sparse_modules.values():

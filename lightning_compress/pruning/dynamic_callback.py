@@ -28,8 +28,8 @@ class DynamicChannelPruning(Callback):
     so a run resumes) a :class:`~lightning_compress.pruning.dynamic.FeatureBoostingGates` is attached to the
     compression target: its predictors are extra parameters under ``dynamic_gates.``; every user key stays. Each
     gated convolution keeps the ``ceil(keep_ratio * C)`` channels of highest predicted saliency per sample,
-    multiplied by their saliency, after the BatchNorm that follows it (``gate_after="batchnorm"``, found by tracing
-    the first forward) or on the convolution output (``"conv"``).
+    multiplied by their saliency, after the BatchNorm that follows it and normalises nothing else
+    (``gate_after="batchnorm"``, found by tracing the first forward) or on the convolution output (``"conv"``).
 
     The sparsity regulariser ``regularization * sum_l ||g_l(x)||_1`` enters the loss by wrapping the
     LightningModule's ``training_step`` for the duration of ``fit`` (restored in ``teardown``): the returned loss
@@ -38,7 +38,8 @@ class DynamicChannelPruning(Callback):
     ``gates.regularization_loss()`` yourself there).
 
     The gates stay after ``fit`` (they are the trained dynamic model): ``callback.gates.sparse(True)`` runs the
-    gated layers sparsely at inference; :meth:`remove` strips them.
+    gated layers sparsely at inference, with the same outputs (a layer whose convolution output something besides
+    its BatchNorm reads runs densely: ``callback.gates.dense_layers``); :meth:`remove` strips them.
 
     Logged every epoch: ``dynamic/keep_ratio`` (fraction of non-zero gates), ``dynamic/saliency_l1``,
     ``dynamic/executed_macs`` (multiply-adds per input of sparse execution, counted) and

@@ -23,7 +23,8 @@ from lightning_compress.pruning.groups import (
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
-from lightning_compress.utils import compression_target, first_tensor
+from lightning_compress.pruning.tracing import unexecuted_layers
+from lightning_compress.utils import compression_target, first_tensor, select_layers
 from lightning_compress.utils.load_hook import ModelLoadHook
 
 MODES = ("soft", "hard")
@@ -36,7 +37,9 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     Channels tied across layers (residual additions, concatenations, depthwise convolutions) form one group, found
     by tracing one forward pass: they are scored together (the Lp norm of all weights tied to the channel) and kept
     or pruned together, so :func:`lightning_compress.pruning.compact` can remove them. A group is pruned only if
-    every producing layer is selected; the final classifier is not pruned by default.
+    every producing layer is selected; the final classifier is not pruned by default. A layer that ``forward()``
+    never runs (e.g. an auxiliary head called in ``training_step``) is left unpruned, and compaction is refused while
+    one exists, since the trace cannot see which channels it reads (unless ``exclude`` names it).
 
     ``mode="soft"`` is Soft Filter Pruning (He et al., IJCAI 2018): at every scheduled update (by default before
     training and after every epoch) the lowest-scoring ``rate`` of each group's channels are zeroed, in the
@@ -95,9 +98,10 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         ValueError: for a rate outside [0, 1), a ``sparsity`` key that is not a valid regex, an unknown mode or
             granularity, ``p`` not in {1, 2}, ``recalibration_batches`` not an integer >= 0, ``compact_every_epoch``
             in soft mode or together with ``compact_at_schedule_end``; before the first training step for a rate
-            that would remove every channel of a group, a ``sparsity`` pattern matching no selected layer, or a
-            ``QuantizationAwareTraining`` that starts before the compaction at the schedule's end; at a compaction in
-            place if the network holds quantized layers.
+            that would remove every channel of a group, a ``sparsity`` pattern matching no selected layer, a
+            compaction option while ``forward()`` never runs a layer with parameters that ``exclude`` does not name,
+            or a ``QuantizationAwareTraining`` that starts before the compaction at the schedule's end; at a
+            compaction in place if the network holds quantized layers.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self._zero_plan_source: dict[str, torch.Tensor] | None = None
         self._zero_plan_bn = False
         self.skipped: dict[str, str] = {}
+        self.unexecuted: list[str] = []  # layers of the target that the traced forward never ran
 
     # -- resolution -------------------------------------------------------------------------------------------
     def rate_of(self, name: str) -> float:
@@ -295,6 +300,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             example = first_tensor(batch)[:2].detach().cpu().clone()
             self._example = pl_module.trainer.strategy.broadcast(example, src=0)
         self._refresh_groups()
+        self._refuse_compacting_unexecuted()
         if not self.groups:
             raise ValueError(f"FilterPruning found no group of filters it may prune; skipped: {self.skipped}.")
         if self.compacted_at is None:
@@ -313,14 +319,19 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             self.original_filters.setdefault(name, module.weight.shape[0])
 
     def _resolve_groups(self, example: torch.Tensor) -> tuple[list[PrunableGroup], dict[str, str]]:
-        from lightning_compress.pruning.dependency import filter_groups
+        from lightning_compress.pruning.dependency import build_graph
 
         selected, skipped = set(self._modules), {}
         try:
-            traced = filter_groups(self._target, example)
+            graph = build_graph(self._target, example)
+            traced = graph.groups()
         except Exception as err:  # an exotic model the tracer cannot follow: each layer on its own
             rank_zero_warn(f"FilterPruning could not trace dependency groups ({err}); scoring each layer alone.")
+            self.unexecuted = []
             return self._single_layer_groups(example), {}
+        self.unexecuted = unexecuted_layers(self._target, graph.trace)
+        for name in selected.intersection(self.unexecuted):
+            skipped[name] = "forward() never runs it, so the dependency trace cannot see its channels"
         groups = []
         for dependency_group in traced:
             group = from_dependency_group(dependency_group)
@@ -335,8 +346,28 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
                 groups.append(group)
         return groups, skipped
 
+    def _refuse_compacting_unexecuted(self) -> None:
+        """Compaction removes channels from what the traced forward reads; a layer it never ran (e.g. an auxiliary
+        head of ``training_step``) may read them too and would break: refuse before the first step, unless
+        excluded (the user vouches it reads no pruned channel)."""
+        if not (self.compact_on_fit_end or self.compact_every_epoch or self.compact_at_schedule_end):
+            return
+        kept = select_layers(self._target, types=[torch.nn.Module], exclude=self.exclude)
+        unexecuted = [name for name in self.unexecuted if name in kept]
+        if unexecuted:
+            raise ValueError(
+                f"FilterPruning cannot compact {type(self._target).__name__}: forward() never runs the layers "
+                f"{unexecuted} (called elsewhere, e.g. in training_step, or only in training mode), so the "
+                "dependency trace cannot see which channels they read, and removing channels would break them. Call "
+                "them from forward() (e.g. return their output too), turn compaction off, or pass "
+                f"exclude={unexecuted!r} plus the layers whose outputs they read (excluding a layer keeps its "
+                "whole group).")
+
     def _single_layer_groups(self, example: torch.Tensor) -> list[PrunableGroup]:
-        bns = batchnorm_after(self._target, example, self._modules)
+        try:
+            bns = batchnorm_after(self._target, example, self._modules)
+        except Exception:  # not traceable either: no BatchNorm is known to normalise only one layer
+            bns = {}
         groups = []
         for name, module in self._modules.items():
             index = torch.arange(module.weight.shape[0])

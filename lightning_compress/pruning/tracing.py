@@ -23,7 +23,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Call", "Trace", "is_leaf", "op_name", "trace"]
+__all__ = ["Call", "Trace", "is_leaf", "op_name", "trace", "unexecuted_layers"]
 
 _LEAF_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 _INPLACE_OPERATORS = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "truediv", "idiv": "div"}
@@ -207,3 +207,34 @@ def trace(model: nn.Module, example_inputs: Any, method: str = "auto") -> Trace:
     if method == "auto":
         result.fx_error = fx_error
     return result
+
+
+def unexecuted_layers(model: nn.Module, recorded: Trace) -> list[str]:
+    """Layers of ``model`` that the recorded forward never ran: modules with parameters of their own (or BatchNorm
+    statistics) that were not called, are not inside a called module, and none of whose parameters an operation
+    read. Typically called outside ``forward`` (an auxiliary head in ``training_step``) or only in training mode.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv, self.aux = nn.Conv2d(1, 2, 3), nn.Linear(2, 1)
+    ...     def forward(self, x):
+    ...         return self.conv(x)
+    >>> net = Net()
+    >>> unexecuted_layers(net, trace(net, torch.randn(2, 1, 3, 3)))
+    ['aux']
+    """
+    ran = {call.name for call in recorded.calls if call.module is not None}
+    read = {id(x) for call in recorded.calls for x in tensors_in((call.args, call.kwargs))}
+    modules = dict(model.named_modules())
+    for name in ran & set(modules):
+        read.update(id(p) for p in modules[name].parameters())  # parameters shared with a module that ran
+    unexecuted = []
+    for name, module in modules.items():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            own += list(module.buffers(recurse=False))
+        inside = any(name == r or name.startswith(f"{r}.") for r in ran)
+        if name and own and not inside and not any(id(t) in read for t in own):
+            unexecuted.append(name)
+    return unexecuted
