@@ -25,6 +25,7 @@ from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.pruning.tracing import unexecuted_layers
 from lightning_compress.utils import compression_target, first_tensor, select_layers
+from lightning_compress.utils.layers import check_layer_pattern
 from lightning_compress.utils.load_hook import ModelLoadHook
 
 MODES = ("soft", "hard")
@@ -124,7 +125,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         rates = sparsity if isinstance(sparsity, dict) else {".*": sparsity}
         for pattern, rate in rates.items():
             check_sparsity(rate, f"sparsity[{pattern!r}]" if isinstance(sparsity, dict) else "sparsity")
-            _check_pattern(pattern)
+            check_layer_pattern(pattern, "sparsity key")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if granularity not in GRANULARITIES:
@@ -497,13 +498,3 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         self.compacted_at = state_dict.get("compacted_at")
         if "example" in state_dict:
             self._example = state_dict["example"]
-
-
-def _check_pattern(pattern: object) -> None:
-    """A ``sparsity`` key must be a layer name or a valid regular expression."""
-    if not isinstance(pattern, str):
-        raise ValueError(f"sparsity keys must be layer names or regexes (strings), got {pattern!r}.")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"sparsity key {pattern!r} is not a valid regular expression ({err}).") from None

@@ -32,6 +32,7 @@ from lightning_compress.quantization.quantizers import (
 )
 from lightning_compress.utils import first_tensor, select_layers
 from lightning_compress.utils.data import batch_labels
+from lightning_compress.utils.layers import check_layer_pattern
 from lightning_compress.utils.modes import eval_mode
 
 __all__ = ["CALIBRATIONS", "PTQ_MODES", "classification_accuracy", "quantize_model", "resolve_specs"]
@@ -78,7 +79,7 @@ class _Calibration:
         if not self.amax:
             raise ValueError("global amax={} is empty; give one number or {pattern: number} covering every layer")
         for pattern, value in self.amax.items():
-            _check_amax_pattern(pattern)
+            check_layer_pattern(pattern, "global amax pattern")
             _check_amax_value(value, pattern)
 
     def calibrator(self, name: str, unsigned: bool) -> MaxCalibrator | HistogramCalibrator | None:
@@ -129,15 +130,6 @@ def _check_amax_value(value: Any, pattern: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         where = "" if pattern is None else f" (pattern {pattern!r})"
         raise ValueError(f"global amax {value!r}{where} must be a finite positive number")
-
-
-def _check_amax_pattern(pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"global amax pattern {pattern!r} must be a layer name or regex (a string)")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"global amax pattern {pattern!r} is not a valid regular expression: {err}") from None
 
 
 def _validate_calibration_batches(value: int | None) -> None:

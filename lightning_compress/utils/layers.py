@@ -107,3 +107,13 @@ def select_layers(
                 )
         candidates = {n: m for n, m in candidates.items() if any(_matches(n, p) for p in includes)}
     return {n: m for n, m in candidates.items() if not any(_matches(n, p) for p in excludes)}
+
+
+def check_layer_pattern(pattern: object, what: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` unless ``pattern`` is a layer name or a valid regular expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} {pattern!r} must be a layer name or regex (a string).")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression ({error}).") from None
