@@ -10,7 +10,9 @@ Two additions to the plain LightningCLI, both acting before ``fit`` starts:
   compressed network alone first (or reuses them), so that one command distills from a trained teacher and the
   report compares against both;
 * ``--ckpt_path`` is checked first: a truncated or corrupt checkpoint stops the command with a clear error before
-  anything is written.
+  anything is written. ``--ckpt_path last`` resumes from the ``last.ckpt`` of the newest run the config wrote
+  (``runs/<name>/version_N/checkpoints/last.ckpt``, or the ``ModelCheckpoint`` ``dirpath``) and continues logging
+  into that run's directory (:func:`~lightning_compress.utils.resume.find_last_checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.references import References, prepare_references
 from lightning_compress.utils.checkpoint import CheckpointError, check_checkpoint
+from lightning_compress.utils.resume import ResumeError, find_last_checkpoint
 
 DEFAULT_MODEL = {
     "class_path": "lightning_compress.demo.ClassifierModule",
@@ -46,12 +49,19 @@ class CompressCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config.get(str(self.config.get("subcommand")), self.config)
         path = config.get("ckpt_path") if hasattr(config, "get") else None
-        if path not in (None, "last", "best", "hpc", "registry"):
-            try:
+        try:
+            if path == "last":
+                found, version = find_last_checkpoint(config["trainer"])
+                config["ckpt_path"] = path = str(found)
+                logger = config["trainer"].get("logger")
+                if version is not None and hasattr(logger, "get") and logger.get("init_args") is not None:
+                    logger["init_args"]["version"] = version  # continue in the same run directory
+                print(f"Resuming from {path}", file=sys.stderr)
+            if path not in (None, "best", "hpc", "registry"):
                 check_checkpoint(path, mmap=True)
-            except CheckpointError as error:
-                print(f"error: {error}", file=sys.stderr)
-                raise SystemExit(2) from error
+        except (CheckpointError, ResumeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from error
 
     def before_fit(self) -> None:
         """Prepare the reference runs (see the module docstring)."""

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
@@ -82,7 +83,9 @@ class CompressionReport(ChecksNetworkInput, Callback):
     the ratios are logged as ``report/reference/<name>/<key>``. ``baseline`` works as before, independently.
 
     Args:
-        monitor: the accuracy metric in ``trainer.callback_metrics``.
+        monitor: the accuracy metric in ``trainer.callback_metrics``; ``None`` reports no accuracy. A name the module
+            never logs fails the fit at the end of its first validation (or warns at the end of the fit when no
+            validation ran), listing the metrics that were logged.
         batch_size: inputs per latency measurement (gathered from the validation, else training, loader).
         latency_runs: timed repetitions (median reported).
         warmup: untimed repetitions first.
@@ -104,7 +107,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
 
     def __init__(
         self,
-        monitor: str = "val/acc",
+        monitor: str | None = "val/acc",
         batch_size: int = 64,
         latency_runs: int = 20,
         warmup: int = 5,
@@ -116,7 +119,10 @@ class CompressionReport(ChecksNetworkInput, Callback):
         references: dict[str, str] | None = None,
         measure_int8: bool = True,
     ) -> None:
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor must be a metric name or None, got {monitor!r}.")
         self.monitor = monitor
+        self._monitor_checked = False
         self.batch_size = check_integer("batch_size", batch_size, 1)
         self.latency_runs = check_integer("latency_runs", latency_runs, 1)
         self.warmup = check_integer("warmup", warmup, 0)
@@ -189,8 +195,29 @@ class CompressionReport(ChecksNetworkInput, Callback):
         """Public override point: the network measured (the compression target by default)."""
         return compression_target(pl_module)
 
+    def _missing_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        if self.monitor is None or self.monitor in trainer.callback_metrics:
+            return None
+        return (f"CompressionReport(monitor={self.monitor!r}): {type(pl_module).__name__} never logs "
+                f"{self.monitor!r}; the metrics logged are {sorted(trainer.callback_metrics)}. Pass one of them as "
+                "monitor, or monitor=None to report no accuracy.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._monitor_checked = False
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the first validation of ``fit``: the monitored metric must have been logged by now."""
+        if trainer.sanity_checking or self._monitor_checked or trainer.state.fn != "fit":
+            return
+        self._monitor_checked = True
+        missing = self._missing_monitor(trainer, pl_module)
+        if missing is not None:
+            raise ValueError(missing)
+
     def _accuracy(self, trainer: pl.Trainer) -> float | None:
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor is not None else None
         return None if value is None else float(value)
 
     def _output_dir(self, trainer: pl.Trainer) -> Path:
@@ -228,6 +255,9 @@ class CompressionReport(ChecksNetworkInput, Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        missing = self._missing_monitor(trainer, pl_module)
+        if missing is not None:
+            rank_zero_warn(missing)
         int8 = self._int8(trainer, pl_module)
         inputs = self.example_inputs(trainer, pl_module)
         if int8 is not None:

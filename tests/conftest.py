@@ -18,6 +18,15 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_report_header(config: Any) -> str:
+    """The CPU and quantized engines the int8 tests ran with (results of quantized kernels depend on them)."""
+    from lightning_compress.quantization.engines import host_summary
+
+    summary = host_summary()
+    return (f"int8 host: {summary['machine']}, cpu capability {summary['capability']}, VNNI {summary['vnni']}, "
+            f"quantized engines {summary['engines']} (default {summary['current_engine']})")
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     pl.seed_everything(0, workers=True, verbose=False)

@@ -60,8 +60,27 @@ def test_report_against_a_baseline_model(trainer_factory):
 def test_report_without_validation_data_records_no_accuracy(trainer_factory, tmp_path):
     report = CompressionReport(batch_size=8, latency_runs=2, warmup=0)
     trainer = trainer_factory(callbacks=[report], limit_train_batches=2, limit_val_batches=0)
-    trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
+    with pytest.warns(UserWarning, match=r"never logs 'val/acc'; the metrics logged are \[.*'train/loss'"):
+        trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
     assert report.report["accuracy"] is None and report.report["macs"] > 0
+
+
+def test_a_monitor_the_module_never_logs_fails_after_the_first_validation_naming_the_logged_metrics(
+        trainer_factory):
+    report = CompressionReport(monitor="val/accuracy", batch_size=8, latency_runs=2, warmup=0)
+    trainer = trainer_factory(callbacks=[report], max_epochs=3, limit_train_batches=2, limit_val_batches=1)
+    with pytest.raises(ValueError, match=r"monitor='val/accuracy'.*never logs 'val/accuracy'; the metrics logged "
+                                         r"are \[.*'val/acc'"):
+        trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 2 and report.report is None  # after the first epoch, not at the end of fit
+
+
+def test_monitor_none_reports_no_accuracy_without_a_warning(trainer_factory, recwarn):
+    report = CompressionReport(monitor=None, batch_size=8, latency_runs=2, warmup=0)
+    trainer_factory(callbacks=[report], limit_train_batches=2, limit_val_batches=1).fit(
+        ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
+    assert report.report["accuracy"] is None and report.report["accuracy_metric"] is None
+    assert not [w for w in recwarn if "never logs" in str(w.message)]
 
 
 @pytest.mark.parametrize(
@@ -77,6 +96,7 @@ def test_report_without_validation_data_records_no_accuracy(trainer_factory, tmp
         ({"warmup": 0.5}, "warmup must be an integer >= 0, got 0.5"),
         ({"num_threads": 1.5}, "num_threads must be an integer >= 1, got 1.5"),
         ({"baseline": "missing.json"}, "'missing.json'"),
+        ({"monitor": ""}, "monitor must be a metric name or None"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

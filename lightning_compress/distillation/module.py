@@ -396,6 +396,9 @@ class DistillationModule(DistillationBase):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_acc_logged"] = self._teacher_acc_logged  # once per run, resumed runs included
+        teacher_acc = self.trainer.callback_metrics.get("val/teacher_acc") if self._trainer is not None else None
+        if teacher_acc is not None:
+            checkpoint["teacher_acc"] = float(teacher_acc)
         if not self.keep_teacher_in_checkpoint:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
@@ -404,6 +407,15 @@ class DistillationModule(DistillationBase):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._teacher_acc_logged = bool(checkpoint.get("teacher_acc_logged", self._teacher_acc_logged))
+        self._restored_teacher_acc = checkpoint.get("teacher_acc")
+
+    @override
+    def on_fit_start(self) -> None:
+        """A resumed run shows the teacher's accuracy (logged in the first epoch only) in ``callback_metrics`` too."""
+        restored = getattr(self, "_restored_teacher_acc", None)
+        if restored is not None and "val/teacher_acc" not in self.trainer.callback_metrics:
+            self.trainer.callback_metrics["val/teacher_acc"] = torch.tensor(restored)
+        self._restored_teacher_acc = None
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

@@ -296,9 +296,10 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         super()._prepare(batch, pl_module)
-        if not hasattr(self, "_example") or not self.events:
+        example = first_tensor(batch)[:2].detach().cpu().clone()
+        kept = getattr(self, "_example", None)  # a resumed run keeps the checkpoint's: same graph, same state
+        if kept is None or (not self.events and tuple(kept.shape[1:]) != tuple(example.shape[1:])):
             # The same example on every rank: compaction plans and their replay must not differ between ranks.
-            example = first_tensor(batch)[:2].detach().cpu().clone()
             self._example = pl_module.trainer.strategy.broadcast(example, src=0)
         self._refresh_groups()
         self._refuse_compacting_unexecuted()
@@ -483,7 +484,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
                  "events": self.events, "original_sizes": self.original_sizes,
                  "original_filters": self.original_filters, "compacted_at": self.compacted_at}
-        if self.events:
+        if getattr(self, "_example", None) is not None:
             state["example"] = self._example
         return state
 

@@ -14,7 +14,8 @@ from lightning_compress.quantization.calibration import (
     amax_percentile,
     compute_amax,
 )
-from lightning_compress.quantization.export import export_int8, quantized_counts
+from lightning_compress.quantization.engines import choose_engine, host_summary
+from lightning_compress.quantization.export import Int8MismatchError, Int8Model, export_int8, quantized_counts
 from lightning_compress.quantization.functional import (
     affine_qparams,
     dequantize,
@@ -62,6 +63,8 @@ __all__ = [
     "METHODS",
     "PACKED_METHODS",
     "HistogramCalibrator",
+    "Int8MismatchError",
+    "Int8Model",
     "MaxCalibrator",
     "PackedConv1d",
     "PackedConv2d",
@@ -76,6 +79,7 @@ __all__ = [
     "amax_mse",
     "amax_percentile",
     "attach_quantizer",
+    "choose_engine",
     "classification_accuracy",
     "codebook_fake_quantize",
     "codebook_quantize",
@@ -86,6 +90,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_affine",
     "float_state_dict",
+    "host_summary",
     "kmeans_codebook",
     "lsq_fake_quantize",
     "lsq_grad_scale",

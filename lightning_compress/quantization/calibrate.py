@@ -29,6 +29,7 @@ from lightning_compress.quantization.quantizers import (
     attach_quantizer,
     check_quantizable,
     validate_flag,
+    validate_reduce_range,
 )
 from lightning_compress.utils import first_tensor, select_layers
 from lightning_compress.utils.data import batch_labels
@@ -138,11 +139,16 @@ def _validate_calibration_batches(value: int | None) -> None:
         raise ValueError(f"calibration_batches={value!r} must be a positive integer or None (every batch)")
 
 
-def _validate_bit_widths(num_bits: int, bit_widths: Mapping[str, int] | None) -> None:
+def _validate_bit_widths(num_bits: int, bit_widths: Mapping[str, int] | None, reduce_range: bool = False) -> None:
     validate_num_bits(num_bits)
+    validate_flag("reduce_range", reduce_range)
+    if reduce_range:
+        validate_reduce_range(num_bits)
     for pattern, bits in (bit_widths or {}).items():
         try:
             validate_num_bits(bits)
+            if reduce_range:
+                validate_reduce_range(bits)
         except ValueError as err:
             raise ValueError(f"bit_widths[{pattern!r}]: {err}") from None
 
@@ -158,6 +164,7 @@ def resolve_specs(
     unsigned: bool,
     learn: str,
     skip_first_and_last: bool = False,
+    reduce_range: bool = False,
 ) -> dict[str, QuantSpec]:
     """The layers of ``target`` to quantize and how (``bit_widths`` patterns override ``num_bits``).
 
@@ -180,7 +187,7 @@ def resolve_specs(
         for name in select_layers(target, pattern, types=_TYPES):
             if name in bits:
                 bits[name] = width
-    return {name: QuantSpec(bits[name], per_channel, unsigned, learn) for name in chosen}
+    return {name: QuantSpec(bits[name], per_channel, unsigned, learn, reduce_range) for name in chosen}
 
 
 def _skip_first_and_last(chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -234,10 +241,25 @@ def _finish_calibration(layers: Mapping[str, Any], calibrators: Mapping[str, Any
         calibrator, inq = calibrators.get(name), layer.input_quantizer
         if strategy is not None and calibrator is not None:
             _reduce_calibrator(calibrator, strategy)
+        _choose_sign(inq, calibrator, strategy)
         inq.amax.copy_(settings.compute(name, calibrator, inq.num_bits).to(inq.amax))
         inq.calibrating, inq.calibrator, inq.range_reducer = False, None, None
         inq.init_learned()
         layer.weight_quantizer.init_learned(layer.weight if layer.weight_quantizer.learn == "lsq" else None)
+
+
+def _choose_sign(quantizer: Any, calibrator: Any, strategy: Any = None) -> None:
+    """A ``sign_from_data`` input whose calibration data (on every rank) were all non-negative becomes unsigned."""
+    if not quantizer.sign_from_data or quantizer.unsigned:
+        return
+    low = quantizer.min_seen
+    if strategy is not None:
+        device = getattr(strategy, "root_device", torch.device("cpu"))
+        low = float(strategy.reduce(torch.tensor(low, dtype=torch.float64, device=device), reduce_op="min"))
+    if 0 <= low < math.inf:
+        quantizer.unsigned = True
+        if calibrator is not None:
+            calibrator.unsigned = True
 
 
 def _reduce_calibrator(calibrator: Any, strategy: Any) -> None:
@@ -283,6 +305,7 @@ def quantize_model(
     num_bins: int = 2048,
     start_bin: int = 128,
     inplace: bool = False,
+    reduce_range: bool = False,
 ) -> nn.Module:
     """Post-training quantization of a model: a fake-quantized copy in eval mode (e.g. to quantize a teacher).
 
@@ -309,6 +332,8 @@ def quantize_model(
         num_bins: histogram bins (>= 2).
         start_bin: first candidate bin of the mse / entropy searches (>= 0; clamped to the last bin).
         inplace: quantize ``model`` itself instead of a deep copy.
+        reduce_range: inputs one bit narrower, for an int8 export that runs exactly under the ``x86`` kernels on
+            any x86 CPU (see :class:`~lightning_compress.quantization.quantizers.QuantSpec`).
 
     Raises:
         ValueError: bad settings (as :class:`QuantizationAwareTraining`; also a global amax that is not finite,
@@ -321,7 +346,7 @@ def quantize_model(
     """
     if mode not in PTQ_MODES:
         raise ValueError(f"Unknown mode {mode!r}; allowed: {', '.join(map(repr, PTQ_MODES))}")
-    _validate_bit_widths(num_bits, bit_widths)
+    _validate_bit_widths(num_bits, bit_widths, reduce_range)
     settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
     _validate_calibration_batches(calibration_batches)
     for flag, value in (("per_channel", per_channel), ("unsigned", unsigned), ("inplace", inplace)):
@@ -330,7 +355,7 @@ def quantize_model(
         raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
     qmodel = model if inplace else copy.deepcopy(model)
     specs = resolve_specs(qmodel, layers=layers, exclude=exclude, num_bits=num_bits, bit_widths=bit_widths,
-                          per_channel=per_channel, unsigned=unsigned, learn="none")
+                          per_channel=per_channel, unsigned=unsigned, learn="none", reduce_range=reduce_range)
     settings.check_covers(specs)  # before anything is attached (inplace leaves the model untouched)
     quantized = attach_all(qmodel, specs)
     _set_modes(quantized, "frozen", "none")

@@ -59,6 +59,13 @@ PHASES = ("calibrating", "training", "frozen")
 CALIBRATION_DATA = ("steps", "train", "val")
 
 
+def _restore_signs(layers: dict[str, Any], state: dict[str, Any]) -> None:
+    """The input signs chosen at calibration (``reduce_range``), as the checkpoint recorded them."""
+    for name, unsigned in state.get("unsigned", {}).items():
+        if name in layers:
+            layers[name].input_quantizer.unsigned = bool(unsigned)
+
+
 class QuantizationAwareTraining(Callback):
     """Quantization-aware training of the compression target's Conv1d / Conv2d / Linear layers.
 
@@ -129,6 +136,11 @@ class QuantizationAwareTraining(Callback):
         start_bin: first candidate bin of the mse / entropy searches.
         log_error: compute and log ``quant/error/<layer>``.
         start_epoch: the epoch at whose start the quantizers are attached (0: in ``setup``, before training).
+        reduce_range: inputs one bit narrower (``[-63, 63]`` / ``[0, 127]`` at 8 bits, as torch.ao's x86
+            default), so that ``export_int8`` / ``Int8Export`` run the model exactly under the fast ``x86``
+            kernels on every x86 CPU; without it a model with signed inputs exports exactly under ``x86`` only on
+            CPUs with VNNI and falls back to ``qnnpack`` elsewhere (see
+            :mod:`~lightning_compress.quantization.engines`).
 
     Raises:
         ValueError: bits outside 2..16, an unknown method / learn / calibration data, percentile outside
@@ -160,8 +172,9 @@ class QuantizationAwareTraining(Callback):
         start_bin: int = 128,
         log_error: bool = True,
         start_epoch: int = 0,
+        reduce_range: bool = False,
     ) -> None:
-        _validate_bit_widths(num_bits, bit_widths)
+        _validate_bit_widths(num_bits, bit_widths, reduce_range)
         self.settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
         validate_learn(learn)
         if calibration_data not in CALIBRATION_DATA:
@@ -180,7 +193,7 @@ class QuantizationAwareTraining(Callback):
         self.skip_first_and_last, self.per_channel, self.unsigned = skip_first_and_last, per_channel, unsigned
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data
         self.learn, self.freeze_epoch, self.log_error = learn, freeze_epoch, log_error
-        self.start_epoch = start_epoch
+        self.start_epoch, self.reduce_range = start_epoch, reduce_range
         #: whether the quantizers are attached to the compression target (from ``start_epoch`` on)
         self.attached = False
         self.phase = "calibrating"
@@ -202,7 +215,7 @@ class QuantizationAwareTraining(Callback):
         return resolve_specs(
             target, layers=self.layers, exclude=self.exclude, num_bits=self.num_bits,
             bit_widths=self.bit_widths, per_channel=self.per_channel, unsigned=self.unsigned, learn=self.learn,
-            skip_first_and_last=self.skip_first_and_last,
+            skip_first_and_last=self.skip_first_and_last, reduce_range=self.reduce_range,
         )
 
     def _attach(self, pl_module: pl.LightningModule, stage: str) -> None:
@@ -275,6 +288,7 @@ class QuantizationAwareTraining(Callback):
         if self._restored is not None:  # validate / test / predict from a checkpoint: its phase
             if self._restored.get("phase") in PHASES:
                 self.phase = self._restored["phase"]
+            _restore_signs(self._layers, self._restored)
             self._restored = None
         if self.phase != "calibrating":
             _set_modes(self._layers, self.phase, self.learn)
@@ -308,6 +322,7 @@ class QuantizationAwareTraining(Callback):
             "calibrators": {n: c.state_dict() for n, c in self.calibrators.items() if c is not None},
             "amax": {n: m.input_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
             "weight_amax": {n: m.weight_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
+            "unsigned": {n: m.input_quantizer.unsigned for n, m in self._layers.items()},
         }
 
     @override
@@ -326,6 +341,7 @@ class QuantizationAwareTraining(Callback):
             if calibrator is not None and name in state["calibrators"]:
                 calibrator.load_state_dict(state["calibrators"][name])
             self.calibrators[name] = calibrator
+        _restore_signs(self._layers, state)
         with torch.no_grad():
             for name, layer in self._layers.items():
                 if name in state["amax"]:

@@ -1,14 +1,20 @@
-"""Int8Export: the real int8 model of a quantization-aware run, written to a file and evaluated at the end of ``fit``.
+"""Int8Export: the real int8 model of a quantization-aware run, checked, written to a file and evaluated at the end of
+``fit``.
 
 The file is TorchScript (``torch.jit.script`` of the converted FX graph, ``torch.jit.trace`` when scripting fails):
 of the formats torch 2.13 offers for a ``torch.ao`` int8 model it is the one that loads back with ``torch.jit.load``
 alone and gives bit-identical outputs. Pickling the whole converted ``GraphModule`` (``torch.save(model)``) saves but
 fails to load (``'ConvReLU2d' object has no attribute '_modules'``), and ``torch.export`` cannot handle the packed
 weights (``Conv2dPackedParamsBase`` has no ``__obj_flatten__``).
+
+Packed int8 weights are re-packed for the process's current quantized engine when the file is loaded, so the file
+records the engine it was made for (inside it, and in ``<name>.json`` beside it): :func:`load_int8` selects it; with
+``torch.jit.load`` alone, set ``torch.backends.quantized.engine`` to it first.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +28,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.quantization.engines import ENGINES, host_summary, quantized_engine, validate_engine
 from lightning_compress.quantization.export import Int8Model, deterministic_off, export_int8
 from lightning_compress.quantization.quantizers import quantized_layers
+from lightning_compress.quantization.verify import Int8MismatchError
 from lightning_compress.report import collect_inputs
 from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, stage_loader
 from lightning_compress.utils.modes import eval_mode
 
-__all__ = ["Int8Export", "load_int8", "save_int8"]
+__all__ = ["Int8Export", "int8_metadata", "load_int8", "save_int8"]
+
+_METADATA = "lightning_compress.json"
 
 
 @contextmanager
@@ -45,8 +55,10 @@ def save_int8(model: nn.Module, path: str | Path, example_inputs: Any) -> str:
 
     The converted graph's type annotations are dropped first, in place (a model written with ``from __future__
     import annotations`` leaves string annotations that TorchScript cannot parse); when scripting still fails the
-    graph is traced on ``example_inputs`` (it has no data-dependent control flow left). The file loads back with
-    ``torch.jit.load`` alone.
+    graph is traced on ``example_inputs`` (it has no data-dependent control flow left). The quantized engine the
+    weights were packed for, the host and the export's verification are written into the file (extra file
+    ``lightning_compress.json``) and beside it (``<path stem>.json``). The file loads back with ``torch.jit.load``
+    alone once ``torch.backends.quantized.engine`` is set to that engine (:func:`load_int8` does it).
 
     Args:
         model: the :class:`~lightning_compress.quantization.export.Int8Model` (or its inner graph module).
@@ -57,27 +69,50 @@ def save_int8(model: nn.Module, path: str | Path, example_inputs: Any) -> str:
         ``"script"`` or ``"trace"``: how the file was made.
     """
     graph = model.model if isinstance(model, Int8Model) else model
+    engine = model.engine if isinstance(model, Int8Model) else torch.backends.quantized.engine
+    metadata = json.dumps({"engine": engine, "torch": torch.__version__, "exported_on": host_summary(),
+                           "verification": getattr(model, "verification", {})}, indent=2, default=str)
     if isinstance(graph, torch.fx.GraphModule):
         for node in graph.graph.nodes:
             node.type = None
         graph.recompile()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with _quiet(), deterministic_off(), torch.no_grad():
+    with _quiet(), deterministic_off(), torch.no_grad(), quantized_engine(engine):
         try:
             scripted, how = torch.jit.script(graph), "script"
         except Exception:  # TorchScript rejects some Python; the graph is straight-line, so a trace is exact
             scripted, how = torch.jit.trace(graph, args, check_trace=False), "trace"
-        torch.jit.save(scripted, str(path))
+        torch.jit.save(scripted, str(path), _extra_files={_METADATA: metadata})
+    Path(path).with_suffix(".json").write_text(metadata + "\n")
     return how
 
 
-def load_int8(path: str | Path) -> torch.jit.ScriptModule:
-    """Load a file written by :func:`save_int8` (the same as ``torch.jit.load(path, map_location="cpu")``).
-
-    Quantized CPU kernels refuse ``torch.use_deterministic_algorithms(True)``: call the loaded model with it off.
-    """
+def int8_metadata(path: str | Path) -> dict[str, Any]:
+    """What :func:`save_int8` recorded in the file: ``engine``, ``torch``, ``exported_on``, ``verification``."""
+    extra = {_METADATA: ""}
     with _quiet():
-        return torch.jit.load(str(path), map_location="cpu")
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[_METADATA]:
+        raise ValueError(f"{str(path)!r} holds no lightning_compress metadata; was it written by save_int8?")
+    return json.loads(extra[_METADATA])
+
+
+def load_int8(path: str | Path, engine: str | None = None) -> Int8Model:
+    """Load a file written by :func:`save_int8` under the quantized engine it records (or ``engine``).
+
+    The packed weights are re-packed for the engine current at load time, so the file is loaded under that engine
+    and the returned :class:`~lightning_compress.quantization.export.Int8Model` runs under it (and with
+    deterministic algorithms off), restoring the process's settings after each call.
+
+    Raises:
+        ValueError: the recorded engine is not available in this torch build.
+    """
+    chosen = engine or int8_metadata(path)["engine"]
+    if chosen not in ENGINES[1:]:
+        raise ValueError(f"{str(path)!r} records engine {chosen!r}, which is not one of {list(ENGINES[1:])}")
+    validate_engine(chosen)
+    with _quiet(), quantized_engine(chosen):
+        return Int8Model(torch.jit.load(str(path), map_location="cpu"), chosen).eval()
 
 
 class Int8Export(ChecksNetworkInput, Callback):
@@ -87,16 +122,20 @@ class Int8Export(ChecksNetworkInput, Callback):
     ``pl_module.compression_target`` (whose quantized layers :class:`~lightning_compress.QuantizationAwareTraining`
     or :class:`~lightning_compress.PostTrainingQuantization` attached) into an int8 model for CPU, using
     ``batch_size`` validation inputs to trace it and to observe the tensors that have no quantizer of ours. The
-    model is written to ``<output_dir>/<filename>.pt`` as TorchScript: it loads back with
-    ``torch.jit.load(path)``, without this package, and gives the same outputs (checked after writing; a mismatch
-    warns). Call it with deterministic algorithms off (quantized kernels refuse them).
+    model runs under the quantized ``engine`` that computes it exactly on this CPU (``"auto"``; see
+    :mod:`~lightning_compress.quantization.engines`).
 
-    It then runs the validation batches (the data module's validation loader, limited like the validation loop by
+    It runs the validation batches (the data module's validation loader, limited like the validation loop by
     ``limit_val_batches``, or at most ``eval_batches``) through both models and logs through every logger:
     ``export/acc`` (int8 top-1 accuracy; also put into ``trainer.callback_metrics``), ``export/fake_quant_acc``
     (the fake-quantized model on the same batches), ``export/agreement`` (share of samples where both predict the
-    same class) and ``export/size_bytes`` (the file). The int8 model stays in :attr:`model` and the numbers in
-    :attr:`results`.
+    same class) and ``export/size_bytes`` (the file). Below ``min_agreement`` (measured on those batches, or on the
+    export's example inputs with ``eval_batches=0``) the run fails with :class:`Int8MismatchError` and no file is
+    written. Otherwise the model is written to ``<output_dir>/<filename>.pt`` as TorchScript, with the engine it
+    needs recorded inside and in ``<filename>.json``: :func:`load_int8` loads it under that engine; with torch
+    alone, set ``torch.backends.quantized.engine`` to it and call ``torch.jit.load(path)`` (the outputs are checked
+    to be identical after writing; a mismatch warns). Call it with deterministic algorithms off (quantized kernels
+    refuse them). The int8 model stays in :attr:`model` and the numbers in :attr:`results`.
 
     :meth:`export` is public and runs once per fit, so another callback (``CompressionReport`` does) can ask for
     the int8 model whatever the callback order. A fit with neither a ``QuantizationAwareTraining`` callback nor a
@@ -111,16 +150,22 @@ class Int8Export(ChecksNetworkInput, Callback):
         batch_size: validation inputs used to trace the model and observe its intermediate tensors.
         eval_batches: at most this many validation batches are evaluated (``None``: as many as the validation
             loop runs; ``0``: no evaluation).
+        engine: the quantized engine (``"auto"``, ``"x86"``, ``"fbgemm"``, ``"onednn"``, ``"qnnpack"``); a named
+            engine that cannot compute the model exactly on this CPU fails the export.
+        min_agreement: the smallest share of samples on which the int8 and the fake-quantized model must agree;
+            ``None`` never fails.
 
     Raises:
-        ValueError: for an empty ``filename``, a non-positive ``batch_size`` or a negative ``eval_batches`` (in
-            ``__init__``); in ``setup``, when nothing will quantize the compression target.
+        ValueError: for an empty ``filename``, a non-positive ``batch_size``, a negative ``eval_batches``, an
+            unknown or unavailable ``engine`` or a ``min_agreement`` outside [0, 1] (in ``__init__``); in
+            ``setup``, when nothing will quantize the compression target.
+        Int8MismatchError: at the end of fit, when the agreement is below ``min_agreement``.
 
     Attributes:
         model: the int8 model (an :class:`~lightning_compress.quantization.export.Int8Model`), or ``None``.
         results: ``path``, ``size_bytes``, ``acc``, ``fake_quant_acc``, ``agreement``, ``samples``,
-            ``quantized_layers``, ``format`` and ``identical_after_load``; or ``skipped`` (the reason); ``None``
-            before the export.
+            ``quantized_layers``, ``format``, ``identical_after_load``, ``engine`` and ``verification`` (the
+            export's check on its example inputs); or ``skipped`` (the reason); ``None`` before the export.
     """
 
     def __init__(
@@ -129,6 +174,8 @@ class Int8Export(ChecksNetworkInput, Callback):
         filename: str = "model_int8",
         batch_size: int = 256,
         eval_batches: int | None = None,
+        engine: str = "auto",
+        min_agreement: float | None = 0.99,
     ) -> None:
         if not filename:
             raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
@@ -136,6 +183,9 @@ class Int8Export(ChecksNetworkInput, Callback):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if eval_batches is not None and eval_batches < 0:
             raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
+        if min_agreement is not None and not 0 <= min_agreement <= 1:
+            raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1] or None.")
+        self.engine, self.min_agreement = validate_engine(engine), min_agreement
         self.output_dir = output_dir
         self.filename = filename
         self.batch_size = batch_size
@@ -190,21 +240,37 @@ class Int8Export(ChecksNetworkInput, Callback):
             self.results = {"skipped": reason}
             return None
         inputs = collect_inputs(trainer, self.batch_size).cpu()
-        model = export_int8(target, inputs)
+        model = export_int8(target, inputs, engine=self.engine, min_agreement=None)
+        evaluated = self._evaluate(trainer, target, model)
+        self.results = {"engine": model.engine, "verification": model.verification,
+                        "quantized_layers": len(quantized_layers(target)), **evaluated}
+        self._check_agreement(trainer)
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         how = save_int8(model, path, inputs)
-        identical = self._identical_after_load(model, path, inputs)
         self.model = model
-        self.results = {"path": str(path), "size_bytes": path.stat().st_size, "format": f"torchscript ({how})",
-                        "identical_after_load": identical, "quantized_layers": len(quantized_layers(target)),
-                        **self._evaluate(trainer, target, model)}
+        self.results.update(path=str(path), size_bytes=path.stat().st_size, format=f"torchscript ({how})",
+                            identical_after_load=self._identical_after_load(model, path, inputs))
         self._log(trainer)
         return model
 
+    def _check_agreement(self, trainer: pl.Trainer) -> None:
+        """Fail the run (after logging the numbers) when the int8 model disagrees with the fake-quantized one."""
+        assert self.results is not None
+        measured = self.results if self.results.get("agreement") is not None else self.results["verification"]
+        if self.min_agreement is None or measured["agreement"] >= self.min_agreement:
+            return
+        self._log(trainer)
+        raise Int8MismatchError(
+            f"Int8Export: the int8 model agrees with the fake-quantized model on {measured['agreement']:.2%} of "
+            f"{measured['samples']} samples, below min_agreement={self.min_agreement} (engine "
+            f"{self.results['engine']!r} on a {torch.backends.cpu.get_cpu_capability()} CPU); no file was written. "
+            "Set min_agreement=None to "
+            "write it anyway, or engine= another engine.")
+
     @staticmethod
     def _identical_after_load(model: nn.Module, path: Path, inputs: torch.Tensor) -> bool:
-        with deterministic_off(), torch.no_grad():
+        with torch.no_grad():
             identical = torch.equal(load_int8(path)(inputs), model(inputs))
         if not identical:
             rank_zero_warn(f"Int8Export: the model loaded back from {str(path)!r} does not reproduce the int8 model's "

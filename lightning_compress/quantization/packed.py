@@ -237,7 +237,8 @@ class PackedConv2d(_PackedConv):
     _conv = staticmethod(F.conv2d)
 
 
-_PACKED = {nn.Linear: PackedLinear, nn.Conv1d: PackedConv1d, nn.Conv2d: PackedConv2d}
+_PACKED: dict[type[nn.Module], type[_PackedWeight]] = {
+    nn.Linear: PackedLinear, nn.Conv1d: PackedConv1d, nn.Conv2d: PackedConv2d}
 
 
 def packed_layers(model: nn.Module) -> dict[str, _PackedWeight]:

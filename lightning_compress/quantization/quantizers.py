@@ -65,6 +65,12 @@ def validate_flag(name: str, value: Any) -> bool:
     return value
 
 
+def validate_reduce_range(num_bits: int) -> None:
+    """``reduce_range`` takes a bit from the input activation, which needs at least 2 left."""
+    if num_bits < 3:
+        raise ValueError(f"reduce_range=True needs num_bits >= 3 (the input keeps num_bits - 1), got {num_bits}")
+
+
 def absmax(x: Tensor, axis: int | None = None) -> Tensor:
     """``max |x|`` over everything (``axis=None``) or per slice along ``axis``.
 
@@ -87,18 +93,32 @@ class QuantSpec:
         unsigned: the input activation is non-negative and uses ``[0, 2^b - 1]`` (e.g. after a ReLU).
         learn: ``"none"``; ``"lsq"`` (learned step sizes for weight and input, Esser et al. 2019); ``"pact"``
             (learned clipping level of the input, Choi et al. 2018; implies ``unsigned``).
+        reduce_range: the input activation uses one bit less (``[-63, 63]`` signed, ``[0, 127]`` unsigned at 8
+            bits), as torch.ao's x86 default does, so its int8 export runs exactly under the ``x86`` / ``fbgemm``
+            kernels on every x86 CPU, VNNI or not (see :mod:`~lightning_compress.quantization.engines`). An input
+            whose calibration data were all non-negative (after a ReLU) then becomes unsigned, ``[0, 127]``: the
+            resolution of a signed 8-bit grid on such data.
     """
 
     num_bits: int = 8
     per_channel: bool = True
     unsigned: bool = False
     learn: str = "none"
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         validate_num_bits(self.num_bits)
         validate_flag("per_channel", self.per_channel)
         validate_flag("unsigned", self.unsigned)
         validate_learn(self.learn)
+        validate_flag("reduce_range", self.reduce_range)
+        if self.reduce_range:
+            validate_reduce_range(self.num_bits)
+
+    @property
+    def input_bits(self) -> int:
+        """Bits of the input activation: ``num_bits``, or one less with ``reduce_range``."""
+        return self.num_bits - 1 if self.reduce_range else self.num_bits
 
 
 class TensorQuantizer(nn.Module):
@@ -140,6 +160,8 @@ class TensorQuantizer(nn.Module):
         elif learn == "pact":
             self.alpha = nn.Parameter(torch.ones(()))
         self.enabled, self.calibrating, self.observe, self.dynamic = True, False, False, False
+        #: after calibration, become unsigned if every value seen was non-negative (``reduce_range`` inputs)
+        self.sign_from_data = False
         self.calibrator: Any = None
         #: maps a batch's max |x| to the range all ranks agree on (DDP: an all-reduce MAX); set while calibrating
         self.range_reducer: Callable[[float], float] | None = None
@@ -299,7 +321,7 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     if is_quantized(module):
         inp, wq = module.input_quantizer, module.weight_quantizer
         same = (inp.learn == spec.learn and inp.unsigned == unsigned and wq.num_bits == spec.num_bits
-                and inp.num_bits == spec.num_bits and (wq.axis == 0) == spec.per_channel)
+                and inp.num_bits == spec.input_bits and (wq.axis == 0) == spec.per_channel)
         if same:
             return module
         _detach(module)
@@ -307,7 +329,8 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     channels = module.weight.shape[0]
     weight_learn = "lsq" if spec.learn == "lsq" else "none"
     module.__class__ = QUANT_CLASSES[type(module)]
-    module.add_module("input_quantizer", TensorQuantizer(spec.num_bits, unsigned=unsigned, learn=spec.learn))
+    module.add_module("input_quantizer", TensorQuantizer(spec.input_bits, unsigned=unsigned, learn=spec.learn))
+    module.input_quantizer.sign_from_data = spec.reduce_range and not unsigned
     module.add_module("weight_quantizer", TensorQuantizer(
         spec.num_bits, axis=0 if spec.per_channel else None, channels=channels, learn=weight_learn))
     module.input_quantizer.to(device)

@@ -1,10 +1,13 @@
 """A training run that can SIGKILL itself at a given step and resume from its last end-of-epoch checkpoint.
 
 Used by test_kill_resume.py: ``python kill_resume_run.py DIR [--kill-at STEP] [--resume] [--variant NAME]``. At the
-end it saves the network's state and every compression callback's state to ``DIR/final.pt``.
+end it saves the network's state and every compression callback's state to ``DIR/final.pt``; every start of training
+appends the epoch and step it started at to ``DIR/starts.jsonl``. ``--resume`` without ``DIR/checkpoints/last.ckpt``
+exits with status 3 (it never silently starts over).
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -28,6 +31,15 @@ class KillAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StartMarker(pl.Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):
+        with (self.directory / "starts.jsonl").open("a") as file:
+            file.write(json.dumps({"epoch": trainer.current_epoch, "global_step": trainer.global_step}) + "\n")
 
 
 def build(variant: str) -> tuple[pl.LightningModule, list[pl.Callback]]:
@@ -57,13 +69,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     module, callbacks = build(args.variant)
-    checkpoints = ModelCheckpoint(dirpath=args.directory / "checkpoints", save_top_k=0, save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=args.directory / "checkpoints", save_top_k=1, save_last=True)
     trainer = pl.Trainer(max_epochs=EPOCHS, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=2,
-                         callbacks=[*callbacks, checkpoints, KillAt(args.kill_at)], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                         callbacks=[*callbacks, checkpoints, KillAt(args.kill_at), StartMarker(args.directory)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
                          num_sanity_val_steps=0)
     last = args.directory / "checkpoints" / "last.ckpt"
-    trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last if args.resume and last.exists() else None)
+    if args.resume and not last.exists():
+        return 3
+    trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last if args.resume else None)
     network = module.compression_target
     torch.save({"network": network.state_dict(), "callbacks": [c.state_dict() for c in callbacks],
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}, args.directory / "final.pt")

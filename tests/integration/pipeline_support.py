@@ -1,5 +1,6 @@
 """Run examples/configs/pipeline.yaml through the real command (``python -m lightning_compress.cli fit``), shortened,
-optionally killed (SIGKILL) at a given step, resumed, or under DDP; each rank saves its final state.
+optionally interrupted (SIGINT or SIGKILL) at a given step, resumed with the README's ``--ckpt_path last``, or under
+DDP; each rank saves its final state, and every process start records the epoch and step it started at.
 
 The shortened schedule (``STEPS_PER_EPOCH`` training batches per epoch, ``EPOCHS`` epochs) keeps every phase of the
 real config, one or two epochs each: ``PHASES`` maps a phase to the epochs it spans.
@@ -7,6 +8,7 @@ real config, one or two epochs each: ``PHASES`` maps a phase to the epochs it sp
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,14 +32,38 @@ SCHEDULE_END, QAT_START, CALIBRATION_BATCHES, FREEZE_EPOCH = 2, 4, 6, 6
 
 
 class KillAt(pl.Callback):
-    """SIGKILL this process after training step ``KILL_AT`` (environment variable)."""
+    """Send this process ``KILL_SIGNAL`` (SIGKILL by default) after training step ``KILL_AT`` (environment)."""
 
     def __init__(self) -> None:
         self.step = int(os.environ["KILL_AT"]) if os.environ.get("KILL_AT") else None
+        self.signal = getattr(signal, os.environ.get("KILL_SIGNAL") or "SIGKILL")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
+
+
+class StartMarker(pl.Callback):
+    """Append ``{"epoch", "global_step"}`` at the start of training to ``<directory>/starts.jsonl`` (rank zero)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            with (self.directory / "starts.jsonl").open("a") as file:
+                file.write(json.dumps({"epoch": trainer.current_epoch, "global_step": trainer.global_step}) + "\n")
+
+
+def starts(directory: Path) -> list[dict[str, int]]:
+    """The epoch and step at which each process started training, in order."""
+    path = directory / "starts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def checkpoint_dir(directory: Path) -> Path:
+    """Where the config's ModelCheckpoint writes: the logger's first run directory."""
+    return directory / "runs" / "pipeline" / "version_0" / "checkpoints"
 
 
 class SaveFinal(pl.Callback):
@@ -73,8 +99,10 @@ def write_config(directory: Path, references: Path) -> Path:
     callbacks["QuantizationAwareTraining"]["init_args"].update(
         start_epoch=QAT_START, calibration_batches=CALIBRATION_BATCHES, freeze_epoch=FREEZE_EPOCH)
     callbacks["CompressionReport"]["init_args"].update(latency_runs=3, warmup=1)
-    callbacks["ModelCheckpoint"]["init_args"]["dirpath"] = str(directory / "checkpoints")
+    # 32 steps leave a student with near-tied logits: the export's agreement check is not what these runs test
+    callbacks["Int8Export"]["init_args"] = {"min_agreement": None}
     trainer["callbacks"] += [{"class_path": "pipeline_support.KillAt"},
+                             {"class_path": "pipeline_support.StartMarker", "init_args": {"directory": str(directory)}},
                              {"class_path": "pipeline_support.SaveFinal",
                               "init_args": {"directory": str(directory)}}]
     path = directory / "pipeline.yaml"
@@ -84,15 +112,17 @@ def write_config(directory: Path, references: Path) -> Path:
 
 
 def run_pipeline(directory: Path, references: Path, *extra: str, kill_at: int | None = None,
-                 resume: bool = False, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """``lightning-compress fit`` on the shortened config in a fresh process (one torch thread)."""
+                 kill_signal: str = "SIGKILL", resume: bool = False,
+                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``lightning-compress fit`` on the shortened config in a fresh process (one torch thread); with ``resume``,
+    the README's resume command (``--ckpt_path last``)."""
     config = write_config(directory, references)
     command = [sys.executable, "-m", "lightning_compress.cli", "fit", "--config", str(config), *extra]
-    last = directory / "checkpoints" / "last.ckpt"
-    if resume and last.exists():
-        command += ["--ckpt_path", str(last)]
+    if resume:
+        command += ["--ckpt_path", "last"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "KILL_AT": "" if kill_at is None else str(kill_at), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+           "KILL_AT": "" if kill_at is None else str(kill_at), "KILL_SIGNAL": kill_signal, "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=directory)
 
 

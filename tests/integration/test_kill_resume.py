@@ -1,6 +1,8 @@
 """SIGKILL a run at a seeded random step inside each phase, resume from the last end-of-epoch checkpoint, and compare
-with an uninterrupted run: same weights, masks, scales and final metrics (deterministic CPU settings)."""
+with an uninterrupted run: same weights, masks, scales and final metrics (deterministic CPU settings). The resumed
+process must start at the epoch after the checkpoint (it never silently starts over)."""
 
+import json
 import random
 import subprocess
 import sys
@@ -40,9 +42,14 @@ def assert_same(a, b, path="final"):
 
 
 # Phases by epoch (4 steps each): epoch 0 calibrating + distilling + AGP start; epoch 1 calibration ends (6 steps)
-# and the pruning schedule is mid-way; epoch 2 QAT training; epoch 3 frozen observers and BatchNorm.
-PHASES = {"distill-prune-qat": [(0, 1), (1, 2), (2, 3)], "compact-every-epoch": [(1, 2), (2, 3)],
+# and the pruning schedule is mid-way; epoch 2 QAT training; epoch 3 frozen observers and BatchNorm. A kill in
+# epoch 0 leaves nothing to resume from, so every kill comes after the first epoch's checkpoint.
+PHASES = {"distill-prune-qat": [(1, 2), (2, 3), (3, 4)], "compact-every-epoch": [(1, 2), (2, 3)],
           "splicing": [(1, 3)]}
+
+
+def starts(directory: Path) -> list[dict[str, int]]:
+    return [json.loads(line) for line in (directory / "starts.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -56,5 +63,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, variant):
         directory = tmp_path / f"killed-at-{step}"
         assert run(directory, "--variant", variant, "--kill-at", str(step)) == -9, "the run was not killed"
         assert not (directory / "final.pt").exists()
+        epochs_done = (step - 1) // STEPS_PER_EPOCH  # the epoch of step s, which did not finish
+        saved = torch.load(directory / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+        assert saved["epoch"] == epochs_done - 1
         assert run(directory, "--variant", variant, "--resume") == 0
+        assert starts(directory) == [{"epoch": 0, "global_step": 0},
+                                     {"epoch": epochs_done, "global_step": epochs_done * STEPS_PER_EPOCH}]
         assert_same(reference, torch.load(directory / "final.pt", weights_only=False), f"killed at {step}")

@@ -81,8 +81,8 @@ def test_export_ptq_residual_agrees_under_deterministic_mode(trained_residual, d
 def _check_scales(qmodel: nn.Module, int8: nn.Module) -> None:
     # our scales, not a recalibration: the model input uses stem.conv's calibrated amax
     amax = float(qmodel.stem.conv.input_quantizer.amax)
-    assert float(int8.model.stem_conv_input_scale_0) == pytest.approx(amax / 127, rel=1e-6)
-    assert int(int8.model.stem_conv_input_zero_point_0) == 128
+    assert float(int8.model._input_clip_0_input_scale_0) == pytest.approx(amax / 127, rel=1e-6)
+    assert int(int8.model._input_clip_0_input_zero_point_0) == 128
     # per-channel weight scales: amax / 127 times the folded BatchNorm factor
     bn = qmodel.stem.bn
     factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach()
@@ -117,7 +117,9 @@ def test_export_ptq_plain_and_counts(dm) -> None:
     convs_and_linear = [m for m in float_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     weights = sum(m.weight.numel() for m in convs_and_linear)
     biases = sum(m.weight.shape[0] for m in convs_and_linear)  # BatchNorm folding gives every conv a bias
-    assert counts["quantized_parameters"] == counts["parameters"] == weights + biases
+    assert counts["parameters"] == weights + biases
+    # the classifier computes in float on its int8 weight (logits are not requantized): its bias stays float
+    assert counts["quantized_parameters"] == weights + biases - float_model.classifier.out_features
     assert 4 * count_parameters(float_model) / counts["weight_bytes"] > 3  # tiny layers: scales and biases weigh
 
     def size(m: nn.Module) -> int:
@@ -177,7 +179,9 @@ def test_counts_see_pruned_int8_weights() -> None:
     int8 = export_int8(quantize_model(model, "static", torch.randn(16, 8)), torch.randn(16, 8))
     counts = quantized_counts(int8, torch.randn(3, 8))
     assert counts["parameters"] == 46 and counts["nonzero_parameters"] == 46 - 16 and counts["macs"] == 40
-    assert counts["weight_bytes"] == 40 + 4 * 6 + 8 * 6  # int8 weights, float biases, scale + zero point per row
+    # first layer: int8 weights, float bias, scale + zero point per row; the output layer: int8 codes, a float scale
+    # per row (weight-only packed: logits are not requantized) and its float bias
+    assert counts["weight_bytes"] == (32 + 4 * 4 + 8 * 4) + (8 + 4 * 2 + 4 * 2)
 
 
 def test_measure_model_counts_an_exported_int8_model():

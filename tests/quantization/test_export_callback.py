@@ -47,7 +47,7 @@ def qat_run(tmp_path_factory):
         torch.manual_seed(0)
         exporter = Int8Export(batch_size=128)
         report = CompressionReport(batch_size=16, latency_runs=3, warmup=1)
-        trainer = make_trainer(root, max_epochs=2, limit_train_batches=6, limit_val_batches=VAL_BATCHES,
+        trainer = make_trainer(root, max_epochs=2, limit_train_batches=20, limit_val_batches=VAL_BATCHES,
                                callbacks=[QuantizationAwareTraining(calibration_batches=3), report, exporter])
         module = ClassifierModule(ResidualCNN(width=8), lr=3e-3)
         trainer.fit(module, DigitsDataModule(batch_size=64))
@@ -65,8 +65,12 @@ def test_file_loads_with_torch_alone_and_reproduces_the_int8_model(qat_run, tmp_
     with deterministic_off(), torch.no_grad():
         expected = exporter.model(inputs)
     torch.save(inputs, tmp_path / "inputs.pt")
+    metadata = json.loads(path.with_suffix(".json").read_text())
+    assert metadata["engine"] == exporter.results["engine"] == exporter.model.engine
+    assert export_callback.int8_metadata(path) == metadata  # recorded inside the file too
     script = textwrap.dedent(f"""
-        import sys, torch
+        import json, sys, torch
+        torch.backends.quantized.engine = json.load(open({str(path.with_suffix(".json"))!r}))["engine"]
         model = torch.jit.load({str(path)!r})
         out = model(torch.load({str(tmp_path / "inputs.pt")!r}))
         torch.save(out, {str(tmp_path / "out.pt")!r})
