@@ -72,6 +72,41 @@ def run_child(code: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+_MEMORY_CHILD = """
+import json, pickle, resource, torch, lightning.pytorch as pl
+from lightning_compress import FilterPruning, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.measure import state_size_bytes
+from lightning_compress.pruning.schedules import AGP
+torch.set_num_threads({threads})
+pl.seed_everything(0, verbose=False)
+callbacks = {{callbacks}}
+trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+module = ClassifierModule(PlainCNN(width={width}))
+trainer.fit(module, DigitsDataModule())
+state = callbacks[0].state_dict() if callbacks else {{{{}}}}
+print(json.dumps({{{{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "state_bytes": {state_bytes}, "model_bytes": state_size_bytes(module.backbone)}}}}))
+"""
+
+
+def fit_memory_child(width: int, state_bytes: str, threads: int | None = None) -> str:
+    """The child script of a peak-memory benchmark: a 3-epoch fit of ``PlainCNN(width)`` on digits with the callbacks
+    of one config (``{callbacks}``, a Python list expression), printing its peak RSS, ``state_bytes`` (an expression
+    of the first callback's ``state``) and the model's state size as JSON."""
+    return _MEMORY_CHILD.format(threads=threads or "torch.get_num_threads()", width=width, state_bytes=state_bytes)
+
+
+def memory_table(description: str | None, child_template: str, configs: dict[str, str], title: str,
+                 state_header: str) -> None:
+    """A peak-memory benchmark's ``main``: one fresh process per config, the table printed under ``title``."""
+    parse_no_options(description)
+    rows = peak_memory_rows(child_template, configs)
+    print(f"{title}\n")
+    print(markdown_table(["fit", "peak RSS MiB", "ratio to plain", state_header, "model state KiB at the end"], rows))
+
+
 def peak_memory_rows(child_template: str, configs: dict[str, str]) -> list[tuple[Any, ...]]:
     """For each config, run ``child_template.format(callbacks=...)`` in a fresh process (it prints ``peak_mib``,
     ``state_bytes`` and ``model_bytes``) and return rows of name, peak MiB, ratio to the first, state KiB, model KiB."""

@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from lightning_compress.quantization.calibration import HistogramCalibrator, amax_entropy, amax_mse
+from lightning_compress.quantization.calibrators import HistogramCalibrator, amax_entropy, amax_mse
 
 
 def loop_mse_torch(counts: torch.Tensor, width: float, num_bits: int = 8, start_bin: int = 128) -> float:

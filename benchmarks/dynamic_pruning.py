@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, machine, markdown_table
 
 from lightning_compress.demo import PlainCNN, ResidualCNN
+from lightning_compress.graph.layers import select_layers
 from lightning_compress.measure import count_macs
 from lightning_compress.pruning import compact
 from lightning_compress.pruning.dynamic import (
@@ -35,7 +36,6 @@ from lightning_compress.pruning.dynamic import (
     winner_take_all,
 )
 from lightning_compress.pruning.groups import prune_filter_groups
-from lightning_compress.utils import select_layers
 
 
 def layer_functions(channels: int, size: int, batch: int) -> tuple[dict[str, Callable[[], object]], float]:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, machine, markdown_table, parse_no_options
 
 from lightning_compress.demo import MLP, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.export.engines import exact_engines
 from lightning_compress.quantization import export_int8, host_summary, quantize_model
-from lightning_compress.quantization.engines import exact_engines
 from lightning_compress.testing import Conv1dNet, LinearBatchNormHead, noisy_sines, train_briefly
 
 

@@ -37,7 +37,6 @@ adapter, stay easy to tell from the teacher's.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Any
 
@@ -45,9 +44,15 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
-from lightning_compress.demo.experiments import quiet_single_thread, seeded, write_results
+from lightning_compress.demo.experiments import (
+    ExampleSettings,
+    example_parser,
+    quiet_single_thread,
+    seeded,
+    write_results,
+)
 from lightning_compress.distillation import DistillationModule, slim_copy
-from lightning_compress.distillation.adversarial import AdversarialDistillationModule
+from lightning_compress.distillation.methods.adversarial import AdversarialDistillationModule
 from lightning_compress.measure import count_parameters
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
@@ -68,13 +73,11 @@ def student_network() -> nn.Module:
     return slim_copy(teacher_network(), 0.25)
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool, epochs: int | None = None, seeds: list[int] | None = None) -> None:
-        self.quick = quick
-        self.seeds = seeds or ([0] if quick else [0, 1, 2])
-        self.teacher_epochs = 1 if quick else 20
-        self.epochs = epochs or (2 if quick else 30)
-        self.limit = 2 if quick else None
+        super().__init__(quick, epochs=(2, 30))
+        self.epochs = epochs or self.epochs
+        self.seeds = seeds or self.seeds
 
 
 def fit_and_test(module: pl.LightningModule, settings: Settings, seed: int, epochs: int,
@@ -159,8 +162,7 @@ def table(rows: dict[str, list[float]], settings: Settings, split: str = "test")
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 30; quick: 2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2; quick: 0")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="split to report")

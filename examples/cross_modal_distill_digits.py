@@ -39,7 +39,6 @@ not the student's), and the labels already carry what the visible top half allow
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,6 +47,8 @@ from torch import nn
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
 from lightning_compress.demo.experiments import (
+    ExampleSettings,
+    example_parser,
     fit_and_test,
     mean_std,
     over_seeds,
@@ -55,7 +56,7 @@ from lightning_compress.demo.experiments import (
     write_results,
 )
 from lightning_compress.distillation import slim_copy
-from lightning_compress.distillation.cross_modal import CrossModalDistillationModule, make_view
+from lightning_compress.distillation.methods.cross_modal import CrossModalDistillationModule, make_view
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
 LAYERS: dict[str, Any] = {"student_layers": ["stage3"], "teacher_layers": ["stage3"]}
@@ -79,13 +80,10 @@ def student_network() -> nn.Module:
     return slim_copy(teacher_network(), 0.25)
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool, view: str) -> None:
-        self.quick, self.view = quick, view
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.teacher_epochs = 1 if quick else 15
-        self.epochs = 1 if quick else 20
-        self.limit = 2 if quick else None
+        super().__init__(quick, teacher_epochs=15, epochs=20)
+        self.view = view
 
 
 def run_seed(seed: int, settings: Settings) -> dict[str, float]:
@@ -136,8 +134,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--view", default="downsample:2", help="the student's view (default downsample:2)")
     args = parser.parse_args(argv)
     make_view(args.view)  # fail on a bad name before any training

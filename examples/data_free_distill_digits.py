@@ -50,7 +50,6 @@ the teacher's actual opinion either way); the teacher is trained on real data, a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -62,9 +61,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, EpochSeededSampler, ResidualCNN
-from lightning_compress.demo.experiments import quiet_single_thread, seeded, write_results
+from lightning_compress.demo.experiments import (
+    ExampleSettings,
+    example_parser,
+    quiet_single_thread,
+    seeded,
+    write_results,
+)
 from lightning_compress.distillation import DistillationModule, slim_copy
-from lightning_compress.distillation.data_free import SyntheticDataModule
+from lightning_compress.distillation.methods.data_free import SyntheticDataModule
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
 ADAPTIVE: dict[str, Any] = {"competition_weight": 1.0}
@@ -83,15 +88,9 @@ def student_network() -> nn.Module:
     return slim_copy(teacher_network(), 0.25)
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.quick = quick
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.teacher_epochs = 1 if quick else 20
-        self.epochs = 1 if quick else 30
-        self.num_samples = 64 if quick else 1000
-        self.steps = 10 if quick else 200
-        self.limit = 2 if quick else None
+        super().__init__(quick, num_samples=(64, 1000), steps=(10, 200))
 
 
 def trainer_for(settings: Settings, epochs: int) -> pl.Trainer:
@@ -201,8 +200,7 @@ def table(rows: dict[str, list[float]], times: dict[str, list[float]], settings:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a few steps and batches")
+    parser = example_parser(__doc__)
     args = parser.parse_args(argv)
     settings = Settings(args.quick)
     rows: dict[str, list[float]] = {}

@@ -47,7 +47,6 @@ after stage 2 did better on the validation split, 98.2% against 97.5%).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +54,14 @@ from typing import Any
 from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
-from lightning_compress.demo.experiments import fit_and_test, over_seeds, seeded, write_results
+from lightning_compress.demo.experiments import (
+    ExampleSettings,
+    example_parser,
+    fit_and_test,
+    over_seeds,
+    seeded,
+    write_results,
+)
 from lightning_compress.distillation import DistillationModule, MutualLearningModule, SelfDistillationModule, slim_copy
 from lightning_compress.measure import count_parameters
 
@@ -86,14 +92,11 @@ def fsp_student_network() -> nn.Module:
     return ResidualCNN(width=16, num_stages=2)
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool, epochs: int | None = None, seeds: list[int] | None = None) -> None:
-        self.quick = quick
-        self.seeds = seeds or ([0] if quick else [0, 1, 2])
-        self.teacher_epochs = 1 if quick else 20
-        self.epochs = epochs or (2 if quick else 30)
-        self.feature_epochs = 1 if quick else 5
-        self.limit = 2 if quick else None
+        super().__init__(quick, epochs=(2, 30), feature_epochs=(1, 5))
+        self.epochs = epochs or self.epochs
+        self.seeds = seeds or self.seeds
 
 
 def run_seed(seed: int, settings: Settings, split: str = "test") -> dict[str, float]:
@@ -191,8 +194,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 30; quick: 2)")
     args = parser.parse_args(argv)
     settings = Settings(args.quick, args.epochs)

@@ -14,12 +14,10 @@ batch 64 and batch 1, measured round-robin over all models at the end so machine
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,13 +26,14 @@ from torch import nn
 
 from lightning_compress import FilterPruning
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.demo.experiments import ExampleSettings, example_parser, publish
+from lightning_compress.graph.layers import select_layers
 from lightning_compress.measure import count_macs
 from lightning_compress.pruning import compact
 from lightning_compress.pruning.dynamic import FeatureBoostingGates
 from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.pruning.groups import prune_filter_groups
 from lightning_compress.pruning.schedules import AGP
-from lightning_compress.utils import select_layers
 
 #: name -> (constructor, layers gated by FBS)
 MODELS: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
@@ -43,15 +42,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
 }
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.models = list(MODELS)[:1] if quick else list(MODELS)
-        self.seeds = [0] if quick else [0, 1]
-        self.keep_ratios = (0.5,) if quick else (1.0, 0.75, 0.5, 0.25)
-        self.bisection_steps = 2 if quick else 8
-        self.epochs = 1 if quick else 12
-        self.limit = 2 if quick else None
-        self.latency_runs = 3 if quick else 30
+        super().__init__(quick, seeds=2, epochs=12, models=(list(MODELS)[:1], list(MODELS)),
+                         keep_ratios=((0.5,), (1.0, 0.75, 0.5, 0.25)), bisection_steps=(2, 8),
+                         latency_runs=(3, 30))
 
 
 def train(backbone: nn.Module, settings: Settings, seed: int, callbacks: list[Any] | None = None,
@@ -159,8 +154,7 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]], seeds: int) -> 
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a few batches")
+    parser = example_parser(__doc__)
     settings = Settings(parser.parse_args(argv).quick)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for name in settings.models:
@@ -175,11 +169,7 @@ def main(argv: list[str] | None = None) -> str:
                 rows[row].append(values)
         results[name] = rows
     result = table(results, len(settings.seeds))
-    output = Path("runs") / "dynamic_prune_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    print(result)
-    return result
+    return publish("dynamic_prune_digits", result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ the weights mostly record how many same-class samples the batch happens to hold 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,6 +37,8 @@ from torch import nn
 
 from lightning_compress.demo import ClassifierModule, ResidualCNN
 from lightning_compress.demo.experiments import (
+    ExampleSettings,
+    example_parser,
     fit_and_test,
     mean_std,
     over_seeds,
@@ -45,7 +46,7 @@ from lightning_compress.demo.experiments import (
     write_results,
 )
 from lightning_compress.distillation import slim_copy
-from lightning_compress.distillation.graph import GraphDistillationModule
+from lightning_compress.distillation.methods.graph import GraphDistillationModule
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
 LAYERS: dict[str, Any] = {"student_layers": ["stage3"], "teacher_layers": ["stage3"]}
@@ -66,13 +67,9 @@ def student_network() -> nn.Module:
     return slim_copy(teacher_network(), 0.25)
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.quick = quick
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.teacher_epochs = 1 if quick else 15
-        self.epochs = 1 if quick else 20
-        self.limit = 2 if quick else None
+        super().__init__(quick, teacher_epochs=15, epochs=20)
 
 
 def run_seed(seed: int, settings: Settings) -> dict[str, float]:
@@ -103,8 +100,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     args = parser.parse_args(argv)
     settings = Settings(args.quick)
     rows = over_seeds(lambda seed: run_seed(seed, settings), settings.seeds)

@@ -17,11 +17,9 @@ as a fraction of dense; CPU latency at batch 256 (median, 1 thread) and the spee
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +28,7 @@ from torch import nn
 
 from lightning_compress import FilterPruning
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.demo.experiments import ExampleSettings, example_parser, publish
 from lightning_compress.measure import count_macs, count_parameters, measure_latency
 from lightning_compress.pruning import compact
 from lightning_compress.pruning.flows import reinitialize, rewind
@@ -42,15 +41,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 RATE = 0.4
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.quick = quick
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.epochs = 1 if quick else 15
-        self.finetune_epochs = 1 if quick else 5
-        self.rewind_epoch = 0 if quick else 2
-        self.limit = 2 if quick else None
-        self.latency_runs = 2 if quick else 20
+        super().__init__(quick, epochs=15, finetune_epochs=(1, 5), rewind_epoch=(0, 2), latency_runs=(2, 20))
 
 
 class KeepEarlyState(pl.Callback):
@@ -142,8 +135,7 @@ def table(per_model: dict[str, dict[str, list[dict[str, float]]]], seeds: int) -
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a few batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,11 +148,7 @@ def main(argv: list[str] | None = None) -> str:
                 rows[row].append(values)
         per_model[name] = rows
     result = table(per_model, len(settings.seeds))
-    output = Path("runs") / "prune_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    print(result)
-    return result
+    return publish("prune_digits", result)
 
 
 if __name__ == "__main__":

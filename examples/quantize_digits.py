@@ -22,10 +22,8 @@ Targets (issue 5) are in the last columns. The table is printed and written to `
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +32,7 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.demo.experiments import ExampleSettings, example_parser, publish
 from lightning_compress.measure import measure_latency
 from lightning_compress.quantization import classification_accuracy, export_int8, quantize_model, quantized_counts
 from lightning_compress.quantization.packed import export_packed
@@ -49,15 +48,10 @@ QAT_ROWS: dict[str, dict[str, Any]] = {
 }
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.epochs = 1 if quick else 15
-        self.qat_epochs = 1 if quick else 6
-        self.limit = 2 if quick else None
-        self.calibration_batches = 2 if quick else 8
-        self.latency_rounds = 2 if quick else 7
-        self.latency_runs = 3 if quick else 20
+        super().__init__(quick, epochs=15, qat_epochs=(1, 6), calibration_batches=(2, 8), latency_rounds=(2, 7),
+                         latency_runs=(3, 20))
 
 
 def _trainer(epochs: int, settings: Settings, callbacks: list | None = None) -> pl.Trainer:
@@ -188,19 +182,14 @@ def table(runs: list[dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for training (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # tiny convolutions: a thread pool only adds overhead on a busy machine
     settings = Settings(args.quick)
     runs = [run_seed(seed, settings) for seed in settings.seeds]
     result = table(runs)
-    output = Path("runs") / "quantize_digits"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(result + "\n")
-    print(result)
-    return result
+    return publish("quantize_digits", result)
 
 
 if __name__ == "__main__":

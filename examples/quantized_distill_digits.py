@@ -33,7 +33,6 @@ student, the usual QAT recipe, avoids it too.)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Any
 
@@ -42,9 +41,9 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
-from lightning_compress.demo.experiments import over_seeds, write_results
+from lightning_compress.demo.experiments import ExampleSettings, example_parser, over_seeds, write_results
 from lightning_compress.distillation import DistillationModule, slim_copy
-from lightning_compress.distillation.quantized import quantized_teacher
+from lightning_compress.distillation.methods.quantized import quantized_teacher
 from lightning_compress.quantization import classification_accuracy
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
@@ -52,12 +51,9 @@ KD: dict[str, Any] = {"soft_weight": 0.9, "hard_weight": 0.1, "temperature": 4.0
 BASELINE = "QAT student without teacher"
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool, bits: int) -> None:
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.teacher_epochs = 1 if quick else 15
-        self.epochs = 2 if quick else 20
-        self.limit = 2 if quick else None
+        super().__init__(quick, teacher_epochs=15, epochs=(2, 20))
         self.bits = bits
 
 
@@ -127,8 +123,7 @@ def table(rows: dict[str, list[float]], settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     parser.add_argument("--bits", type=int, default=4, help="bits of the QAT student (default 4)")
     args = parser.parse_args(argv)
     settings = Settings(args.quick, args.bits)

@@ -8,7 +8,6 @@ The second run's report gives the ratios of the narrow network against the wide 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_compress import CompressionReport
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.demo.experiments import example_parser
 
 
 def train(width: int, quick: bool, baseline: str | None, output_dir: Path) -> dict:
@@ -39,8 +39,7 @@ def train(width: int, quick: bool, baseline: str | None, output_dir: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few batches only")
+    parser = example_parser(__doc__)
     args = parser.parse_args()
     output = Path("runs") / "report_digits"
     wide = train(64, args.quick, None, output / "wide")

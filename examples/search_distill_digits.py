@@ -3,9 +3,9 @@
     python examples/search_distill_digits.py            # 3 seeds, the full table (a couple of minutes)
     python examples/search_distill_digits.py --quick    # one seed, a couple of batches (what the tests run)
 
-A grid search (not a learned controller; see :mod:`lightning_compress.distillation.search`): per seed, the teacher
-``ResidualCNN(width=32)`` is trained for 15 epochs; then every student ``ResidualCNN(width, depth)`` with width in
-{4, 8, 16} and depth in {1, 2} is trained briefly (5 epochs) with distillation from it (KD, ``0.9 * T^2 KL +
+A grid search (not a learned controller; see :mod:`lightning_compress.distillation.methods.search`): per seed, the
+teacher ``ResidualCNN(width=32)`` is trained for 15 epochs; then every student ``ResidualCNN(width, depth)`` with width
+in {4, 8, 16} and depth in {1, 2} is trained briefly (5 epochs) with distillation from it (KD, ``0.9 * T^2 KL +
 0.1 CE``, ``T = 4``, Adam lr 3e-3), scored on the validation split (the test split is not used by the choice) and
 its multiply-adds per sample counted with ``count_macs``. The table lists every candidate with its mean +- std
 validation accuracy over the seeds; the Pareto front (marked) is computed on the mean accuracies with
@@ -20,7 +20,6 @@ After 5 epochs the deeper students may simply be less converged: a brief trainin
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Any
 
@@ -28,8 +27,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, ResidualCNN
-from lightning_compress.demo.experiments import quiet_single_thread, write_results
-from lightning_compress.distillation.search import grid, pareto_front, search_students
+from lightning_compress.demo.experiments import ExampleSettings, example_parser, quiet_single_thread, write_results
+from lightning_compress.distillation.methods.search import grid, pareto_front, search_students
 from lightning_compress.measure import count_macs
 
 OPTIMIZER: dict[str, Any] = {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine"}
@@ -38,12 +37,9 @@ SPACE = {"width": [4, 8, 16], "depth": [1, 2]}
 TEACHER = {"width": 32}
 
 
-class Settings:
+class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        self.seeds = [0] if quick else [0, 1, 2]
-        self.teacher_epochs = 1 if quick else 15
-        self.epochs = 1 if quick else 5
-        self.limit = 2 if quick else None
+        super().__init__(quick, teacher_epochs=15, epochs=5)
 
 
 def _quiet(settings: Settings, epochs: int) -> dict[str, Any]:
@@ -93,8 +89,7 @@ def table(runs: list[list[dict[str, Any]]], settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, a couple of batches")
+    parser = example_parser(__doc__)
     settings = Settings(parser.parse_args(argv).quick)
     assert len(grid(SPACE)) == 6
     with quiet_single_thread():

@@ -111,7 +111,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 
 def _int8_density(module: Any) -> float:
     """Fraction of a ``torch.ao`` packed layer's int8 weight entries other than their zero point."""
-    from lightning_compress.quantization.counting import _PER_CHANNEL
+    from lightning_compress.export.counting import _PER_CHANNEL
 
     weight = module.weight()
     codes = weight.int_repr().int()
@@ -125,8 +125,8 @@ def _int8_density(module: Any) -> float:
 def _packed_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """``(dense, nonzero)`` multiply-adds for ONE sample of the ``torch.ao`` packed (int8) layers alone, which
     ``torch.utils.flop_counter`` does not see; non-zero scales each by its share of non-zero int8 weights."""
-    from lightning_compress.quantization.counting import _packed_layers
-    from lightning_compress.quantization.counting import _packed_macs as layer_macs
+    from lightning_compress.export.counting import _packed_layers
+    from lightning_compress.export.counting import _packed_macs as layer_macs
 
     counted: list[tuple[int, float]] = []
     handles = [module.register_forward_hook(
@@ -256,7 +256,7 @@ def measure_model(
         ``macs``, ``nonzero_macs``, ``latency_ms``, ``latency`` (batch size, threads, runs), ``accuracy`` and, with a
         baseline, ``baseline`` and ``ratios``.
     """
-    from lightning_compress.quantization.export import quantized_counts
+    from lightning_compress.export.int8 import quantized_counts
 
     latency = measure_latency(model, example_inputs, runs=latency_runs, warmup=warmup, num_threads=num_threads)
     macs, nonzero_macs = count_macs(model, example_inputs)

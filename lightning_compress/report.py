@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,48 +10,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress.measure import check_integer, compare_with_references, format_markdown, measure_model
 from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
-from lightning_compress.utils.data import ChecksNetworkInput, first_tensor, stage_loader
+from lightning_compress.utils.data import ChecksNetworkInput, collect_inputs
 
 __all__ = ["CompressionReport", "collect_inputs", "measure_model"]
-
-
-def _loader(trainer: pl.Trainer, kind: str) -> Any:
-    """:func:`~lightning_compress.utils.data.stage_loader`, with ``None`` for a data module's unimplemented hook."""
-    try:
-        return stage_loader(trainer, kind)
-    except MisconfigurationException:  # LightningDataModule's default ``val_dataloader``
-        return None
-
-
-def collect_inputs(trainer: pl.Trainer, count: int) -> torch.Tensor:
-    """``count`` model inputs from the validation loader (else the training loader: the data module's, the one
-    given to ``fit`` or the module's own), repeated when there are fewer; on the loader's device (CPU for a plain
-    loader).
-
-    Raises:
-        RuntimeError: when neither loader gives a batch.
-    """
-    chunks: list[torch.Tensor] = []
-    for kind in ("val", "train"):
-        loader = _loader(trainer, kind)
-        for batch in loader if loader is not None else ():
-            chunks.append(first_tensor(batch))
-            if sum(len(c) for c in chunks) >= count:
-                break
-        if chunks:
-            break
-    if not chunks:
-        raise RuntimeError("Found no validation or training batch to take example inputs from; give the Trainer "
-                           "data, or override CompressionReport.example_inputs.")
-    inputs = torch.cat(chunks)
-    repeats = math.ceil(count / len(inputs))
-    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:count]
 
 
 class CompressionReport(ChecksNetworkInput, Callback):
@@ -226,7 +191,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
 
     def _int8(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, dict[str, Any]] | None:
         """The exported int8 model and the export's results, when an ``Int8Export`` callback produced one."""
-        from lightning_compress.quantization.export_callback import Int8Export
+        from lightning_compress.export.int8_callback import Int8Export
 
         if not self.measure_int8:
             return None

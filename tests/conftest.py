@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 def pytest_report_header(config: Any) -> str:
     """The CPU and quantized engines the int8 tests ran with (results of quantized kernels depend on them)."""
-    from lightning_compress.quantization.engines import host_summary
+    from lightning_compress.export.engines import host_summary
 
     summary = host_summary()
     return (f"int8 host: {summary['machine']}, cpu capability {summary['capability']}, VNNI {summary['vnni']}, "

@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from lightning_compress.demo import ResidualCNN
-from lightning_compress.utils import select_layers
+from lightning_compress.graph.layers import select_layers
 
 
 def test_default_selects_convs_and_linears_in_order():

@@ -148,8 +148,8 @@ def _half_zero_mlp() -> nn.Module:
 
 
 def test_nonzero_macs_of_an_int8_export_follow_its_zero_weights():
+    from lightning_compress.export.int8 import export_int8
     from lightning_compress.quantization import quantize_model
-    from lightning_compress.quantization.export import export_int8
 
     torch.manual_seed(0)
     x = torch.randn(8, 16)

@@ -1,8 +1,9 @@
-"""Small pieces the example scripts share: a quiet single-thread context, seeded construction, a fit-and-test run
-on digits, mean ± std formatting and writing a results table."""
+"""Small pieces the example scripts share: their sizes (full or quick), a quiet single-thread context, seeded
+construction, a fit-and-test run on digits, mean ± std formatting and publishing a results table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import statistics
@@ -17,6 +18,35 @@ import torch
 from torch import nn
 
 from lightning_compress.demo.data import DigitsDataModule
+
+
+class ExampleSettings:
+    """An example's sizes: the full run or ``quick`` (what the tests run: one seed, one epoch, two batches).
+
+    ``teacher_epochs`` and ``epochs`` are the full run's (quick: 1) or ``(quick, full)``; every other keyword is
+    ``(quick value, full value)`` and becomes an attribute.
+
+    >>> settings = ExampleSettings(True, epochs=(2, 30), latency_runs=(3, 20))
+    >>> settings.seeds, settings.epochs, settings.limit, settings.latency_runs
+    ([0], 2, 2, 3)
+    """
+
+    def __init__(self, quick: bool, *, seeds: int = 3, teacher_epochs: int | tuple[int, int] = 20,
+                 epochs: int | tuple[int, int] = 30, **sizes: tuple[Any, Any]) -> None:
+        self.quick = quick
+        self.seeds = [0] if quick else list(range(seeds))
+        self.limit: int | None = 2 if quick else None
+        for name, value in {"teacher_epochs": teacher_epochs, "epochs": epochs, **sizes}.items():
+            quick_value, full_value = value if isinstance(value, tuple) else (1, value)
+            setattr(self, name, quick_value if quick else full_value)
+
+
+def example_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of an example: its docstring as ``--help``, and ``--quick`` (what the tests run)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, a few batches (what the tests run)")
+    return parser
+
 
 _QUIET_WARNINGS = (".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
                    ".*number of training batches.*")
@@ -81,6 +111,13 @@ def write_results(name: str, table: str, rows: dict[str, Any] | None = None) -> 
     if rows is not None:
         (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     return output
+
+
+def publish(name: str, table: str, rows: dict[str, Any] | None = None) -> str:
+    """Write the table (and the rows) under ``runs/<name>/`` (:func:`write_results`), print it, return it."""
+    write_results(name, table, rows)
+    print(table)
+    return table
 
 
 def over_seeds(run_seed: Callable[[int], dict[str, float]], seeds: Sequence[int]) -> dict[str, list[float]]:

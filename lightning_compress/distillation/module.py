@@ -11,37 +11,27 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.distillation import losses
-from lightning_compress.distillation._checks import check_count, check_nonnegative, check_temperature, check_weights
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checkpoints import TEACHER_ADVICE, load_network_weights
-from lightning_compress.distillation.feature_terms import (
-    FEATURE_TERMS,
-    RESPONSE_TERMS,
-    SPATIAL_TERMS,
-    feature_terms,
-)
-from lightning_compress.distillation.features import (
+from lightning_compress.distillation.checks import check_temperature, check_weights
+from lightning_compress.distillation.taps import (
     FeatureTaps,
-    LayerPair,
-    check_layer_names,
     check_layer_pairs,
     eval_mode,
     inspect_layer_pairs,
 )
+from lightning_compress.distillation.terms import (
+    FEATURE_TERMS,
+    RESPONSE_TERMS,
+    SPATIAL_TERMS,
+    check_feature_layers,
+    check_spatial,
+    check_term_weights,
+    feature_terms,
+)
 
 _TEACHER_PREFIX = "teachers."
 _REGRESSOR_PREFIX = "regressors."
-
-
-def _check_spatial(pairs: list[LayerPair], term: str) -> None:
-    """``term`` reads maps with spatial positions: refuse a pair of ``(batch, features)`` vectors before training."""
-    for pair in pairs:
-        if len(pair.student_shape) < 3:
-            raise ValueError(
-                f"{term} needs (batch, channels, *spatial) feature maps, got student {pair.student_layer!r} "
-                f"{pair.student_shape} and teacher {pair.teacher_layer!r} {pair.teacher_shape}; tap convolutional "
-                f"layers for {term}, or use hint, similarity or rkd terms on vector layers."
-            )
 
 
 def _freeze(teacher: nn.Module) -> nn.Module:
@@ -166,13 +156,14 @@ class DistillationModule(DistillationBase):
         check_temperature(temperature)
         self.temperature = temperature
         self.teacher_weights = check_weights(teacher_weights, len(teachers), "teacher_weights")
-        self.weights = self._check_term_weights(
+        self.weights = check_term_weights(
             soft=soft_weight, hard=hard_weight, hint=hint_weight, attention=attention_weight, fsp=fsp_weight,
             similarity=similarity_weight, rkd_distance=rkd_distance_weight, rkd_angle=rkd_angle_weight,
             pairwise=pairwise_weight,
         )
         self.student_layers, self.teacher_layers = list(student_layers or []), list(teacher_layers or [])
-        self._check_layers(student, teachers[0], feature_stage_epochs)
+        check_feature_layers(student, teachers[0], self.student_layers, self.teacher_layers, self.weights,
+                             feature_stage_epochs)
         self.feature_stage_epochs = feature_stage_epochs
         self.keep_teacher_in_checkpoint = keep_teacher_in_checkpoint
         self.student = student
@@ -183,44 +174,13 @@ class DistillationModule(DistillationBase):
         self._checked = False
         self._teacher_acc_logged = False
         if self.input_shape is not None:
-            self._check_and_build(self.example_input())
+            self.check_and_build(self.example_input())
 
     # ------------------------------------------------------------------ validation
 
-    @staticmethod
-    def _check_term_weights(**weights: float) -> dict[str, float]:
-        checked = {name: check_nonnegative(value, f"{name}_weight") for name, value in weights.items()}
-        if not any(value > 0 for value in checked.values()):
-            raise ValueError(f"At least one loss weight must be positive, got {weights!r}.")
-        return checked
-
-    def _check_layers(self, student: nn.Module, teacher: nn.Module, feature_stage_epochs: int) -> None:
-        if len(self.student_layers) != len(self.teacher_layers):
-            raise ValueError(
-                f"student_layers and teacher_layers must pair up one to one, got {len(self.student_layers)} and "
-                f"{len(self.teacher_layers)}: {self.student_layers} vs {self.teacher_layers}."
-            )
-        check_layer_names(student, self.student_layers, "student")
-        check_layer_names(teacher, self.teacher_layers, "teacher")
-        active = [name for name in FEATURE_TERMS if self.weights[name] > 0]
-        if active and not self.student_layers:
-            raise ValueError(f"Feature terms {active} need student_layers and teacher_layers; none were given.")
-        if self.weights["fsp"] > 0 and len(self.student_layers) < 2:
-            raise ValueError(f"fsp needs at least 2 tapped layers per network, got {self.student_layers}.")
-        check_count(feature_stage_epochs, "feature_stage_epochs")
-        if feature_stage_epochs > 0 and not active:
-            raise ValueError(
-                f"feature_stage_epochs={feature_stage_epochs} needs a positive feature weight among "
-                f"{list(FEATURE_TERMS)}."
-            )
-        if feature_stage_epochs > 0 and not (self.weights["soft"] > 0 or self.weights["hard"] > 0):
-            raise ValueError(
-                f"feature_stage_epochs={feature_stage_epochs}: the task stage after it trains on soft and hard only, "
-                "so soft_weight or hard_weight must be positive (both are 0)."
-            )
-
-    def _check_and_build(self, example_input: Any) -> None:
-        """Check class counts and layer pairs on one example forward; build the hint regressors."""
+    def check_and_build(self, example_input: Any) -> None:
+        """Public override point: check class counts and layer pairs on one example forward (before training, or
+        at construction with ``input_shape``); build the hint regressors. Subclasses extend it with ``super()``."""
         with eval_mode(self.student, *self.teachers), torch.no_grad():
             student_logits = self.student(example_input)
             for index, teacher in enumerate(self.teachers):
@@ -237,7 +197,7 @@ class DistillationModule(DistillationBase):
                 if self.weights[term] > 0:
                     check_layer_pairs(pairs, allowed, purpose=term)
                     if term in SPATIAL_TERMS:
-                        _check_spatial(pairs, term)
+                        check_spatial(pairs, term)
             if self.weights["hint"] > 0 and len(self.regressors) == 0:
                 for pair in pairs:
                     rank = len(pair.student_shape)
@@ -276,7 +236,7 @@ class DistillationModule(DistillationBase):
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self._checked:
-            self._check_and_build(self.example_input())
+            self.check_and_build(self.example_input())
         if self.student_layers and self._student_taps is None:
             self._student_taps = FeatureTaps(self.student, self.student_layers)
             self._teacher_taps = FeatureTaps(self.teacher, self.teacher_layers)
@@ -425,29 +385,13 @@ class DistillationModule(DistillationBase):
         for key, value in self.teachers.state_dict(prefix=_TEACHER_PREFIX).items():
             state.setdefault(key, value)
         if len(self.regressors) == 0 and self.weights["hint"] > 0:
-            self._regressors_from_state(state)
+            self.regressors.extend(losses.hint_regressors_from_state(state, len(self.student_layers)))
         return super().load_state_dict(state, strict=strict, assign=assign)
-
-    def _regressors_from_state(self, state: Mapping[str, Any]) -> None:
-        for index in range(len(self.student_layers)):
-            weight = state.get(f"{_REGRESSOR_PREFIX}{index}.proj.weight")
-            if weight is None:
-                self.regressors.append(losses.HintRegressor(1, 1))
-            else:
-                rank = 2 if weight.dim() == 2 else weight.dim()
-                self.regressors.append(losses.HintRegressor(weight.shape[1], weight.shape[0], rank))
 
     @staticmethod
     def student_from_checkpoint(checkpoint_path: str | Path, student: nn.Module) -> nn.Module:
-        """Load the trained student network alone from a checkpoint of this module (a trusted file).
-
-        Args:
-            checkpoint_path: a checkpoint written while training a :class:`DistillationModule`.
-            student: a freshly built network of the student's architecture; its weights are replaced.
-
-        Returns:
-            ``student`` with the trained weights.
-        """
+        """``student`` (a fresh network of the student's architecture) with the trained weights of a checkpoint of
+        this module (a trusted file)."""
         return load_network_weights(student, checkpoint_path, prefix="student.")
 
 

@@ -1,27 +1,33 @@
-"""Pruning: criteria (scores and masks), schedules, dependency groups and physical compaction.
+"""Pruning: what to remove and when. The model graph it works on (tracing, dependency groups, compaction) is the
+floor below, :mod:`lightning_compress.graph`.
 
-The math lives in pure modules (no Lightning import): :mod:`~lightning_compress.pruning.criteria` (magnitude,
-threshold, splicing), :mod:`~lightning_compress.pruning.structured` (vector, kernel, filter, channel norms),
-:mod:`~lightning_compress.pruning.masks` (strategy objects), :mod:`~lightning_compress.pruning.schedules`,
-:mod:`~lightning_compress.pruning.tracing` (one recorded forward pass, torch.fx or hooks),
-:mod:`~lightning_compress.pruning.dependency` (channel groups; tables in ``channel_ops``, groups in
-``channel_groups``), :mod:`~lightning_compress.pruning.compact` (a smaller dense model) and
-:mod:`~lightning_compress.pruning.optimizer_state` (continuing training after compaction). Note that
-``lightning_compress.pruning.compact`` is the function; the module is reachable as
-``lightning_compress.pruning.compaction``.
+- the math (no Lightning import): :mod:`~lightning_compress.pruning.criteria` (magnitude, threshold, splicing),
+  :mod:`~lightning_compress.pruning.structured` (vector, kernel, filter, channel norms),
+  :mod:`~lightning_compress.pruning.masks` (strategy objects), :mod:`~lightning_compress.pruning.schedules`,
+  :mod:`~lightning_compress.pruning.groups` (filter groups scored and pruned together),
+  :mod:`~lightning_compress.pruning.dynamic` / ``dynamic_ops`` (Feature Boosting and Suppression gates),
+  :mod:`~lightning_compress.pruning.flows` (reinitialise, rewind) and
+  :mod:`~lightning_compress.pruning.optimizer_state` (training on after a compaction);
+- the callbacks: ``callback_base`` (masks, schedule, resume), ``magnitude_callback``, ``filter_callback`` (with
+  ``filter_final``: the final prune and compaction in place, ``filter_state``: options, checkpoint and resume),
+  ``layer_callback``, ``dynamic_callback``.
+
+``lightning_compress.pruning.compact`` is the function :func:`lightning_compress.graph.compact`; its module is
+reachable as ``lightning_compress.pruning.compaction``.
 """
 
 import sys
 
-from lightning_compress.pruning import schedules
-from lightning_compress.pruning.compact import (
+from lightning_compress.graph.compact import (
     CompactionPlan,
     Replacement,
     plan_compaction,
     zero_bn_for_pruned_filters,
     zero_filter_indices,
 )
-from lightning_compress.pruning.compact import compact as _compact_function
+from lightning_compress.graph.compact import compact as _compact_function
+from lightning_compress.graph.dependency import ChannelGroup, build_graph, filter_groups
+from lightning_compress.pruning import schedules
 from lightning_compress.pruning.criteria import (
     global_magnitude_masks,
     magnitude_mask,
@@ -29,7 +35,6 @@ from lightning_compress.pruning.criteria import (
     splicing_thresholds,
     threshold_mask,
 )
-from lightning_compress.pruning.dependency import ChannelGroup, build_graph, filter_groups
 from lightning_compress.pruning.masks import (
     FilterNorm,
     Magnitude,
@@ -51,7 +56,7 @@ from lightning_compress.pruning.structured import (
     vector_scores,
 )
 
-compaction = sys.modules["lightning_compress.pruning.compact"]
+compaction = sys.modules["lightning_compress.graph.compact"]
 compact = _compact_function
 
 __all__ = [

@@ -14,8 +14,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_compress.graph.layers import select_layers
 from lightning_compress.pruning.schedules import Constant, Schedule, sparsity_at
-from lightning_compress.utils import compression_target, execution_order, first_tensor, log_histogram, select_layers
+from lightning_compress.utils import compression_target, execution_order, first_tensor, log_histogram
 
 
 class PruningCallback(Callback):

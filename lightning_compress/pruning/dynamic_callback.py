@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.graph.layers import select_layers
 from lightning_compress.pruning.dynamic import GATE_POSITIONS, GATES_ATTRIBUTE, FeatureBoostingGates
-from lightning_compress.utils import compression_target, first_tensor, select_layers
+from lightning_compress.utils import compression_target, first_tensor
 
 GATED_TYPES = ("Conv1d", "Conv2d")
 

@@ -11,10 +11,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_compress.pruning.batchnorm import batchnorm_after
+from lightning_compress.graph.batchnorm import batchnorm_after
+from lightning_compress.graph.layers import select_layers
+from lightning_compress.graph.tracing import unexecuted_layers
 from lightning_compress.pruning.callback_base import PruningCallback
-from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask
+from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.filter_final import FinalPruneSteps, Origins
+from lightning_compress.pruning.filter_state import FilterState, check_options
 from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
@@ -22,22 +25,17 @@ from lightning_compress.pruning.groups import (
     pruned_channel_masks,
 )
 from lightning_compress.pruning.schedules import Schedule
-from lightning_compress.pruning.structured import check_p, filters_to_prune
-from lightning_compress.pruning.tracing import unexecuted_layers
-from lightning_compress.utils import compression_target, first_tensor, select_layers
-from lightning_compress.utils.layers import check_layer_pattern
+from lightning_compress.pruning.structured import filters_to_prune
+from lightning_compress.utils import compression_target, first_tensor
 from lightning_compress.utils.load_hook import ModelLoadHook
 
-MODES = ("soft", "hard")
-GRANULARITIES = ("filter", "channel")
 
-
-class FilterPruning(FinalPruneSteps, PruningCallback):
+class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
     """Prune the filters (output channels) of lowest Lp norm, per dependency group, soft or hard.
 
     Channels tied across layers (residual additions, concatenations, depthwise convolutions) form one group, found
     by tracing one forward pass: they are scored together (the Lp norm of all weights tied to the channel) and kept
-    or pruned together, so :func:`lightning_compress.pruning.compact` can remove them. A group is pruned only if
+    or pruned together, so :func:`lightning_compress.graph.compact` can remove them. A group is pruned only if
     every producing layer is selected; the final classifier is not pruned by default. A layer that ``forward()``
     never runs (e.g. an auxiliary head called in ``training_step``) is left unpruned, and compaction is refused while
     one exists, since the trace cannot see which channels it reads (unless ``exclude`` names it).
@@ -49,7 +47,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
     otherwise turn a zero filter into the constant ``beta - gamma * mu / sigma``) and BatchNorm statistics are
     re-estimated on ``recalibration_batches`` training batches (averaged across DDP ranks). The four steps are
     select (scores), prune (zero), reconstruct (BN zeroing and re-estimation) and compact
-    (:func:`~lightning_compress.pruning.compact`).
+    (:func:`~lightning_compress.graph.compact`).
 
     ``mode="hard"``: a pruned channel stays pruned (masks only grow along the schedule); weights, biases and
     BatchNorm channels are zeroed after every optimizer step.
@@ -122,23 +120,8 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         prune_classifier: bool = False,
         log_histograms: bool = True,
     ) -> None:
-        rates = sparsity if isinstance(sparsity, dict) else {".*": sparsity}
-        for pattern, rate in rates.items():
-            check_sparsity(rate, f"sparsity[{pattern!r}]" if isinstance(sparsity, dict) else "sparsity")
-            check_layer_pattern(pattern, "sparsity key")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-        check_p(p)
-        if compact_every_epoch and mode != "hard":
-            raise ValueError(f"compact_every_epoch needs mode='hard' (soft-pruned filters may regrow), got {mode!r}.")
-        if compact_every_epoch and compact_at_schedule_end:
-            raise ValueError("compact_every_epoch=True and compact_at_schedule_end=True: choose one (every epoch, or "
-                             "once when the schedule ends).")
-        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) \
-                or recalibration_batches < 0:
-            raise ValueError(f"recalibration_batches must be an integer >= 0, got {recalibration_batches!r}.")
+        rates = check_options(sparsity, mode, p, granularity, recalibration_batches, compact_every_epoch,
+                              compact_at_schedule_end)
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
                          log_histograms)
         self.sparsity = sparsity  # type: ignore[assignment]
@@ -202,7 +185,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         by ``QuantizationAwareTraining.setup`` before it attaches anything, whichever callback comes first. With a
         schedule in steps the compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that
         only a start at epoch 0 is known to come first."""
-        from lightning_compress.quantization.callbacks import QuantizationAwareTraining
+        from lightning_compress.quantization.qat_callback import QuantizationAwareTraining
 
         if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):
             return
@@ -233,49 +216,6 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if steps_per_epoch is None:
             return None
         return max(math.ceil(self.schedule.end / steps_per_epoch) - 1, 0)
-
-    def _replay_before_loading(self, pl_module: pl.LightningModule) -> None:
-        """Lightning calls the module's ``on_load_checkpoint`` right before its strict ``load_state_dict``: shrink
-        the fresh network there, as the interrupted run did, so that the checkpoint's smaller tensors fit. (Callbacks
-        that wrap the hook later, e.g. to attach quantizers, run theirs after the original: after this replay.)"""
-        self._unwrap_load_hook()
-
-        def replay(checkpoint: dict[str, Any]) -> None:
-            state = checkpoint.get("callbacks", {}).get(self.state_key)
-            if state and state.get("events") and not self._shapes_match(pl_module, checkpoint):
-                self.replay_compactions(state["events"], state["example"])
-
-        self._load_hook = ModelLoadHook(pl_module, before=replay)
-
-    def _shapes_match(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> bool:
-        """Whether the network already has the checkpoint's shapes (e.g. compacted in this process by ``fit``)."""
-        prefix = next((f"{name}." if name else "" for name, module in pl_module.named_modules()
-                       if module is self._target), "")
-        saved = checkpoint.get("state_dict", {})
-        return all(tuple(saved[prefix + key].shape) == tuple(value.shape)
-                   for key, value in self._target.state_dict().items() if prefix + key in saved)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit":
-            self._unwrap_load_hook()  # a checkpoint, if any, is loaded by now
-        super().on_validation_start(trainer, pl_module)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap_load_hook()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._unwrap_load_hook()  # e.g. a failed checkpoint load: no later hook of this callback runs
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap_load_hook()
-
-    def _unwrap_load_hook(self) -> None:
-        if self._load_hook is not None and self._load_hook.remove():
-            self._load_hook = None  # else wrapped by another callback: a pass-through now, unwrapped later if possible
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -321,7 +261,7 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             self.original_filters.setdefault(name, module.weight.shape[0])
 
     def _resolve_groups(self, example: torch.Tensor) -> tuple[list[PrunableGroup], dict[str, str]]:
-        from lightning_compress.pruning.dependency import build_graph
+        from lightning_compress.graph.dependency import build_graph
 
         selected, skipped = set(self._modules), {}
         try:
@@ -445,29 +385,6 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
             self.enforce()  # soft mode lets zeroed filters regrow between updates
 
     # -- logging and state ------------------------------------------------------------------------------------
-    def filters_alive(self) -> dict[str, int]:
-        """Filters of each pruned layer that are neither removed nor masked."""
-        alive = {}
-        for name, module in self._modules.items():
-            rows, mask = module.weight.shape[0], self.masks.get(name)
-            alive[name] = rows - (int((~mask).sum()) if mask is not None and mask.numel() == rows else 0)
-        return alive
-
-    def layer_sparsity(self) -> dict[str, float]:
-        """Per pruned layer, the fraction of its original filters that are pruned or removed."""
-        return {name: 1.0 - alive / max(self.original_filters.get(name, self._modules[name].weight.shape[0]), 1)
-                for name, alive in self.filters_alive().items()}
-
-    def global_sparsity(self) -> float:
-        """The fraction of the original channels of all groups that are pruned or removed."""
-        original = removed = 0
-        for group in self.groups:
-            keep = self._group_keep(group)
-            size = self.original_sizes.get(group.name, group.size)
-            original += size
-            removed += size - (group.size if keep is None else int(keep.sum()))
-        return removed / max(original, 1)
-
     def epoch_metrics(self) -> dict[str, float]:
         metrics = super().epoch_metrics()
         metrics["prune/progress"] = metrics.pop("prune/target")
@@ -478,24 +395,3 @@ class FilterPruning(FinalPruneSteps, PruningCallback):
         if self.compact_at_schedule_end or self.compact_every_epoch:
             metrics["prune/compacted"] = float(self.compacted_at is not None or bool(self.events))
         return metrics
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
-                 "events": self.events, "original_sizes": self.original_sizes,
-                 "original_filters": self.original_filters, "compacted_at": self.compacted_at}
-        if getattr(self, "_example", None) is not None:
-            state["example"] = self._example
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.finalized = state_dict.get("finalized", False)
-        self.revived_filters = state_dict.get("revived_filters", 0)
-        self.events = list(state_dict.get("events", []))
-        self.original_sizes = dict(state_dict.get("original_sizes", {}))
-        self.original_filters = dict(state_dict.get("original_filters", {}))
-        self.compacted_at = state_dict.get("compacted_at")
-        if "example" in state_dict:
-            self._example = state_dict["example"]

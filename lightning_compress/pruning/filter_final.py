@@ -12,7 +12,7 @@ An in-place compaction during ``fit`` changes parameter shapes, and everything h
 * the main process of a fork or spawn launcher (``ddp_notebook``, ``ddp_spawn``), which takes rank zero's weights
   back with a load that cannot change shapes: rank zero hands the network back in its original shapes, the removed
   channels zero (:func:`to_original_shapes`), an equivalent network that
-  :func:`~lightning_compress.pruning.compact` shrinks again.
+  :func:`~lightning_compress.graph.compact` shrinks again.
 
 A mixin of :class:`~lightning_compress.pruning.filter_callback.FilterPruning`, kept apart to keep files short.
 """
@@ -27,8 +27,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_compress.pruning.batchnorm import recalibrate_batchnorm
-from lightning_compress.pruning.compact import CompactionPlan, compact
+from lightning_compress.graph.batchnorm import recalibrate_batchnorm
+from lightning_compress.graph.compact import CompactionPlan, compact
 from lightning_compress.pruning.optimizer_state import slice_optimizer_state
 from lightning_compress.utils import first_tensor, replace_compression_target, rewrap_ddp
 
@@ -286,7 +286,7 @@ class FinalPruneSteps:
         rank_zero_warn("FilterPruning compacted the network, but this launcher (fork or spawn) loads the weights back "
                        "into the main process's network, which keeps its shapes: the main process gets the trained "
                        "network in its original shapes with the removed channels zero (the same outputs; "
-                       "lightning_compress.pruning.compact(network, example) shrinks it again). strategy='ddp' "
+                       "lightning_compress.graph.compact(network, example) shrinks it again). strategy='ddp' "
                        "keeps the compact network in the main process.")
 
     # -- BatchNorm statistics --------------------------------------------------------------------------------

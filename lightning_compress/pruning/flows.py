@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_compress.pruning.compact import compact, zero_bn_for_pruned_filters, zero_filter_indices
+from lightning_compress.graph.compact import compact, zero_bn_for_pruned_filters, zero_filter_indices
 
 
 def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:

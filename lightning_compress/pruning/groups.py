@@ -1,7 +1,7 @@
 """Filter groups for FilterPruning: the channels that must be scored, kept and pruned together.
 
 A group ties the output channels of several layers (residual additions, depthwise convolutions, concatenations) as
-found by :func:`lightning_compress.pruning.dependency.filter_groups`; a plain layer is a group of its own.
+found by :func:`lightning_compress.graph.dependency.filter_groups`; a plain layer is a group of its own.
 """
 
 from __future__ import annotations
@@ -135,13 +135,13 @@ def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: tor
 def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
     """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
     output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm scale and
-    shift, so :func:`~lightning_compress.pruning.compact` removes them. Returns the number of channels zeroed.
+    shift, so :func:`~lightning_compress.graph.compact` removes them. Returns the number of channels zeroed.
 
     >>> from lightning_compress.demo import PlainCNN
     >>> prune_filter_groups(PlainCNN(width=4), torch.randn(2, 1, 8, 8), 0.5)
     10
     """
-    from lightning_compress.pruning.dependency import filter_groups
+    from lightning_compress.graph.dependency import filter_groups
 
     modules = dict(model.named_modules())
     zeroed = 0

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_compress.pruning.blocks import block_scores, removable_blocks, remove_blocks, zero_block
+from lightning_compress.graph.blocks import block_scores, removable_blocks, remove_blocks, zero_block
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity, lowest_k_mask, num_pruned
 from lightning_compress.pruning.schedules import Schedule

@@ -1,11 +1,11 @@
 """Keep training after compaction: swap the replaced parameters in an optimizer and slice their state.
 
-After :func:`~lightning_compress.pruning.compact` with ``inplace=True`` the optimizer still holds the old, larger
+After :func:`~lightning_compress.graph.compact` with ``inplace=True`` the optimizer still holds the old, larger
 tensors. :func:`slice_optimizer_state` puts the new parameters in their place and keeps the per-parameter state
 (momentum buffers, Adam moments) of the surviving entries, so fine-tuning continues where it stopped.
 
 >>> from torch import nn
->>> from lightning_compress.pruning.compact import compact
+>>> from lightning_compress.graph.compact import compact
 >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 >>> model(torch.randn(5, 3)).sum().backward(); optimizer.step()
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_compress.pruning.compact import Replacement
+from lightning_compress.graph.compact import Replacement
 
 __all__ = ["slice_optimizer_state"]
 

@@ -1,11 +1,24 @@
-"""Quantization: fake quantization (STE, LSQ, PACT), calibration (max, percentile, MSE, entropy / KL), non-linear
-levels (power of two, k-means codebooks), 4-bit packing, quantizer modules, ``quantize_model`` (post-training, any
-network) and ``export_int8`` (a real int8 model). Nothing here imports Lightning; the callbacks
-(``QuantizationAwareTraining``, ``PostTrainingQuantization``) live in :mod:`~lightning_compress.quantization.callbacks`
-and are exported at the package top level."""
+"""Quantization: how a network computes with fewer bits, and the callbacks that train and calibrate it.
 
-from lightning_compress.quantization.calibrate import classification_accuracy, quantize_model
-from lightning_compress.quantization.calibration import (
+- :mod:`~lightning_compress.quantization.functional`: fake quantization with a straight-through gradient, integer
+  quantize / dequantize, zero points, LSQ and PACT (pure functions);
+- :mod:`~lightning_compress.quantization.calibrators`: ``amax`` by max, percentile, MSE and entropy (TensorRT's
+  conventions), histogram and running-max calibrators;
+- :mod:`~lightning_compress.quantization.quantizers`: quantizer modules and the quantized Conv1d / Conv2d / Linear;
+- :mod:`~lightning_compress.quantization.nonlinear` and :mod:`~lightning_compress.quantization.packed`: power-of-two
+  and k-means levels, weight-only packed storage;
+- :mod:`~lightning_compress.quantization.ptq`: ``quantize_model`` (post-training, any network);
+- :mod:`~lightning_compress.quantization.qat_callback` / :mod:`~lightning_compress.quantization.ptq_callback`: the
+  Lightning callbacks (exported at the package top level).
+
+The real int8 model lives one floor up, in :mod:`lightning_compress.export`; ``export_int8`` and its companions are
+also reachable here (resolved on first use, so this package never imports the export).
+"""
+
+from typing import Any
+
+from lightning_compress._compat import package_attribute
+from lightning_compress.quantization.calibrators import (
     METHODS,
     HistogramCalibrator,
     MaxCalibrator,
@@ -14,8 +27,6 @@ from lightning_compress.quantization.calibration import (
     amax_percentile,
     compute_amax,
 )
-from lightning_compress.quantization.engines import choose_engine, host_summary
-from lightning_compress.quantization.export import Int8MismatchError, Int8Model, export_int8, quantized_counts
 from lightning_compress.quantization.functional import (
     affine_qparams,
     dequantize,
@@ -47,6 +58,7 @@ from lightning_compress.quantization.packed import (
     packed_layers,
     unpack_bits,
 )
+from lightning_compress.quantization.ptq import classification_accuracy, quantize_model
 from lightning_compress.quantization.quantizers import (
     QuantConv1d,
     QuantConv2d,
@@ -110,3 +122,7 @@ __all__ = [
     "unpack_bits",
     "unpack_int4",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return package_attribute(__name__, name)

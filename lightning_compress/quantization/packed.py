@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.graph.layers import select_layers
 from lightning_compress.quantization.functional import qrange, validate_num_bits
 from lightning_compress.quantization.nonlinear import (
     kmeans_codebook,
@@ -45,7 +46,6 @@ from lightning_compress.quantization.nonlinear import (
     unpack_int4,
 )
 from lightning_compress.quantization.quantizers import absmax, is_quantized, remove_quantizers
-from lightning_compress.utils import select_layers
 
 __all__ = [
     "PACKED_METHODS",

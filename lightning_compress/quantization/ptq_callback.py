@@ -1,5 +1,5 @@
 """PostTrainingQuantization: fake-quantized copies of the trained model at the end of ``fit`` (or through
-``trainer.validate``), their accuracy logged. The math is in ``calibrate.py``."""
+``trainer.validate``), their accuracy logged. The math is in ``ptq.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.quantization.calibrate import (
+from lightning_compress.quantization.ptq import (
     PTQ_MODES,
     _Calibration,
     _validate_bit_widths,

@@ -95,7 +95,7 @@ class QuantSpec:
             (learned clipping level of the input, Choi et al. 2018; implies ``unsigned``).
         reduce_range: the input activation uses one bit less (``[-63, 63]`` signed, ``[0, 127]`` unsigned at 8
             bits), as torch.ao's x86 default does, so its int8 export runs exactly under the ``x86`` / ``fbgemm``
-            kernels on every x86 CPU, VNNI or not (see :mod:`~lightning_compress.quantization.engines`). An input
+            kernels on every x86 CPU, VNNI or not (see :mod:`~lightning_compress.export.engines`). An input
             whose calibration data were all non-negative (after a ReLU) then becomes unsigned, ``[0, 127]``: the
             resolution of a signed 8-bit grid on such data.
     """

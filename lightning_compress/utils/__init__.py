@@ -1,9 +1,13 @@
-"""Helpers shared by every compression family: layer selection, logging, the compression target, checkpoint files."""
+"""The floor every family stands on: the compression target, batches and loaders, logging, DDP, checkpoint files and
+resuming. (Layer selection moved to :mod:`lightning_compress.graph.layers`; ``lightning_compress.utils.select_layers``
+still works, with a deprecation warning.)"""
 
+from typing import Any
+
+from lightning_compress._compat import package_attribute
 from lightning_compress.utils.checkpoint import CheckpointError, check_checkpoint
 from lightning_compress.utils.data import execution_order, first_tensor
 from lightning_compress.utils.ddp import rewrap_ddp
-from lightning_compress.utils.layers import LAYER_TYPES, resolve_layer_types, select_layers
 from lightning_compress.utils.logging import (
     log_histogram,
     log_image,
@@ -15,7 +19,6 @@ from lightning_compress.utils.logging import (
 from lightning_compress.utils.target import compression_target, replace_compression_target
 
 __all__ = [
-    "LAYER_TYPES",
     "CheckpointError",
     "check_checkpoint",
     "compression_target",
@@ -26,9 +29,11 @@ __all__ = [
     "log_scalars",
     "log_text",
     "replace_compression_target",
-    "resolve_layer_types",
     "rewrap_ddp",
     "run_directory",
-    "select_layers",
     "tensorboard_writers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return package_attribute(__name__, name)

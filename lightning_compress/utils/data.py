@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -154,3 +156,36 @@ def first_training_batch(trainer: Any) -> Any:
         raise ValueError("No training data to take an example batch from: give the module input_shape, or the "
                          "trainer a datamodule or train_dataloaders.")
     return next(iter(loader))
+
+
+def _loader(trainer: Any, kind: str) -> Any:
+    """:func:`~lightning_compress.utils.data.stage_loader`, with ``None`` for a data module's unimplemented hook."""
+    try:
+        return stage_loader(trainer, kind)
+    except MisconfigurationException:  # LightningDataModule's default ``val_dataloader``
+        return None
+
+
+def collect_inputs(trainer: Any, count: int) -> torch.Tensor:
+    """``count`` model inputs from the validation loader (else the training loader: the data module's, the one
+    given to ``fit`` or the module's own), repeated when there are fewer; on the loader's device (CPU for a plain
+    loader).
+
+    Raises:
+        RuntimeError: when neither loader gives a batch.
+    """
+    chunks: list[torch.Tensor] = []
+    for kind in ("val", "train"):
+        loader = _loader(trainer, kind)
+        for batch in loader if loader is not None else ():
+            chunks.append(first_tensor(batch))
+            if sum(len(c) for c in chunks) >= count:
+                break
+        if chunks:
+            break
+    if not chunks:
+        raise RuntimeError("Found no validation or training batch to take example inputs from; give the Trainer "
+                           "data, or override CompressionReport.example_inputs.")
+    inputs = torch.cat(chunks)
+    repeats = math.ceil(count / len(inputs))
+    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:count]

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_compress.demo import DigitsDataModule, ResidualCNN
-from lightning_compress.distillation.adversarial import (
+from lightning_compress.distillation.methods.adversarial import (
     AdversarialDistillationModule,
     Discriminator,
     discriminator_accuracy,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_compress.demo import ResidualCNN
 from lightning_compress.distillation import losses
-from lightning_compress.distillation.cross_modal import (
+from lightning_compress.distillation.methods.cross_modal import (
     CrossModalDistillationModule,
     downsample_view,
     feature_statistics_loss,

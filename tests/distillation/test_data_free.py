@@ -13,8 +13,8 @@ from torch import nn
 
 from lightning_compress.demo import ResidualCNN
 from lightning_compress.distillation import DistillationModule
-from lightning_compress.distillation.data_free import SyntheticDataModule
-from lightning_compress.distillation.deep_inversion import (
+from lightning_compress.distillation.methods.data_free import SyntheticDataModule
+from lightning_compress.distillation.methods.deep_inversion import (
     BNStatisticsHooks,
     batch_indices,
     bn_statistics_loss,

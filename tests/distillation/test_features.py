@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_compress.demo import ResidualCNN
-from lightning_compress.distillation.features import (
+from lightning_compress.distillation.taps import (
     FeatureTaps,
     LayerPair,
     check_layer_names,

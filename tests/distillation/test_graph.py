@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_compress.demo import ResidualCNN
 from lightning_compress.distillation import losses
-from lightning_compress.distillation.graph import (
+from lightning_compress.distillation.methods.graph import (
     GraphDistillationModule,
     graph_matching_loss,
     graph_soft_weights,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.demo import ResidualCNN
-from lightning_compress.distillation.lifelong import (
+from lightning_compress.distillation.methods.lifelong import (
     LwFModule,
     TaskSplitDataModule,
     TwoHeadNetwork,

@@ -292,7 +292,7 @@ def test_fit_with_plain_dataloaders_and_teacher_eval_in_validate_and_test(traine
 
 
 def test_feature_terms_by_hand_and_tiny_batches() -> None:
-    from lightning_compress.distillation.feature_terms import feature_terms
+    from lightning_compress.distillation.terms import feature_terms
 
     torch.manual_seed(0)
     s = [torch.randn(4, 2, 4, 4), torch.randn(4, 2, 2, 2)]

@@ -10,7 +10,7 @@ import torch
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import ResidualCNN
 from lightning_compress.distillation import DistillationModule
-from lightning_compress.distillation.quantized import is_quantized, quantized_distillation, quantized_teacher
+from lightning_compress.distillation.methods.quantized import is_quantized, quantized_distillation, quantized_teacher
 from lightning_compress.quantization import quantize_model, quantized_layers
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.demo import ResidualCNN
-from lightning_compress.distillation.search import SearchResult, grid, pareto_front, search_students
+from lightning_compress.distillation.methods.search import SearchResult, grid, pareto_front, search_students
 from lightning_compress.measure import count_macs
 
 

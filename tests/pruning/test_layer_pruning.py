@@ -5,7 +5,7 @@ import torch
 
 from lightning_compress import LayerPruning
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
-from lightning_compress.pruning.blocks import block_scores, removable_blocks, remove_blocks, zero_block
+from lightning_compress.graph.blocks import block_scores, removable_blocks, remove_blocks, zero_block
 from lightning_compress.testing import read_scalars
 
 

@@ -188,7 +188,7 @@ def test_residual_groups_need_zeros_in_every_producer_and_cat_offsets_channels()
 
 
 def test_groups_of_the_residual_cnn() -> None:
-    from lightning_compress.pruning.dependency import filter_groups
+    from lightning_compress.graph.dependency import filter_groups
 
     groups = filter_groups(ResidualCNN(width=4, depth=1, num_stages=2), torch.randn(2, 1, 8, 8))
     tied = {tuple(group.producers): group for group in groups}

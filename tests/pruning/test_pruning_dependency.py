@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.graph.dependency import filter_groups
+from lightning_compress.graph.tracing import is_leaf, op_name, trace
 from lightning_compress.pruning import build_graph, compact
-from lightning_compress.pruning.dependency import filter_groups
-from lightning_compress.pruning.tracing import is_leaf, op_name, trace
 
 
 def test_op_names_are_normalized() -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.pruning.compact import compact
+from lightning_compress.graph.compact import compact
 from lightning_compress.pruning.optimizer_state import slice_optimizer_state
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_compress import FilterPruning, LayerPruning, MagnitudePruning
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
-from lightning_compress.pruning.compact import compact
+from lightning_compress.graph.compact import compact
 from lightning_compress.pruning.filter_final import record_origins, to_original_shapes
 from lightning_compress.pruning.groups import PrunableGroup, group_scores, pruned_channel_masks
 from lightning_compress.pruning.schedules import AGP, Constant, Linear

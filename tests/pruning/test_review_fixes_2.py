@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import FilterPruning, MagnitudePruning
-from lightning_compress.pruning.batchnorm import batchnorm_after, batchnorm_links
+from lightning_compress.graph.batchnorm import batchnorm_after, batchnorm_links
+from lightning_compress.graph.tracing import trace, unexecuted_layers
 from lightning_compress.pruning.dynamic import FeatureBoostingGates
 from lightning_compress.pruning.schedules import AGP
-from lightning_compress.pruning.tracing import trace, unexecuted_layers
 
 
 # -- 1. FBS sparse execution equals dense execution --------------------------------------------------------------
@@ -132,7 +132,7 @@ class SharedBNModule(pl.LightningModule):
 def test_filter_pruning_does_not_zero_a_shared_batchnorm_for_one_branch(trainer_factory, monkeypatch):
     """Without dependency groups (untraceable model) each layer is pruned alone; a BatchNorm normalising two
     branches belongs to neither: zeroing its channel for one branch's pruned filter would silence the other's."""
-    import lightning_compress.pruning.dependency as dependency
+    import lightning_compress.graph.dependency as dependency
 
     def untraceable(*args, **kwargs):
         raise RuntimeError("untraceable")

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.demo import MLP, ClassifierModule, DigitsDataModule, PlainCNN
 from lightning_compress.quantization import quantize_model
-from lightning_compress.quantization.calibrate import resolve_specs
+from lightning_compress.quantization.ptq import resolve_specs
 from lightning_compress.quantization.quantizers import quantized_layers
 
 

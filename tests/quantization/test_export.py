@@ -12,9 +12,9 @@ from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.export.int8 import export_int8, quantized_counts
 from lightning_compress.measure import count_macs, count_parameters
 from lightning_compress.quantization import quantize_model
-from lightning_compress.quantization.export import export_int8, quantized_counts
 from lightning_compress.quantization.quantizers import remove_quantizers
 
 
@@ -250,7 +250,7 @@ class _ViewIntoClassifier(nn.Module):
 @pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
 def test_a_view_into_the_classifier_runs_in_int8(conv, monkeypatch) -> None:
     """Quantized convolutions return channels-last strides, which ``view`` rejects: the export uses ``reshape``."""
-    import lightning_compress.quantization.export as export
+    import lightning_compress.export.int8 as export
 
     torch.manual_seed(0)
     x = torch.randn(64, 1, 8, 8)
@@ -259,7 +259,7 @@ def test_a_view_into_the_classifier_runs_in_int8(conv, monkeypatch) -> None:
     with torch.no_grad():
         assert torch.allclose(int8(x), qmodel(x), atol=0.05)
     # Without the rewrite the converted model fails: the export says so itself instead of returning it.
-    monkeypatch.setattr(export, "_views_as_reshapes", lambda converted: converted)
+    monkeypatch.setattr(export, "views_as_reshapes", lambda converted: converted)
     with pytest.raises(RuntimeError, match=r"int8 model converted by torch.ao fails on the example inputs "
                                            r"\(RuntimeError: view size is not compatible"):
         export_int8(qmodel, x)

@@ -15,9 +15,9 @@ import torch
 
 from lightning_compress import CompressionReport, Int8Export, QuantizationAwareTraining
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.export.int8 import deterministic_off
 from lightning_compress.measure import state_size_bytes
 from lightning_compress.quantization import export_callback, quantized_counts
-from lightning_compress.quantization.export import deterministic_off
 from lightning_compress.testing import read_scalars
 
 VAL_BATCHES = 3

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lightning_compress.demo import MLP, DigitsDataModule, PlainCNN, ResidualCNN
+from lightning_compress.export.engines import exact_engines, host_summary
+from lightning_compress.export.int8 import export_int8
 from lightning_compress.quantization import quantize_model
-from lightning_compress.quantization.engines import exact_engines, host_summary
-from lightning_compress.quantization.export import export_int8
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.testing import Conv1dNet, LinearBatchNormHead, noisy_sines, train_briefly
 
@@ -89,7 +89,7 @@ def test_every_engine_reproduces_the_fake_quantized_model_or_refuses(quantized, 
 def test_reduced_range_inputs_stay_within_the_codes_that_x86_computes_without_vnni(quantized, monkeypatch):
     """Machine independent: on a CPU without VNNI, x86 is allowed only where every quantized kernel's input codes stay
     within [0, 127], and the exported model keeps them there (measured on the integers it runs on)."""
-    import lightning_compress.quantization.engines as engines
+    import lightning_compress.export.engines as engines
 
     monkeypatch.setattr(engines, "has_vnni", lambda: False)
     monkeypatch.setattr(engines, "_is_x86", lambda: True)
@@ -111,7 +111,7 @@ def test_reduced_range_inputs_stay_within_the_codes_that_x86_computes_without_vn
 
 
 def test_with_vnni_full_range_uses_x86(quantized, monkeypatch):
-    import lightning_compress.quantization.engines as engines
+    import lightning_compress.export.engines as engines
 
     monkeypatch.setattr(engines, "has_vnni", lambda: True)
     monkeypatch.setattr(engines, "_is_x86", lambda: True)

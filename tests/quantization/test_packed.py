@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lightning_compress.demo import PlainCNN
+from lightning_compress.export.int8 import quantized_counts
 from lightning_compress.measure import measure_model
 from lightning_compress.quantization import kmeans_codebook, pow2_quantize, quantize_model
-from lightning_compress.quantization.export import quantized_counts
 from lightning_compress.quantization.packed import (
     PackedConv1d,
     PackedConv2d,

@@ -9,7 +9,7 @@ from torch import nn
 from lightning_compress import PostTrainingQuantization
 from lightning_compress.demo import MLP, ClassifierModule, DigitsDataModule, PlainCNN
 from lightning_compress.quantization import quantize_model
-from lightning_compress.quantization.calibration import compute_amax
+from lightning_compress.quantization.calibrators import compute_amax
 from lightning_compress.quantization.functional import fake_quantize
 from lightning_compress.quantization.quantizers import QuantLinear, quantized_layers
 from lightning_compress.testing import read_scalars

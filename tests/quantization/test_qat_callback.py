@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import QuantizationAwareTraining
 from lightning_compress.demo import MLP, ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN
-from lightning_compress.quantization.calibrate import (
+from lightning_compress.quantization.ptq import (
     _Calibration,
     _calibration_pass,
     _start_calibration,
@@ -379,7 +379,7 @@ def test_ddp_reduces_statistics_before_amax(tmp_path) -> None:
     (rank0, batches0), (rank1, batches1) = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     # one process collecting the global batches (the union of both ranks' batches at each step)
-    from lightning_compress.quantization.calibration import HistogramCalibrator
+    from lightning_compress.quantization.calibrators import HistogramCalibrator
 
     reference = HistogramCalibrator(128)
     for step in range(3):

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_compress.quantization.calibration import (
+from lightning_compress.quantization.calibrators import (
     HistogramCalibrator,
     MaxCalibrator,
     amax_entropy,

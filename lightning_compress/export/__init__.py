@@ -1,0 +1,34 @@
+"""Deployment: the compressed network as a real int8 model that runs exactly on the host, checked against the model
+it came from, written to a file that records what it needs.
+
+- :mod:`~lightning_compress.export.int8`: :func:`export_int8` (torch.ao FX with our scales, inputs clipped at their
+  ``amax``, output layers in float from int8 weights);
+- :mod:`~lightning_compress.export.engines`: which quantized engine computes the model exactly on this CPU;
+- :mod:`~lightning_compress.export.verify`: agreement and output error against the original model;
+- :mod:`~lightning_compress.export.counting`: parameters, bytes and multiply-adds of an int8 model;
+- :mod:`~lightning_compress.export.int8_weight`: layers keeping an int8 weight and computing in float;
+- :mod:`~lightning_compress.export.int8_callback`: :class:`Int8Export` (fit end), :func:`save_int8`,
+  :func:`load_int8`.
+"""
+
+from lightning_compress.export.counting import quantized_counts
+from lightning_compress.export.engines import choose_engine, exact_engines, host_summary
+from lightning_compress.export.int8 import Int8Model, export_int8
+from lightning_compress.export.int8_callback import Int8Export, int8_metadata, load_int8, save_int8
+from lightning_compress.export.verify import Int8MismatchError, check_agreement, output_agreement
+
+__all__ = [
+    "Int8Export",
+    "Int8MismatchError",
+    "Int8Model",
+    "check_agreement",
+    "choose_engine",
+    "exact_engines",
+    "export_int8",
+    "host_summary",
+    "int8_metadata",
+    "load_int8",
+    "output_agreement",
+    "quantized_counts",
+    "save_int8",
+]

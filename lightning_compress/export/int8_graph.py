@@ -1,0 +1,247 @@
+"""The torch.ao FX side of the int8 export: observers that return our scales, input clips, output layers kept in
+float, and the graph rewrites the converted model needs. Used by :func:`lightning_compress.export.int8.export_int8`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.ao.nn.intrinsic import _FusedModule
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+
+from lightning_compress.export.int8_weight import int8_weight_layer
+from lightning_compress.quantization.quantizers import absmax
+
+_CLIP_PREFIX = "_input_clip_"  # root-level Hardtanh modules, one per quantized layer, called right before it
+
+
+class _AmaxObserver(MinMaxObserver):
+    """Activation observer: our input quantizer's symmetric scale when ``amax`` is set, else min/max affine."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.update(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
+        super().__init__(**kwargs)
+        self.amax: float | None = None
+        self.unsigned, self.qmax = False, 127
+
+    @property
+    def max_code(self) -> int:
+        """The largest ``uint8`` code this observer's scale lets a clipped input take."""
+        return self.qmax if self.unsigned else 2 * self.qmax + 1
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if self.amax is None:
+            return super().calculate_qparams()
+        zero_point = 0 if self.unsigned else self.qmax + 1
+        return torch.tensor([max(self.amax, 1e-12) / self.qmax]), torch.tensor([zero_point], dtype=torch.int32)
+
+
+class _WeightAmaxObserver(PerChannelMinMaxObserver):
+    """Per-channel weight observer returning ``amax / qmax`` of our weight quantizer.
+
+    After BatchNorm folding the weight of channel ``o`` is scaled by ``c_o``; the observer sees ``max|w_f|`` and
+    scales ``amax`` by ``max|w_f| / ref_absmax`` (``ref_absmax`` the unfolded per-channel max), which is exactly
+    ``|c_o|`` and leaves the integer weights unchanged.
+    """
+
+    def __init__(self, amax: Tensor | None = None, ref_absmax: Tensor | None = None, qmax: int = 127,
+                 **kwargs: Any) -> None:
+        kwargs.update(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        super().__init__(**kwargs)
+        self.amax, self.ref_absmax, self.qmax = amax, ref_absmax, qmax
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if self.amax is None or self.ref_absmax is None:
+            return super().calculate_qparams()
+        seen = torch.maximum(-self.min_val, self.max_val)
+        ratio = torch.where(self.ref_absmax > 0, seen / self.ref_absmax.clamp_min(1e-30), torch.ones_like(seen))
+        scale = (self.amax * ratio / self.qmax).clamp_min(1e-12).float()
+        return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+
+def _is_clip(node: Any) -> bool:
+    return getattr(node, "op", None) == "call_module" and str(node.target).startswith(_CLIP_PREFIX)
+
+
+def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]]) -> torch.fx.GraphModule:
+    """Trace ``model`` (torch.fx) and call a ``Hardtanh`` clip at ``amax`` right before every quantized layer.
+
+    The clips are new root modules (``_input_clip_<i>``); the user's modules keep their names and types (a forward
+    that checks ``isinstance`` of its own layers traces as written).
+    """
+    if "" in scales:  # the model is itself the quantized layer: give it a root to be called from
+        model = nn.Sequential(model)
+        scales["0"] = scales.pop("")
+    traced = torch.fx.symbolic_trace(model)
+    clips = {}
+    for index, (name, s) in enumerate(scales.items()):
+        clips[name] = f"{_CLIP_PREFIX}{index}"
+        low = 0.0 if s["unsigned"] else -s["amax"]
+        traced.add_submodule(clips[name], nn.Hardtanh(low, max(s["amax"], 1e-12)))
+    for node in list(traced.graph.nodes):
+        if node.op == "call_module" and node.target in clips and node.args:
+            with traced.graph.inserting_before(node):
+                clipped = traced.graph.call_module(clips[node.target], (node.args[0],))
+            node.args = (clipped, *node.args[1:])
+    traced.recompile()
+    return traced
+
+
+def qconfig_mapping(model: nn.Module, scales: dict[str, dict[str, Any]]) -> QConfigMapping:
+    default_weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    mapping = QConfigMapping().set_global(QConfig(activation=_AmaxObserver, weight=default_weight))
+    for name, module in model.named_modules():
+        if name and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in scales:
+            mapping.set_module_name(name, None)  # layers the user left float stay float
+    for name, s in scales.items():
+        weight = _WeightAmaxObserver.with_args(amax=s["w_amax"], ref_absmax=s["w_ref"], qmax=s["w_qmax"])
+        mapping.set_module_name(name, QConfig(activation=_AmaxObserver, weight=weight))
+    return mapping
+
+
+_RELUS = (nn.ReLU, nn.ReLU6)
+_RELU_CALLS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, "relu", "relu_")
+
+
+#: ops that keep a non-negative input non-negative and share its quantization parameters in torch.ao
+_SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_SIGN_KEEPING_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                       nn.functional.max_pool1d, nn.functional.max_pool2d, nn.functional.avg_pool1d,
+                       nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool1d, nn.functional.adaptive_avg_pool2d,
+                       nn.functional.adaptive_max_pool1d, nn.functional.adaptive_max_pool2d, nn.functional.dropout,
+                       "flatten", "reshape", "view", "squeeze", "unsqueeze", "transpose", "permute", "contiguous",
+                       "mean")
+
+
+def _after_relu(node: Any, root: nn.Module) -> bool:
+    """Whether an FX node's value is the output of a ReLU (module, function, method, or a fused ``...ReLU``), seen
+    through observers and ops that keep a non-negative tensor non-negative (pooling, flatten, reshape, dropout)."""
+    while True:
+        op = getattr(node, "op", None)
+        if op == "call_module":
+            module = root.get_submodule(node.target)
+            fused = type(module).__module__.startswith("torch.ao.nn.intrinsic") and "ReLU" in type(module).__name__
+            if isinstance(module, _RELUS) or fused:
+                return True
+            passes = isinstance(module, (_SIGN_KEEPING, _AmaxObserver, torch.ao.quantization.ObserverBase))
+        elif op in ("call_function", "call_method"):
+            if node.target in _RELU_CALLS:
+                return True
+            passes = node.target in _SIGN_KEEPING_CALLS
+        else:
+            return False
+        if not passes or not node.args:
+            return False
+        node = node.args[0]
+
+
+def _input_observers(node: Any, root: nn.Module) -> tuple[list[_AmaxObserver], Any]:
+    """The observers on the path into a quantized layer (through its clip), and the node that produced the value.
+
+    (FX shares one observer instance between a clip's input and output, which ``named_modules`` lists once: look
+    every node's module up by its target.)
+    """
+    observers: list[_AmaxObserver] = []
+    source: Any = node.args[0] if node.args else None
+    while getattr(source, "op", None) == "call_module":
+        module = root.get_submodule(source.target)
+        if isinstance(module, _AmaxObserver):
+            observers.append(module)
+        elif not _is_clip(source):
+            break
+        source = source.args[0] if source.args else None
+    return observers, source
+
+
+def output_layers(prepared: torch.fx.GraphModule, names: Iterable[str]) -> list[str]:
+    """The quantized layers whose output reaches the model's output without passing another quantized layer."""
+    names = set(names)
+    found = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or node.target not in names:
+            continue
+        frontier, seen, reaches = list(node.users), set(), False
+        while frontier and not reaches:
+            user = frontier.pop()
+            if user in seen or (user.op == "call_module" and user.target in names):
+                continue
+            seen.add(user)
+            reaches = user.op == "output"
+            frontier.extend(user.users)
+        if reaches and node.target not in found:
+            found.append(node.target)
+    return found
+
+
+def pack_output_layers(converted: nn.Module, scales: dict[str, dict[str, Any]]) -> None:
+    """Store each output layer's weight as int8 codes with our per-channel scale (a layer that computes in float
+    what its fake-quantized layer computes)."""
+    for name, s in scales.items():
+        holder, child = name.rpartition(".")[::2] if "." in name else ("", name)
+        parent = converted.get_submodule(holder) if holder else converted
+        layer = getattr(parent, child)
+        if isinstance(layer, _FusedModule):  # e.g. ConvReLU2d left float: pack its first module (BatchNorm folded)
+            parent, child, layer = layer, "0", layer[0]
+        ratio = absmax(layer.weight, 0).float().cpu() / s["w_ref"].clamp_min(1e-30)  # |BatchNorm factor| if folded
+        amax = s["w_amax"] * torch.where(s["w_ref"] > 0, ratio, torch.ones_like(ratio))
+        setattr(parent, child, int8_weight_layer(layer, amax, s["w_qmax"]))
+
+
+def set_input_observers(prepared: torch.fx.GraphModule, scales: dict[str, dict[str, Any]]) -> int:
+    """Give the observers in front of each quantized layer (and of its clip) our scale; return the largest
+    ``uint8`` code any of them lets an input take.
+
+    A signed scale on a ReLU output is written with ``zero_point`` 0 and the same step (``amax / qmax``): the
+    integers are those of the fake-quantized model, and torch.ao, which lowers ``op -> ReLU -> quantize`` to ``op ->
+    quantize`` on the assumption that the output range starts at 0, then keeps the ReLU's effect. (With a middle
+    zero point the negative values would pass.)
+    """
+    touched: dict[int, _AmaxObserver] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or node.target not in scales:
+            continue
+        s = scales[node.target]
+        observers, source = _input_observers(node, prepared)
+        relu = _after_relu(source, prepared)
+        for observer in observers:
+            if id(observer) in touched and observer.amax is not None and s["amax"] == observer.amax:
+                continue  # the clip's input and output share this observer
+            if observer.amax is None:
+                observer.amax, observer.unsigned, observer.qmax = s["amax"], s["unsigned"], s["qmax"]
+            else:  # one tensor feeding several quantized layers: the widest range, signed unless all unsigned
+                observer.amax = max(observer.amax, s["amax"])
+                if observer.unsigned != s["unsigned"]:
+                    observer.unsigned, observer.qmax = False, min(observer.qmax, s["qmax"], 127)
+            if relu:
+                observer.unsigned = True  # same step (qmax kept), zero_point 0
+            touched[id(observer)] = observer
+    return max((observer.max_code for observer in touched.values()), default=0)
+
+
+def views_as_reshapes(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``x.view(...)`` as ``x.reshape(...)``: quantized convolutions return channels-last strides, which ``view``
+    rejects (``x.view(x.size(0), -1)`` into the classifier); ``reshape`` copies only where ``view`` would fail."""
+    changed = False
+    for node in converted.graph.nodes:
+        if node.op == "call_method" and node.target == "view":
+            node.target, changed = "reshape", True
+    if changed:
+        converted.recompile()
+    return converted
+
+
+def contiguous_before_clips(converted: torch.fx.GraphModule) -> None:
+    """``x.contiguous()`` in front of every clip: qnnpack's quantized ``hardtanh`` / ``clamp`` read a channels-last
+    input (what quantized convolutions return) as if it were contiguous and scramble it (torch 2.13)."""
+    for node in list(converted.graph.nodes):
+        if _is_clip(node) and node.args:
+            with converted.graph.inserting_before(node):
+                contiguous = converted.graph.call_method("contiguous", (node.args[0],))
+            node.args = (contiguous, *node.args[1:])
+    converted.recompile()

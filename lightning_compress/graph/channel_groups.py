@@ -1,0 +1,98 @@
+"""Channel groups: the producers, BatchNorms, depthwise convolutions and consumers that share channels.
+
+Built by :class:`~lightning_compress.graph.dependency.DependencyGraph` from its union-find of channel variables:
+producers that share at least one channel form one group (a residual stage, a concatenation tied by an addition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ChannelGroup", "ChannelInfo", "collect_groups"]
+
+
+@dataclass
+class ChannelInfo:
+    """What one channel (a union-find root) touches: blocking reasons, members ``(module, role, index)`` with
+    roles producer, batchnorm and depthwise, and reads ``(consumer, input index, value, foldable)``."""
+
+    blocked: list[str] = field(default_factory=list)
+    members: list[tuple[str, str, int]] = field(default_factory=list)  # (module, role, index)
+    reads: list[tuple[str, int, float, bool]] = field(default_factory=list)  # (consumer, index, value, foldable)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels tied across layers (by residual additions, depthwise convolutions, ...), pruned together.
+
+    Each mapping gives, for every channel of the group in order, the module's index (``None`` where the module
+    does not carry that channel). ``consumers`` give lists of input indices (a flatten reads several features).
+
+    Attributes:
+        producers: conv/linear layers whose output channels (filters) these are.
+        batchnorms: BatchNorm layers normalizing them.
+        depthwise: depthwise convolutions carrying them (filter ``i`` reads channel ``i``).
+        consumers: layers reading them as input channels or features.
+        blocked: reasons why channels of this group cannot be removed (empty when free).
+        roots: the union-find roots, one per channel (internal).
+    """
+
+    producers: dict[str, list[int | None]]
+    batchnorms: dict[str, list[int | None]]
+    depthwise: dict[str, list[int | None]]
+    consumers: dict[str, list[list[int]]]
+    blocked: list[str]
+    roots: list[int]
+
+    @property
+    def size(self) -> int:
+        """Number of channels in the group."""
+        return len(self.roots)
+
+
+def collect_groups(merged: dict[int, ChannelInfo]) -> list[ChannelGroup]:
+    """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
+    producer_roots: dict[str, list[tuple[int, int]]] = {}
+    for root, meta in merged.items():
+        for module, role, index in meta.members:
+            if role == "producer":
+                producer_roots.setdefault(module, []).append((index, root))
+    # connect producers sharing a root
+    owner: dict[int, str] = {}
+    link: dict[str, str] = {m: m for m in producer_roots}
+
+    def top(m: str) -> str:
+        while link[m] != m:
+            m = link[m]
+        return m
+
+    for module, pairs in producer_roots.items():
+        for _, root in pairs:
+            if root in owner and top(owner[root]) != top(module):
+                link[top(module)] = top(owner[root])
+            owner.setdefault(root, module)
+    order = list(producer_roots)
+    components: dict[str, list[str]] = {}
+    for module in order:
+        components.setdefault(top(module), []).append(module)
+    result = []
+    for modules in components.values():
+        roots: list[int] = []
+        for module in modules:
+            for _, root in sorted(producer_roots[module]):
+                if root not in roots:
+                    roots.append(root)
+        result.append(_group(roots, merged))
+    return result
+
+def _group(roots: list[int], merged: dict[int, ChannelInfo]) -> ChannelGroup:
+    maps: dict[str, dict[str, list]] = {"producer": {}, "batchnorm": {}, "depthwise": {}, "consumer": {}}
+    blocked: list[str] = []
+    for k, root in enumerate(roots):
+        meta = merged[root]
+        for module, role, index in meta.members:
+            maps[role].setdefault(module, [None] * len(roots))[k] = index
+        for module, index, _, _ in meta.reads:
+            maps["consumer"].setdefault(module, [[] for _ in roots])[k].append(index)
+        blocked += [reason for reason in meta.blocked if reason not in blocked]
+    return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots)
