@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress import CompressionReport, Int8Export, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.utils.data import check_network_input
 
 
@@ -78,7 +79,12 @@ def test_with_a_compression_target_the_same_module_quantizes(trainer_factory):
     loader = DataLoader(DictDigits(), batch_size=16)
     trainer_factory(callbacks=[ptq], max_epochs=1, logger=False).fit(module, loader, loader)
     assert module.steps == 4 and set(ptq.results) == {"fp32", "static"}
-    assert 0 <= ptq.results["static"] <= 1  # accuracy from the dict batches' labels
+    quantized = ptq.models["static"]
+    assert set(quantized_layers(quantized)) == {"0", "3"}  # the compression target's conv and linear
+    with torch.no_grad():  # accuracy from the dict batches' images and labels, of the quantized copy
+        quantized.eval()
+        correct = sum(int((quantized(b["image"]).argmax(1) == b["label"]).sum()) for b in loader)
+    assert ptq.results["static"] == correct / len(loader.dataset)
 
 
 def test_a_batch_without_a_tensor_is_named():

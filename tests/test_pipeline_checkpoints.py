@@ -35,8 +35,12 @@ def test_compacted_quantized_checkpoint_tests_in_a_fresh_model(tmp_path, trainer
     fresh = ClassifierModule(network(), lr=3e-3)
     assert _test(trainer_factory, fresh, last) == pytest.approx(after_fit)
     state = torch.load(last, weights_only=False)["state_dict"]
+    assert fresh.state_dict().keys() == state.keys()
     for key, value in fresh.state_dict().items():
         assert value.shape == state[key].shape, key
+    # the checkpoint holds a compacted network (so equal shapes mean the compactions were replayed) ...
+    assert sum(p.numel() for p in fresh.backbone.parameters()) < sum(p.numel() for p in network().parameters())
+    # ... and a quantized one
     assert any(key.endswith("input_quantizer.amax") for key in fresh.state_dict())
     assert "on_load_checkpoint" not in vars(fresh) and "on_load_checkpoint" not in vars(module)
 

@@ -32,11 +32,13 @@ def _setup(tmp_path, trainer_factory, student_width=4, teacher=True):
 def test_teacher_and_student_alone_are_trained_loaded_and_given_to_the_report(tmp_path, trainer_factory):
     settings, trainer, module, report = _setup(tmp_path, trainer_factory)
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     found = prepare_references(settings, trainer, module, DigitsDataModule(batch_size=64))
     assert set(found) == {"teacher", "student_alone"}
     trained = torch.load(found["teacher"] / "weights.pt", weights_only=True)
     for key, value in module.teacher.state_dict().items():
         assert torch.equal(value, trained[key]), key
+    assert not torch.equal(trained["fc.weight"], teacher_before["fc.weight"])  # trained, not the initial weights
     assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
     for key, value in module.student.state_dict().items():  # the student itself is not trained by its reference
         assert torch.equal(value, student_before[key]), key

@@ -78,9 +78,10 @@ class PruningCallback(Callback):
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         """On the first training batch: drop the final classifier (traced), validate, restore or initialise."""
-        if not self.prune_classifier:
-            order = execution_order(self._target, first_tensor(batch).to(pl_module.device), list(self._modules))
-            if order:
+        if not self.prune_classifier:  # the network's last layer, whether or not the patterns chose it
+            candidates = select_layers(self._target, None, types=self.types)
+            order = execution_order(self._target, first_tensor(batch).to(pl_module.device), list(candidates))
+            if order and order[-1] in self._modules:
                 self._modules.pop(order[-1])
         if not self._modules:
             raise ValueError(

@@ -148,10 +148,13 @@ def test_student_sees_its_view_in_training_and_validation(trainer_factory: Any) 
     assert student.seen["train"].equal(downsample_view(x, 2))
     assert student.seen["eval"].equal(downsample_view(x, 2))  # validation: the student's own modality
     assert teacher.seen["eval"].equal(x)
+    student.seen.clear()  # what test and forward feed it, not what validation left behind
     trainer.test(module, loader, verbose=False)
     assert student.seen["eval"].equal(downsample_view(x, 2))
-    prediction = module(x)
-    assert student.seen["eval"].equal(downsample_view(x, 2)) and prediction.shape == (16, 10)
+    student.seen.clear()
+    prediction = module(x)  # forward: the deployed student on its own view (in whichever mode the module is)
+    (seen,) = student.seen.values()
+    assert seen.equal(downsample_view(x, 2)) and prediction.shape == (16, 10)
 
 
 class DictDataset(Dataset):

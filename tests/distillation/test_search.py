@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -54,17 +55,30 @@ def test_grid() -> None:
 def test_search_trains_candidates_and_measures_macs(digits) -> None:  # type: ignore[no-untyped-def]
     teacher = ResidualCNN(width=8).eval()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    built: list[nn.Module] = []
+
+    def build(**config: int) -> nn.Module:
+        built.append(ResidualCNN(**config))
+        return built[-1]
+
     result = search_students(
-        teacher, ResidualCNN, {"width": [2, 4], "depth": [1, 2]}, digits,
+        teacher, build, {"width": [2, 4], "depth": [1, 2]}, digits,
         trainer_kwargs={"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1},
         distill_kwargs={"temperature": 2.0},
     )
     assert isinstance(result, SearchResult) and result.split == "val"
     assert [c.config for c in result.candidates] == grid({"width": [2, 4], "depth": [1, 2]})
     example = torch.zeros(1, 1, 8, 8)
-    for candidate in result.candidates:
+    inputs, targets = next(iter(digits.val_dataloader()))  # limit_val_batches=1: the batch each is scored on
+    for candidate, student in zip(result.candidates, built, strict=True):
         assert candidate.macs == count_macs(ResidualCNN(**candidate.config), example)[0] > 0
-        assert 0.0 <= candidate.accuracy <= 1.0 and candidate.parameters > 0
+        assert candidate.parameters == sum(p.numel() for p in student.parameters())
+        pl.seed_everything(0, verbose=False)  # the search seeds 0 before building each candidate
+        initial = ResidualCNN(**candidate.config)
+        assert not torch.equal(student.stem.conv.weight, initial.stem.conv.weight)  # trained
+        with torch.no_grad():
+            accuracy = float((student.eval()(inputs).argmax(1) == targets).float().mean())
+        assert candidate.accuracy == pytest.approx(accuracy)  # the trained student's validation accuracy
     macs = {(c.config["width"], c.config["depth"]): c.macs for c in result.candidates}
     assert macs[(2, 1)] < macs[(2, 2)] < macs[(4, 2)] and macs[(2, 1)] < macs[(4, 1)]
     assert result.front == [result.candidates[i] for i in

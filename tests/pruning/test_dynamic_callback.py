@@ -1,11 +1,14 @@
 """DynamicChannelPruning in the Trainer: gates inserted in setup, regulariser in the loss, logs, resume, errors."""
 
+from unittest import mock
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN
+from lightning_compress.pruning import dynamic
 from lightning_compress.pruning.dynamic import FeatureBoostingGates
 from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.testing import read_scalars
@@ -51,10 +54,12 @@ def test_gates_inserted_trained_logged_and_removable(trainer_factory, tmp_path):
     macs = 8 * 9 * 64 + (8 * 16) + 8 * 8 * 9 * 64 + (16 * 16) + 8 * 8 * 9 * 16 + 16 * 4 * 10
     assert gates.executed_macs(sample) == macs
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), mock.patch.object(dynamic, "sparse_gated_conv", wraps=dynamic.sparse_gated_conv) as spy:
         dense = model(sample)
         with gates.sparse_execution(sample):
             assert (model(sample) - dense).abs().max() < 1e-5
+    gated = [model.backbone.block2.conv, model.backbone.block3.conv]
+    assert [call.args[0] for call in spy.call_args_list] == gated  # the sparse kernel ran, once per gated layer
     callback.remove()
     assert set(model.state_dict()) == user_keys
 

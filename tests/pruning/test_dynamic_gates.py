@@ -6,6 +6,7 @@ from torch import nn
 
 from lightning_compress.demo import PlainCNN, ResidualCNN
 from lightning_compress.measure import count_macs
+from lightning_compress.pruning import dynamic
 from lightning_compress.pruning.dynamic import (
     FeatureBoostingGates,
     keep_count,
@@ -27,6 +28,21 @@ def randomize_batchnorm(model, seed=0):
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
                 module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """The convolutions sparse execution ran through ``sparse_gated_conv``, in order, each with whether it read only
+    the kept input channels (``in_index``): without it, "sparse equals dense" would also hold for a no-op."""
+    calls = []
+    original = dynamic.sparse_gated_conv
+
+    def spy(conv, x, index, values, scale, shift, in_index=None, grouped=False):
+        calls.append((conv, in_index is not None))
+        return original(conv, x, index, values, scale, shift, in_index, grouped)
+
+    monkeypatch.setattr(dynamic, "sparse_gated_conv", spy)
+    return calls
 
 
 def test_keep_count_and_winner_take_all():
@@ -56,16 +72,18 @@ def hand_layer():
     return net, gates, x
 
 
-def test_gate_output_by_hand():
+def test_gate_output_by_hand(sparse_calls):
     net, gates, x = hand_layer()
     out = net(x)
     # sample 0: conv (2, 1, 3, 1), saliency (2, 1, 0, 0): keep 0 and 1, boosted by 2 and 1
     # sample 1: conv (-1, -3, -4, 2), saliency (0, 0, 1, 3): keep 2 and 3, boosted by 1 and 3
     expected = torch.tensor([[4.0, 1.0, 0.0, 0.0], [0.0, 0.0, -4.0, 6.0]]).view(2, 4, 1, 1).expand(2, 4, 3, 3)
     torch.testing.assert_close(out, expected)
+    assert sparse_calls == []  # dense execution
     net.eval()
     with gates.sparse_execution(x):
         torch.testing.assert_close(net(x), expected)
+    assert sparse_calls == [(net[0], False)]
 
 
 def test_gradient_reaches_the_predictor():
@@ -93,18 +111,24 @@ def make(name):
 @pytest.mark.parametrize("name", ["plain", "residual", "conv1d"])
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5, 1.0])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_sparse_execution_equals_the_dense_masked_computation(name, keep_ratio, grouped):
+def test_sparse_execution_equals_the_dense_masked_computation(name, keep_ratio, grouped, sparse_calls):
     model, x = make(name)
     gates = FeatureBoostingGates(convs(model), keep_ratio).attach(model)
     gates.grouped = grouped
     model.eval()
     with torch.no_grad():
         dense = model(x)
+        assert sparse_calls == []
         with gates.sparse_execution(x):
             sparse = model(x)
+        ran_sparse = list(sparse_calls)
         again = model(x)
     assert (dense - sparse).abs().max() < 1e-5
-    assert torch.equal(dense, again)  # dense execution restored
+    # every gated convolution ran the sparse kernel once, those with a source reading only its kept channels
+    assert [conv for conv, _ in ran_sparse] == list(convs(model).values())
+    assert [reads_kept for _, reads_kept in ran_sparse] == [gates.sources[n] is not None for n in gates.layer_names]
+    assert any(reads_kept for _, reads_kept in ran_sparse)
+    assert torch.equal(dense, again) and len(sparse_calls) == len(ran_sparse)  # dense execution restored
 
 
 def test_sources_follow_zero_propagation():
@@ -175,7 +199,7 @@ def test_sparse_gated_conv_direct():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
-def test_gate_on_the_conv_output_before_batchnorm():
+def test_gate_on_the_conv_output_before_batchnorm(sparse_calls):
     model, x = make("plain")
     gates = FeatureBoostingGates(convs(model), 0.5, gate_after="conv").attach(model)
     model.eval()
@@ -183,6 +207,7 @@ def test_gate_on_the_conv_output_before_batchnorm():
         dense = model(x)
         with gates.sparse_execution(x):
             sparse = model(x)
+    assert [conv for conv, _ in sparse_calls] == list(convs(model).values())
     assert gates.positions == {name: name for name in gates.layer_names}
     # BatchNorm turns a suppressed channel into its shift: later layers must read every input channel
     assert set(gates.sources.values()) == {None}

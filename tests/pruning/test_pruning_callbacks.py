@@ -66,9 +66,23 @@ def test_step_schedule_updates_every_n_steps(trainer_factory):
 
 def test_threshold_method_prunes_below_the_threshold(trainer_factory):
     callback = MagnitudePruning(method="threshold", threshold=0.05)
+    first = {}
+    original = callback.compute_masks
+
+    def spy(modules, sparsity, position):
+        masks = original(modules, sparsity, position)
+        first.setdefault("weight", modules["block2.conv"].weight.detach().clone())
+        first.setdefault("mask", masks["block2.conv"].clone())
+        return masks
+
+    callback.compute_masks = spy
     _, model = fit(trainer_factory, callback, epochs=1)
-    weight = model.block2.conv.weight
-    assert torch.all((weight == 0) | (weight.abs() >= 0.05 - 1e-2))
+    # before the first step: exactly the weights with |w| < threshold are pruned
+    assert torch.equal(first["mask"], first["weight"].abs() >= 0.05)
+    weight = model.block2.conv.weight.detach()
+    # at the end (the epoch-end update, no step after it): the same rule on the trained weights
+    assert torch.equal(callback.masks["block2.conv"], weight != 0)
+    assert float(weight[weight != 0].abs().min()) >= 0.05
     assert zero_fraction(weight) > 0.2
 
 
@@ -86,6 +100,7 @@ def test_splicing_revives_weights_and_keeps_dense_copy(trainer_factory, tmp_path
     callback = MagnitudePruning(method="splicing", c=0.3, gamma=0.0)
     _, model = fit(trainer_factory, callback, epochs=2, batches=8)
     assert sum(value for _, value in read_scalars(tmp_path)["prune/revived"]) > 0
+    assert set(callback.dense) == {"block1.conv", "block2.conv", "block3.conv"}
     for name, dense in callback.dense.items():
         weight = model.get_submodule(name).weight.detach()
         torch.testing.assert_close(weight, dense * callback.masks[name])
@@ -129,6 +144,9 @@ def test_hard_filter_pruning_never_revives(trainer_factory):
 
     callback.compute_masks = spy
     trainer.fit(module, DigitsDataModule(batch_size=32))
+    # updates along the schedule, pruning more: the pairs below compare growing masks
+    counts = [int((~masks["block2.conv"]).sum()) for masks in history]
+    assert counts[0] == 0 and 0 < counts[1] < 8 and counts[-1] == 8, counts
     for before, after in itertools.pairwise(history):
         for name in before:
             assert not torch.any(after[name] & ~before[name])
@@ -227,3 +245,12 @@ def test_compact_on_fit_end_replaces_the_network_and_fine_tuning_goes_on(trainer
     optimizer_params = {id(p) for group in again.optimizers[0].param_groups for p in group["params"]}
     assert {id(p) for p in compact_model.parameters()} <= optimizer_params
     assert compact_model.stage2[0].conv1.out_channels == 10
+
+
+def test_chosen_layers_keep_their_last_one_when_it_is_not_the_classifier(trainer_factory):
+    """prune_classifier=False leaves out the network's last layer, not the last of the chosen ones."""
+    callback = MagnitudePruning(sparsity=0.5, layers=["block1.conv", "block2.conv"])
+    _, model = fit(trainer_factory, callback)
+    for name in ("block1.conv", "block2.conv"):
+        assert float((model.get_submodule(name).weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
+    assert float((model.classifier.weight == 0).float().mean()) == 0.0

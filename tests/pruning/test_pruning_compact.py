@@ -248,6 +248,11 @@ def test_whole_layer_pruned_keeps_one_channel_and_mlp_shrinks() -> None:
     check_equal(model, small, x)
 
 
+# ResidualCNN(width=16, depth=1)'s producers tied by residual sums (see test_groups_of_the_residual_cnn)
+RESIDUAL_TIES = [("stem.conv", "stage1.0.conv2"), ("stage2.0.conv2", "stage2.0.shortcut.0"),
+                 ("stage3.0.conv2", "stage3.0.shortcut.0")]
+
+
 @pytest.mark.parametrize(
     "factory",
     [lambda: ResidualCNN(width=16, depth=1), lambda: PlainCNN(width=32), lambda: MLP(hidden=(128, 64))],
@@ -256,17 +261,28 @@ def test_whole_layer_pruned_keeps_one_channel_and_mlp_shrinks() -> None:
 def test_reference_models_shrink_by_40_percent(factory) -> None:  # type: ignore[no-untyped-def]
     model = factory().eval()
     randomize_batchnorm(model)
-    last = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     generator = torch.Generator().manual_seed(1)
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != last:
-            n = module.weight.shape[0]
-            zero_filters(model, {name: torch.randperm(n, generator=generator)[: int(0.4 * n)].tolist()})
+    zeroed: dict[str, set[int]] = {}
+    for name in layers[:-1]:
+        n = model.get_submodule(name).weight.shape[0]
+        zeroed[name] = set(torch.randperm(n, generator=generator)[: int(0.4 * n)].tolist())
+        zero_filters(model, {name: sorted(zeroed[name])})
     x = torch.randn(4, 1, 8, 8)
     zero_bn_for_pruned_filters(model, x)
     small = compact(model, x)
     check_equal(model, small, x)
-    if isinstance(model, PlainCNN):  # no residual ties: every pruned filter goes
+    # every zeroed filter goes, except where a residual sum ties it to a live filter of another producer: 40% of
+    # each untied layer, the shared zeros of a tied group; the classifier keeps its outputs
+    ties = RESIDUAL_TIES if isinstance(model, ResidualCNN) else []
+    for name in layers:
+        partners = next((group for group in ties if name in group), (name,))
+        removable = set.intersection(*(zeroed[p] for p in partners)) if name in zeroed else set()
+        width = model.get_submodule(name).weight.shape[0]
+        assert small.get_submodule(name).weight.shape[0] == width - len(removable), name
+        if name in zeroed and len(partners) == 1:
+            assert len(removable) == int(0.4 * width)
+    if isinstance(model, PlainCNN):  # no residual ties, every layer pruned: the parameters fall to about 0.6^2
         assert num_parameters(small) < 0.45 * num_parameters(model)
 
 

@@ -4,6 +4,7 @@ forward() never runs (an auxiliary head of training_step)."""
 
 import copy
 import warnings
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import FilterPruning, MagnitudePruning
 from lightning_compress.graph.batchnorm import batchnorm_after, batchnorm_links
 from lightning_compress.graph.tracing import trace, unexecuted_layers
+from lightning_compress.pruning import dynamic
 from lightning_compress.pruning.dynamic import FeatureBoostingGates
 from lightning_compress.pruning.schedules import AGP
 
@@ -67,20 +69,24 @@ def _dense_and_sparse(net, layers, seed=0):
         for _ in range(3):
             net(x)  # non-trivial running statistics
     net.eval()
-    with torch.no_grad():
+    names = {module: name for name, module in net.named_modules()}
+    with torch.no_grad(), mock.patch.object(dynamic, "sparse_gated_conv", wraps=dynamic.sparse_gated_conv) as spy:
         dense = net(x)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with gates.sparse_execution():
                 sparse = net(x)
         again = net(x)
-    return gates, dense, sparse, again, caught
+    # the layers that ran the sparse kernel, each with whether it read only its source's kept channels
+    ran = [(names[call.args[0]], call.args[6] is not None) for call in spy.call_args_list]
+    return gates, dense, sparse, again, caught, ran
 
 
 def test_sparse_execution_matches_dense_when_the_conv_output_has_another_reader():
-    gates, dense, sparse, again, caught = _dense_and_sparse(TwoUse(), ["conv"])
+    gates, dense, sparse, again, caught, ran = _dense_and_sparse(TwoUse(), ["conv"])
     assert (dense - sparse).abs().max() < 1e-6
     assert torch.equal(dense, again)
+    assert ran == []  # the only gated layer is run densely
     assert gates.positions == {"conv": "bn"}  # the gate still follows the BatchNorm, as in training
     assert gates.dense_layers == ["conv"]
     assert any("['conv'] densely" in str(w.message) for w in caught)
@@ -88,16 +94,18 @@ def test_sparse_execution_matches_dense_when_the_conv_output_has_another_reader(
 
 @pytest.mark.parametrize("layers", [["c1"], ["c1", "c2"]])
 def test_sparse_execution_matches_dense_with_a_batchnorm_shared_by_two_branches(layers):
-    gates, dense, sparse, again, _ = _dense_and_sparse(SharedBN(), layers)
+    gates, dense, sparse, again, _, ran = _dense_and_sparse(SharedBN(), layers)
     assert (dense - sparse).abs().max() < 1e-6
+    assert ran == [(name, False) for name in layers]  # the sparse kernel ran, not a dense fallback
     assert torch.equal(dense, again)
     assert gates.positions == {name: name for name in layers}  # the shared BatchNorm is neither conv's own
     assert gates.dense_layers == []
 
 
 def test_sparse_execution_reads_the_kept_channels_of_a_dense_layer():
-    gates, dense, sparse, _, _ = _dense_and_sparse(DenseThenSparse(), ["conv1", "conv2"])
+    gates, dense, sparse, _, _, ran = _dense_and_sparse(DenseThenSparse(), ["conv1", "conv2"])
     assert (dense - sparse).abs().max() < 1e-6
+    assert ran == [("conv2", True)]  # conv2 sparse, reading only conv1's kept channels
     assert gates.dense_layers == ["conv1"]
     assert gates.sources == {"conv1": None, "conv2": "conv1"}
 
@@ -142,7 +150,9 @@ def test_filter_pruning_does_not_zero_a_shared_batchnorm_for_one_branch(trainer_
     with pytest.warns(UserWarning, match="could not trace"):
         trainer_factory(max_epochs=1, callbacks=[callback], limit_val_batches=0).fit(module, _loader())
     assert all(not group.batchnorms for group in callback.groups)
-    live = (module.c1.weight.flatten(1).ne(0).any(1)) | (module.c2.weight.flatten(1).ne(0).any(1))
+    dead1, dead2 = (conv.weight.flatten(1).eq(0).all(1) for conv in (module.c1, module.c2))
+    assert bool((dead1 ^ dead2).any())  # some channel is pruned in one branch and live in the other
+    live = ~dead1 | ~dead2
     assert bool(module.bn.weight[live].ne(0).all())  # no channel of a live filter is silenced
     assert batchnorm_after(module, torch.randn(2, 1, 8, 8), ["c1", "c2"]) == {}
 

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_compress import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.demo import MLP, ClassifierModule, DigitsDataModule, PlainCNN
 from lightning_compress.quantization import quantize_model
+from lightning_compress.quantization.calibrators import compute_amax
 from lightning_compress.quantization.ptq import resolve_specs
 from lightning_compress.quantization.quantizers import quantized_layers
 
@@ -78,8 +79,15 @@ def test_quantize_model_rejects_calibration_options(kwargs, message) -> None:
 
 
 def test_start_bin_past_the_bins_is_still_clamped() -> None:
-    model = quantize_model(_two_layer_mlp(), "static", torch.randn(4, 64), calibration="mse", num_bins=16)
-    assert float(model.classifier.input_quantizer.amax) > 0  # default start_bin=128 > 16 bins: last bin
+    inputs = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    network = _two_layer_mlp()
+    model = quantize_model(network, "static", inputs, calibration="mse", num_bins=16)
+    # default start_bin=128 > 16 bins: the search starts at (and so picks) the last bin, centre 15.5 / 16 of the max
+    with torch.no_grad():
+        hidden = network.layers(inputs)
+    expected = compute_amax(hidden, "mse", num_bins=16, start_bin=15)
+    assert float(model.classifier.input_quantizer.amax) == pytest.approx(float(expected), rel=1e-6)
+    assert float(expected) == pytest.approx(15.5 / 16 * float(hidden.abs().max()), rel=1e-6)
 
 
 # ------------------------------------------------------------------------ calibration_batches, flags, modes

@@ -20,6 +20,17 @@ def _mlp() -> nn.Module:
     return MLP(in_features=16, hidden=(8,), num_classes=3)
 
 
+def _accuracy(model: nn.Module, loader) -> float:  # type: ignore[no-untyped-def]
+    """Top-1 accuracy of ``model`` over every batch of ``loader``, counted here."""
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for inputs, targets in loader:
+            correct += int((model(inputs).argmax(1) == targets).sum())
+            total += len(targets)
+    return correct / total
+
+
 def _batches(n: int = 3) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return [torch.randn(32, 16, generator=generator) for _ in range(n)]
@@ -100,11 +111,28 @@ def test_callback_at_fit_end_and_through_validate(trainer_factory, tmp_path) -> 
     assert set(callback.results) == {"fp32", "weight_only", "static", "dynamic"}
     assert all(abs(callback.results[m] - callback.results["fp32"]) < 0.1 for m in callback.results)
     assert not quantized_layers(module)  # the trained model is untouched
+    # each result is the accuracy of a really quantized copy on the whole validation split (not the float model's)
+    backbone = module.backbone
+    assert callback.results["fp32"] == _accuracy(backbone, dm.val_dataloader())
+    inputs = next(iter(dm.val_dataloader()))[0]
+    for mode in ("weight_only", "static", "dynamic"):
+        quantized = callback.models[mode]
+        assert set(quantized_layers(quantized)) == {"block1.conv", "block2.conv", "block3.conv", "classifier"}, mode
+        assert callback.results[mode] == _accuracy(quantized, dm.val_dataloader()), mode
+        with torch.no_grad():
+            assert not torch.equal(quantized.eval()(inputs), backbone.eval()(inputs)), mode
+    # static: calibrated with the entropy method on the validation loader
+    expected = quantize_model(backbone, "static", dm.val_dataloader(), calibration="entropy")
+    with torch.no_grad():
+        assert torch.equal(callback.models["static"](inputs), expected(inputs))
     scalars = read_scalars(tmp_path)
-    assert {"ptq/static/acc", "ptq/weight_only/acc", "ptq/dynamic/acc", "ptq/fp32/acc"} <= set(scalars)
+    for mode, accuracy in callback.results.items():
+        assert scalars[f"ptq/{mode}/acc"][-1][1] == pytest.approx(accuracy), mode
     other = PostTrainingQuantization(modes="static", num_bits=4)
     trainer_factory(callbacks=[other], limit_val_batches=2).validate(module, datamodule=dm)
     assert set(other.results) == {"fp32", "static"}
+    assert {layer.input_quantizer.num_bits for layer in quantized_layers(other.models["static"]).values()} == {4}
+    assert other.results["static"] == _accuracy(other.models["static"], dm.val_dataloader())
 
 
 def test_callback_rejects_bad_mode() -> None:

@@ -169,8 +169,14 @@ def test_training_phase_observes_weights_and_fakequantizes(trainer_factory, digi
     layer = module.backbone.classifier
     assert torch.allclose(layer.weight_quantizer.amax, layer.weight.detach().abs().amax(dim=1))
     x = torch.randn(5, 32)
-    levels = torch.unique(torch.round(layer.input_quantizer(x) / (layer.input_quantizer.amax / 7)))
-    assert levels.numel() <= 15
+    step = layer.input_quantizer.amax / 7  # 4 bits, narrow range: levels -7..7
+    with torch.no_grad():
+        quantized = layer.input_quantizer(x)
+    # on the 4-bit grid (an identity quantizer would leave x off it), and within half a step of x inside the range
+    torch.testing.assert_close(quantized / step, torch.round(quantized / step), rtol=0, atol=1e-4)
+    assert not torch.allclose(quantized, x) and torch.round(quantized / step).abs().max() <= 7
+    inside = x.abs() <= layer.input_quantizer.amax
+    assert inside.any() and bool(((quantized - x)[inside].abs() <= step / 2 + 1e-6).all())
 
 
 @pytest.mark.parametrize("learn", ["lsq", "pact"])
@@ -351,6 +357,8 @@ def test_qat_reaches_float_accuracy(trainer_factory, digits_dm) -> None:
         trainer = trainer_factory(callbacks=callbacks, max_epochs=4)
         trainer.fit(module, datamodule=digits_dm)
         results[name] = trainer.test(module, datamodule=digits_dm)[0]["test/acc"]
+        if callbacks:  # the QAT run did train and test a fake-quantized network
+            assert callbacks[0].phase == "training" and len(quantized_layers(module.backbone)) == 4
     print(results)
     assert results["qat"] >= results["fp32"] - 0.01, results
 
