@@ -26,17 +26,12 @@ from lightning_compress.distillation.terms import (
     SPATIAL_TERMS,
     check_feature_layers,
     check_spatial,
-    check_term_weights,
     feature_terms,
+    validate_term_weights,
 )
 
 _TEACHER_PREFIX = "teachers."
 _REGRESSOR_PREFIX = "regressors."
-
-
-def _freeze(teacher: nn.Module) -> nn.Module:
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 class DistillationModule(DistillationBase):
@@ -156,7 +151,7 @@ class DistillationModule(DistillationBase):
         check_temperature(temperature)
         self.temperature = temperature
         self.teacher_weights = check_weights(teacher_weights, len(teachers), "teacher_weights")
-        self.weights = check_term_weights(
+        self.weights = self.check_term_weights(
             soft=soft_weight, hard=hard_weight, hint=hint_weight, attention=attention_weight, fsp=fsp_weight,
             similarity=similarity_weight, rkd_distance=rkd_distance_weight, rkd_angle=rkd_angle_weight,
             pairwise=pairwise_weight,
@@ -167,7 +162,7 @@ class DistillationModule(DistillationBase):
         self.feature_stage_epochs = feature_stage_epochs
         self.keep_teacher_in_checkpoint = keep_teacher_in_checkpoint
         self.student = student
-        self.teachers = nn.ModuleList([_freeze(t) for t in teachers])
+        self.teachers = nn.ModuleList([t.requires_grad_(False).eval() for t in teachers])
         self.regressors = nn.ModuleList()
         self._student_taps: FeatureTaps | None = None
         self._teacher_taps: FeatureTaps | None = None
@@ -177,6 +172,11 @@ class DistillationModule(DistillationBase):
             self.check_and_build(self.example_input())
 
     # ------------------------------------------------------------------ validation
+
+    @staticmethod
+    def check_term_weights(**weights: float) -> dict[str, float]:
+        """Public override point: the validated term weights (finite, non-negative, at least one positive)."""
+        return validate_term_weights(**weights)
 
     def check_and_build(self, example_input: Any) -> None:
         """Public override point: check class counts and layer pairs on one example forward (before training, or

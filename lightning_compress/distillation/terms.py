@@ -77,7 +77,7 @@ def feature_terms(
     return terms
 
 
-def check_term_weights(**weights: float) -> dict[str, float]:
+def validate_term_weights(**weights: float) -> dict[str, float]:
     """Every weight finite and non-negative, at least one positive; returned as floats by term."""
     checked = {name: check_nonnegative(value, f"{name}_weight") for name, value in weights.items()}
     if not any(value > 0 for value in checked.values()):

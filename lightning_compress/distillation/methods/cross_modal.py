@@ -155,7 +155,7 @@ class CrossModalDistillationModule(DistillationModule):
             self.check_and_build(self.example_input())
 
     @staticmethod
-    def _check_term_weights(**weights: float) -> dict[str, float]:
+    def check_term_weights(**weights: float) -> dict[str, float]:
         """Negative weights fail here; "all zero" is checked once the ``cross_modal`` weight is known."""
         for name, value in weights.items():
             check_nonnegative(value, f"{name}_weight")

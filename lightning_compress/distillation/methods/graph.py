@@ -91,7 +91,7 @@ class GraphDistillationModule(DistillationModule):
         self.graph_k, self.soft_weighting, self.weighting_k = graph_k, soft_weighting, weighting_k
 
     @staticmethod
-    def _check_term_weights(**weights: float) -> dict[str, float]:
+    def check_term_weights(**weights: float) -> dict[str, float]:
         """Negative weights fail here; "all zero" is checked once the ``graph`` weight is known."""
         for name, value in weights.items():
             check_nonnegative(value, f"{name}_weight")
