@@ -16,6 +16,7 @@ from lightning_compress.distillation.methods.mutual import MutualLearningModule
 from lightning_compress.distillation.methods.self_distillation import SelfDistillationModule
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.export.int8_callback import Int8Export
+from lightning_compress.loading import load_compressed
 from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.pruning.filter_callback import FilterPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
@@ -38,4 +39,5 @@ __all__ = [
     "QuantizationAwareTraining",
     "SelfDistillationModule",
     "__version__",
+    "load_compressed",
 ]

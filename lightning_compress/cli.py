@@ -4,11 +4,13 @@ Without a ``model`` or ``data`` section it trains :class:`~lightning_compress.de
 :class:`~lightning_compress.demo.ResidualCNN` backbone on :class:`~lightning_compress.demo.DigitsDataModule`.
 Compression callbacks go under ``trainer.callbacks`` with their ``class_path``; see ``examples/configs``.
 
-Two additions to the plain LightningCLI, both acting before ``fit`` starts:
+Additions to the plain LightningCLI, acting before ``fit`` starts:
 
 * a ``references`` section (:class:`~lightning_compress.references.References`) trains the teacher and the
   compressed network alone first (or reuses them), so that one command distills from a trained teacher and the
   report compares against both;
+* errors are short: a config typo or a bad value prints its root cause (with the option probably meant) in a few
+  lines instead of the usage of every option and a traceback (:mod:`lightning_compress.cli_errors`);
 * ``--ckpt_path`` is checked first: a truncated or corrupt checkpoint stops the command with a clear error before
   anything is written. ``--ckpt_path last`` resumes from the ``last.ckpt`` of the newest run the config wrote
   (``runs/<name>/version_N/checkpoints/last.ckpt``, or the ``ModelCheckpoint`` ``dirpath``) and continues logging
@@ -24,6 +26,7 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_compress.cli_errors import ConciseArgumentParser, exit_with
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.references import References, prepare_references
 from lightning_compress.utils.checkpoint import CheckpointError, check_checkpoint
@@ -63,6 +66,13 @@ class CompressCLI(LightningCLI):
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from error
 
+    def instantiate_classes(self) -> None:
+        """Build the classes; a bad value a constructor refuses is printed in a few lines (no traceback)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            exit_with(error)
+
     def before_fit(self) -> None:
         """Prepare the reference runs (see the module docstring)."""
         references = self.config_init[self.subcommand].get("references")
@@ -83,6 +93,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CompressCL
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=ConciseArgumentParser,
     )
 
 

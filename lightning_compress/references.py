@@ -31,7 +31,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from lightning_compress.utils.optim import describe_recipe
 
 __all__ = ["References", "prepare_references"]
 
@@ -98,7 +101,8 @@ def _fingerprint(network: nn.Module, datamodule: pl.LightningDataModule, epochs:
     data = {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
             "hparams": {k: repr(v) for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items()}}
     return {"architecture": repr(network), "shapes": shapes, "initial_checksum": round(checksum, 6),
-            "data": data, "epochs": epochs, "seed": seed, "settings": settings, "report": report}
+            "data": data, "epochs": epochs, "seed": seed,
+            "settings": {key: describe_recipe(value) for key, value in settings.items()}, "report": report}
 
 
 def _is_first_process() -> bool:
@@ -116,8 +120,10 @@ def _wait_for(record: Path, fingerprint: dict[str, Any], timeout: float = 3600.0
 
 
 def _optimizer_settings(module: pl.LightningModule) -> dict[str, Any]:
-    names = {"optimizer": "optimizer_name", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
-             "lr_scheduler": "lr_scheduler_name"}
+    """The training recipe of ``module`` (a library module's optimizer and schedule, callables included), which the
+    reference runs train with."""
+    names = {"optimizer": "optimizer_recipe", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
+             "lr_scheduler": "lr_scheduler_recipe"}
     return {key: getattr(module, attr) for key, attr in names.items() if hasattr(module, attr)}
 
 
@@ -188,7 +194,7 @@ class _Run:
 
 
 def _train_alone(run: _Run, datamodule: pl.LightningDataModule, seed: int, settings: dict[str, Any],
-                 num_classes: int, report: dict[str, Any] | None) -> None:
+                 num_classes: int, report: dict[str, Any] | None, progress: bool = False) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_compress.demo import ClassifierModule
@@ -202,17 +208,25 @@ def _train_alone(run: _Run, datamodule: pl.LightningDataModule, seed: int, setti
     module = ClassifierModule(network, num_classes=num_classes, **settings)
     callback = CompressionReport(output_dir=str(run.directory), **(report or {}))
     trainer = pl.Trainer(max_epochs=run.epochs, accelerator="cpu", devices=1, deterministic=True,
-                         logger=TensorBoardLogger(str(run.directory), name="", version=""),
+                         logger=TensorBoardLogger(str(run.directory), name="", version="", default_hp_metric=False),
                          callbacks=[callback], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
+    started = time.perf_counter()
     trainer.fit(module, datamodule)
+    accuracy = (callback.report or {}).get("accuracy")
+    rank_zero_info(f"references: {run.name} trained in {time.perf_counter() - started:.0f} s"
+                   + (f", val accuracy {accuracy:.4f}" if accuracy is not None else ""))
     torch.save(network.state_dict(), run.directory / "weights.pt")
 
 
 def _prepare(runs: list[_Run], datamodule: pl.LightningDataModule, module: pl.LightningModule, seed: int,
-             settings: dict[str, Any], report: dict[str, Any] | None) -> None:
+             settings: dict[str, Any], report: dict[str, Any] | None, progress: bool = False) -> None:
     """Train the runs not done yet (rank zero; the others wait), every class count checked before anything is
-    written."""
+    written; say what is reused and what is trained."""
+    for run in runs:
+        if run.done():
+            rank_zero_info(f"references: reusing {run.name} from {run.directory} (same network, initial weights, "
+                           "data, epochs, seed and recipe)")
     pending = [run for run in runs if not run.done()]
     if not pending:
         return
@@ -222,10 +236,14 @@ def _prepare(runs: list[_Run], datamodule: pl.LightningDataModule, module: pl.Li
         return
     inputs, declared = _example_inputs(datamodule), _declared_classes(datamodule, module)
     classes = {run.name: _class_count(run.network, inputs, declared) for run in pending}
-    for run in pending:
+    for index, run in enumerate(pending, 1):
+        parameters = sum(p.numel() for p in run.network.parameters())
+        rank_zero_info(f"references ({index}/{len(pending)}): training {run.name}, {type(run.network).__name__} "
+                       f"({parameters:,} parameters), for {run.epochs} epochs into {run.directory}; later runs "
+                       "reuse it while nothing changes")
         run.directory.mkdir(parents=True, exist_ok=True)
         (run.directory / "reference.json").unlink(missing_ok=True)
-        _train_alone(run, datamodule, seed, settings, classes[run.name], report)
+        _train_alone(run, datamodule, seed, settings, classes[run.name], report, progress)
         (run.directory / "reference.json").write_text(json.dumps(run.fingerprint, indent=2) + "\n")
 
 
@@ -272,7 +290,8 @@ def prepare_references(settings: References, trainer: pl.Trainer, module: pl.Lig
                  _fingerprint(network, datamodule, epochs, settings.seed, optimizer, report))
             for name, network, epochs in planned]
     with _preserved_global_state():
-        _prepare(runs, datamodule, module, settings.seed, optimizer, report)
+        _prepare(runs, datamodule, module, settings.seed, optimizer, report,
+                 progress=getattr(trainer, "progress_bar_callback", None) is not None)
     if teachers is not None and runs and runs[0].name == "teacher":
         state = torch.load(runs[0].directory / "weights.pt", map_location="cpu", weights_only=True)
         teachers[0].load_state_dict(state)

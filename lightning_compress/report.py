@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -259,6 +259,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
         table = format_markdown(report)
         (directory / f"{self.filename}.json").write_text(json.dumps(report, indent=2) + "\n")
         (directory / f"{self.filename}.md").write_text(table + "\n")
+        rank_zero_info(f"CompressionReport: {directory / self.filename}.md (and .json); in TensorBoard: report/*")
         scalars = {f"report/{k}": v for k, v in report.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         scalars.update({f"report/ratio/{k}": v for k, v in report.get("ratios", {}).items()})

@@ -14,8 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_compress"
 
 #: The floors, bottom up: a module may import its own floor and the ones below (README, "Architecture").
-FLOORS = ["_compat", "utils", "graph", "demo", "quantization", "export", "measure", "pruning", "distillation", "report",
-          "references", "testing", "cli", "__init__"]
+FLOORS = ["_compat", "utils", "graph", "demo", "quantization", "export", "measure", "pruning", "distillation",
+          "loading", "report", "references", "testing", "cli_errors", "cli", "__init__"]
 
 #: Pure math and model analysis: no Lightning import.
 NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "quantization/amax.py",

@@ -55,3 +55,45 @@ def test_a_failed_load_leaves_no_patched_hook(tmp_path, trainer_factory):
     with pytest.raises(RuntimeError, match="size mismatch"):
         _test(trainer_factory, module, str(path))
     assert "on_load_checkpoint" not in vars(module)
+
+
+@pytest.fixture(scope="module")
+def compressed_checkpoint(tmp_path_factory):
+    """A distillation run whose student was compacted (epoch 1) and quantized (from epoch 3): its last.ckpt."""
+    from conftest import make_trainer
+
+    from lightning_compress import DistillationModule
+
+    root = tmp_path_factory.mktemp("compressed")
+    torch.manual_seed(0)
+    module = DistillationModule(ResidualCNN(width=8), ResidualCNN(width=8), lr=3e-3)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=1, save_last=True)
+    trainer = make_trainer(root, callbacks=[*_callbacks(), checkpoints], max_epochs=5, limit_train_batches=3,
+                           limit_val_batches=2, enable_checkpointing=True)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    return root / "ckpt" / "last.ckpt", module.student.eval()
+
+
+def test_load_compressed_brings_a_fresh_model_to_the_compressed_student(compressed_checkpoint):
+    from lightning_compress import load_compressed
+    from lightning_compress.quantization.quantizers import quantized_layers, remove_quantizers
+
+    path, student = compressed_checkpoint
+    inputs = torch.randn(16, 1, 8, 8)
+    fresh = load_compressed(path, ResidualCNN(width=8)).eval()
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in student.parameters())
+    assert set(quantized_layers(fresh)) == set(quantized_layers(student)) != set()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(inputs), student(inputs))
+    float_only = load_compressed(path, ResidualCNN(width=8), quantized=False).eval()
+    assert not quantized_layers(float_only)
+    reference = remove_quantizers(student) and student
+    with torch.no_grad():
+        torch.testing.assert_close(float_only(inputs), reference(inputs))
+
+
+def test_a_plain_load_of_a_compressed_checkpoint_points_to_load_compressed(compressed_checkpoint):
+    from lightning_compress.distillation import load_network_weights
+
+    with pytest.raises(ValueError, match=r"load_compressed\(path, model\)"):
+        load_network_weights(ResidualCNN(width=8), compressed_checkpoint[0])

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_compress.utils.optim import build_optimizers, check_optimizer_settings
+from lightning_compress.utils.optim import (
+    LRSchedulerChoice,
+    OptimizerChoice,
+    build_optimizers,
+    check_optimizer_settings,
+)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -22,11 +27,13 @@ class ClassifierModule(pl.LightningModule):
     Args:
         backbone: any network mapping a batch of inputs to ``(B, num_classes)`` logits.
         num_classes: number of classes.
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with Nesterov momentum).
-        lr: learning rate.
-        weight_decay: weight decay.
-        momentum: momentum for SGD.
-        lr_scheduler: ``"cosine"`` (annealed to 0 over ``trainer.max_epochs``), ``"step"`` or ``"none"``.
+        optimizer: a callable (parameters -> optimizer, e.g. ``functools.partial(torch.optim.SGD, lr=0.05)``; in
+            YAML a ``class_path`` block), or ``"adam"``, ``"adamw"`` or ``"sgd"`` (with Nesterov momentum).
+        lr: learning rate of a named optimizer.
+        weight_decay: weight decay of a named optimizer.
+        momentum: momentum of a named SGD.
+        lr_scheduler: a callable (optimizer -> scheduler, stepped every epoch), ``"cosine"`` (annealed to 0 over
+            ``trainer.max_epochs``), ``"step"``, ``"none"`` or ``None``.
         step_size: epochs between decays for ``"step"``.
         gamma: decay factor for ``"step"``.
 
@@ -38,11 +45,11 @@ class ClassifierModule(pl.LightningModule):
         self,
         backbone: nn.Module,
         num_classes: int = 10,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "cosine",
+        lr_scheduler: LRSchedulerChoice | None = "cosine",
         step_size: int = 10,
         gamma: float = 0.1,
     ) -> None:
@@ -50,7 +57,10 @@ class ClassifierModule(pl.LightningModule):
         check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler, momentum)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}.")
-        self.save_hyperparameters(ignore=["backbone"])
+        self.optimizer_recipe, self.lr_scheduler_recipe = optimizer, lr_scheduler
+        # a callable recipe is an attribute, not a hyperparameter (hparams.yaml holds plain values)
+        recipe = {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        self.save_hyperparameters(ignore=["backbone", *(name for name, value in recipe.items() if callable(value))])
         self.backbone = backbone
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -87,5 +97,5 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = dict(self.hparams)
-        return build_optimizers(self.parameters(), hp["optimizer"], hp["lr"], hp["weight_decay"], hp["momentum"],
-                                hp["lr_scheduler"], self.trainer.max_epochs, hp["step_size"], hp["gamma"])
+        return build_optimizers(self.parameters(), self.optimizer_recipe, hp["lr"], hp["weight_decay"], hp["momentum"],
+                                self.lr_scheduler_recipe, self.trainer.max_epochs, hp["step_size"], hp["gamma"])

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from lightning_compress.utils.data import first_training_batch
-from lightning_compress.utils.optim import build_optimizers, check_optimizer_settings
+from lightning_compress.utils.optim import (
+    LRSchedulerChoice,
+    OptimizerChoice,
+    build_optimizers,
+    check_optimizer_settings,
+)
 
 
 class DistillationBase(pl.LightningModule):
@@ -19,13 +24,21 @@ class DistillationBase(pl.LightningModule):
     Override points: :meth:`split_batch` (how a batch gives inputs and labels) and :meth:`trainable_modules`
     (what the optimizer trains).
 
+    The training recipe: pass your own as LightningCLI does, ``optimizer`` a callable from parameters to an
+    optimizer (``functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)``; in YAML ``optimizer: {class_path:
+    torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9}}``) and ``lr_scheduler`` one from the optimizer to a
+    scheduler (stepped every epoch; ``ReduceLROnPlateau`` watches ``val/loss``), the same blocks your own
+    LightningCLI module takes; or the short names below with ``lr``, ``weight_decay`` and ``momentum``
+    (:mod:`lightning_compress.utils.optim`). The student alone is only a fair reference under the same recipe.
+
     Args:
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (Nesterov momentum when ``momentum > 0``).
-        lr: learning rate.
-        weight_decay: weight decay.
-        momentum: SGD momentum.
-        lr_scheduler: ``"cosine"`` (annealed over ``trainer.max_epochs``), ``"step"`` (x0.1 every 10 epochs) or
-            ``"none"``.
+        optimizer: a callable (parameters -> optimizer), or ``"adam"``, ``"adamw"`` or ``"sgd"`` (Nesterov momentum
+            when ``momentum > 0``).
+        lr: learning rate of a named optimizer.
+        weight_decay: weight decay of a named optimizer.
+        momentum: SGD momentum of a named optimizer.
+        lr_scheduler: a callable (optimizer -> scheduler), ``"cosine"`` (annealed over ``trainer.max_epochs``),
+            ``"step"`` (x0.1 every 10 epochs), ``"none"`` or ``None``.
         input_shape: shape of one input without the batch dimension (e.g. ``[1, 8, 8]``); lets the module build
             shape-dependent parts at construction. Without it they are built in ``setup`` from one training batch.
 
@@ -35,22 +48,22 @@ class DistillationBase(pl.LightningModule):
 
     def __init__(
         self,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "none",
+        lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_settings(optimizer, lr, weight_decay, lr_scheduler, momentum)
         if input_shape is not None and (not input_shape or any(int(d) < 1 for d in input_shape)):
             raise ValueError(f"input_shape must list positive sizes without the batch dimension, got {input_shape!r}.")
-        self.optimizer_name = optimizer
+        self.optimizer_recipe = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
         self.momentum = momentum
-        self.lr_scheduler_name = lr_scheduler
+        self.lr_scheduler_recipe = lr_scheduler
         self.input_shape = None if input_shape is None else [int(d) for d in input_shape]
 
     # ------------------------------------------------------------------ override points
@@ -79,10 +92,16 @@ class DistillationBase(pl.LightningModule):
 
     # ------------------------------------------------------------------ shared machinery
 
+    def recipe_callables(self) -> list[str]:
+        """The recipe arguments given as callables: left out of ``save_hyperparameters`` (hparams keep plain
+        values; a resumed run rebuilds the module from its config)."""
+        return [name for name, value in (("optimizer", self.optimizer_recipe),
+                                         ("lr_scheduler", self.lr_scheduler_recipe)) if callable(value)]
+
     def configure_optimizers(self) -> Any:
         params = [p for module in self.trainable_modules() for p in module.parameters()]
-        return build_optimizers(params, self.optimizer_name, self.lr, self.weight_decay, self.momentum,
-                                self.lr_scheduler_name, self.trainer.max_epochs)
+        return build_optimizers(params, self.optimizer_recipe, self.lr, self.weight_decay, self.momentum,
+                                self.lr_scheduler_recipe, self.trainer.max_epochs)
 
     def log_epoch(self, name: str, value: torch.Tensor | float, batch_size: int) -> None:
         """Log ``value`` as an epoch mean (weighted by batch size, reduced across processes)."""

@@ -44,7 +44,9 @@ def find_prefix(state_dict: Mapping[str, Any], network: nn.Module) -> str:
     if not complete:
         raise ValueError(
             f"The checkpoint holds no complete set of {type(network).__name__} weights with matching shapes "
-            f"(looked for keys ending in {list(reference)[:3]}...); some checkpoint keys: {list(state_dict)[:5]}."
+            f"(looked for keys ending in {list(reference)[:3]}...); some checkpoint keys: {list(state_dict)[:5]}. A "
+            "checkpoint of a run that compacted or quantized the network loads into a fresh model with "
+            "lightning_compress.load_compressed(path, model)."
         )
     return complete[0]
 

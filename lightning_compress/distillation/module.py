@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -27,8 +28,10 @@ from lightning_compress.distillation.terms import (
     check_feature_layers,
     check_spatial,
     feature_terms,
+    unbalanced_terms,
     validate_term_weights,
 )
+from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
 
 _TEACHER_PREFIX = "teachers."
 _REGRESSOR_PREFIX = "regressors."
@@ -62,8 +65,8 @@ class DistillationModule(DistillationBase):
     cleared when the task stage starts (under DDP the regressors are then unused:
     use ``strategy="ddp_find_unused_parameters_true"``).
 
-    Override points: :meth:`split_batch`, :meth:`teacher_forward`, :meth:`compute_terms`, :meth:`combine`,
-    :meth:`trainable_modules`.
+    Override points: :meth:`split_batch`, :meth:`check_term_weights`, :meth:`check_and_build`,
+    :meth:`teacher_forward`, :meth:`active_terms`, :meth:`compute_terms`, :meth:`combine`, :meth:`trainable_modules`.
 
     Args:
         student: the network to train.
@@ -86,11 +89,8 @@ class DistillationModule(DistillationBase):
         teacher_checkpoint: path (or one path per teacher) of a checkpoint with the trained teacher's weights,
             loaded at construction with :func:`~.checkpoints.load_network_weights` (e.g. a ``ClassifierModule``
             checkpoint); how a YAML config gives a pretrained teacher.
-        optimizer: see :class:`~.base.DistillationBase`.
-        lr: learning rate.
-        weight_decay: weight decay.
-        momentum: SGD momentum.
-        lr_scheduler: ``"cosine"`` or ``"none"``.
+        optimizer, lr, weight_decay, momentum, lr_scheduler: the training recipe, see
+            :class:`~.base.DistillationBase` (your own optimizer and schedule as callables, or short names).
         input_shape: input shape without batch, to check layers and build regressors at construction.
 
     Raises:
@@ -125,15 +125,15 @@ class DistillationModule(DistillationBase):
         feature_stage_epochs: int = 0,
         keep_teacher_in_checkpoint: bool = False,
         teacher_checkpoint: str | list[str] | None = None,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "none",
+        lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
-        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.save_hyperparameters(ignore=["student", "teacher", *self.recipe_callables()])
         teachers = list(teacher) if isinstance(teacher, (list, tuple, nn.ModuleList)) else [teacher]
         if not teachers:
             raise ValueError("teacher must be a network or a non-empty list of networks, got an empty list.")
@@ -310,6 +310,8 @@ class DistillationModule(DistillationBase):
         student_logits = self.student(student_inputs)
         teacher_logits = self.teacher_forward(teacher_inputs)
         terms = self.compute_terms(student_logits, teacher_logits, targets)
+        if self.global_step == 0 and (warning := unbalanced_terms(terms, self.weights)):
+            rank_zero_warn(f"{type(self).__name__}: {warning} (README, 'Weighing the terms').")
         total = self.combine(terms)
         self._clear_taps()
         batch_size = len(targets)

@@ -122,3 +122,25 @@ def check_feature_layers(student: nn.Module, teacher: nn.Module, student_layers:
             f"feature_stage_epochs={feature_stage_epochs}: the task stage after it trains on soft and hard only, "
             "so soft_weight or hard_weight must be positive (both are 0)."
         )
+
+
+def unbalanced_terms(terms: dict[str, torch.Tensor], weights: dict[str, float], ratio: float = 10.0) -> str | None:
+    """A warning when a weighted feature term is more than ``ratio`` times the weighted response terms (soft +
+    hard), with the weight that would bring it to their scale; ``None`` when balanced.
+
+    FitNets hints sum squared errors over every feature of a sample (hundreds on a conv map) where the soft and hard
+    terms are a few units: at equal weights the student only copies features and hardly learns the task.
+
+    >>> unbalanced_terms({"soft": torch.tensor(2.0), "hint": torch.tensor(200.0)}, {"soft": 1.0, "hint": 1.0})[:60]
+    'hint term is 100x the soft and hard terms (200 against 2 at '
+    """
+    response = sum(float(weights[n] * terms[n]) for n in RESPONSE_TERMS if n in terms)
+    if response <= 0:
+        return None
+    for name in FEATURE_TERMS:
+        if name in terms and float(weights[name] * terms[name]) > ratio * response:
+            weighted = float(weights[name] * terms[name])
+            return (f"{name} term is {weighted / response:.0f}x the soft and hard terms ({weighted:.3g} against "
+                    f"{response:.3g} at the first step); {name}_weight={weights[name] * response / weighted:.2g} "
+                    "brings it to their scale")
+    return None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ __all__ = [
     "Replacement",
     "compact",
     "plan_compaction",
+    "replay_compactions",
     "zero_bn_for_pruned_filters",
     "zero_filter_indices",
 ]
@@ -270,3 +271,26 @@ def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: st
                             param[index] = 0
                     count += 1
     return count
+
+
+def replay_compactions(model: nn.Module, events: list[dict[str, list[int]]], example_inputs: Any
+                       ) -> list[CompactionPlan]:
+    """Shrink ``model`` in place as a recorded run did: for each event ``{layer: removed filter indices}`` zero those
+    filters and compact (what ``FilterPruning`` records, so a fresh model takes its checkpoint).
+
+    Returns:
+        The plan of each compaction, in order.
+    """
+    plans = []
+    for removed in events:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, rows in removed.items():
+                modules[name].weight[rows] = 0
+                if getattr(modules[name], "bias", None) is not None:
+                    modules[name].bias[rows] = 0
+        device = next(model.parameters()).device
+        _, plan = cast(tuple[nn.Module, CompactionPlan],
+                       compact(model, example_inputs.to(device), inplace=True, return_plan=True))
+        plans.append(plan)
+    return plans

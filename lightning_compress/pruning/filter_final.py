@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_compress.graph.batchnorm import recalibrate_batchnorm
-from lightning_compress.graph.compact import CompactionPlan, compact
+from lightning_compress.graph.compact import CompactionPlan, compact, replay_compactions
 from lightning_compress.pruning.optimizer_state import slice_optimizer_state
 from lightning_compress.utils import first_tensor, replace_compression_target, rewrap_ddp
 
@@ -243,18 +243,8 @@ class FinalPruneSteps:
     def replay_compactions(self, events: list[dict[str, list[int]]], example: torch.Tensor) -> None:
         """Shrink a fresh model the way the interrupted run did, so that its checkpoint loads (strictly)."""
         self._refuse_quantized("when a run resumes")
-        modules = dict(self._target.named_modules())
-        for removed in events:
-            with torch.no_grad():
-                for name, rows in removed.items():
-                    modules[name].weight[rows] = 0
-                    if modules[name].bias is not None:
-                        modules[name].bias[rows] = 0
-            device = next(self._target.parameters()).device
-            _, plan = cast(tuple[nn.Module, CompactionPlan],
-                           compact(self._target, example.to(device), inplace=True, return_plan=True))
-            modules = dict(self._target.named_modules())
-            record_origins(self._origins, plan, modules)
+        for plan in replay_compactions(self._target, events, example):
+            record_origins(self._origins, plan, dict(self._target.named_modules()))
 
     def _refuse_quantized(self, when: str) -> None:
         from lightning_compress.quantization.quantizers import is_quantized

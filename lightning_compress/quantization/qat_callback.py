@@ -172,6 +172,7 @@ class QuantizationAwareTraining(QATResume):
         self.calibrated_batches = 0
         self.calibrators: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
+        self.specs: dict[str, QuantSpec] = {}  # how each layer is quantized (checkpointed: load_compressed reads it)
         self._target: nn.Module | None = None
         self._restored: dict[str, Any] | None = None
         self._load_hook: ModelLoadHook | None = None
@@ -193,7 +194,8 @@ class QuantizationAwareTraining(QATResume):
     def _attach(self, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve the compression target (again: it may have been compacted) and attach the quantizers."""
         self._target = compression_target(pl_module)
-        self._layers = attach_all(self._target, self._specs(self._target))
+        self.specs = self._specs(self._target)
+        self._layers = attach_all(self._target, self.specs)
         self.attached = True
         # outside fit (validate / test / predict from a checkpoint) the stored scales are used as they are
         _set_modes(self._layers, "frozen" if stage != "fit" and self.phase == "calibrating" else self.phase,

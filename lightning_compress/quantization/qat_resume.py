@@ -4,6 +4,7 @@ before Lightning's strict model load, and the phase a model evaluates in outside
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +38,7 @@ class QATResume(Callback):
     learn: str
     settings: _Calibration
     _layers: dict[str, Any]
+    specs: dict[str, Any]
     _restored: dict[str, Any] | None
     _load_hook: ModelLoadHook | None
 
@@ -113,6 +115,7 @@ class QATResume(Callback):
             "amax": {n: m.input_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
             "weight_amax": {n: m.weight_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
             "unsigned": {n: m.input_quantizer.unsigned for n, m in self._layers.items()},
+            "specs": {n: dataclasses.asdict(spec) for n, spec in self.specs.items() if n in self._layers},
         }
 
     @override

@@ -139,7 +139,7 @@ class CrossModalDistillationModule(DistillationModule):
         super().__init__(student, teacher, soft_weight=soft_weight, hard_weight=hard_weight, **kwargs)
         callables = [name for name, view in (("student_view", student_view), ("teacher_view", teacher_view))
                      if callable(view)]
-        self.save_hyperparameters(ignore=["student", "teacher", *callables])
+        self.save_hyperparameters(ignore=["student", "teacher", *callables, *self.recipe_callables()])
         self.hparams["input_shape"] = input_shape  # given to this class, not to the base
         self.mode, self.statistic = mode, statistic
         self.student_key, self.teacher_key, self.target_key = student_key, teacher_key, target_key

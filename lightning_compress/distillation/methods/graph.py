@@ -80,7 +80,7 @@ class GraphDistillationModule(DistillationModule):
         if soft_weighting not in WEIGHTINGS:
             raise ValueError(f"soft_weighting must be one of {WEIGHTINGS}, got {soft_weighting!r}.")
         super().__init__(student, teacher, **kwargs)
-        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.save_hyperparameters(ignore=["student", "teacher", *self.recipe_callables()])
         if soft_weighting != "none" and self.weights["soft"] == 0:
             raise ValueError(f"soft_weighting={soft_weighting!r} weighs the soft term, but soft_weight is 0.")
         if soft_weighting != "none" and len(self.teachers) > 1:

@@ -34,6 +34,7 @@ from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checks import check_count, check_logits, check_nonnegative, check_temperature
 from lightning_compress.distillation.methods.task_split import TaskSplitDataModule
 from lightning_compress.distillation.taps import eval_mode
+from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
 
 __all__ = ["LwFModule", "TaskSplitDataModule", "TwoHeadNetwork", "lwf_loss", "split_head"]
 
@@ -169,7 +170,7 @@ class LwFModule(DistillationBase):
         lr: learning rate.
         weight_decay: weight decay.
         momentum: SGD momentum.
-        lr_scheduler: ``"cosine"``, ``"step"`` or ``"none"``.
+        lr_scheduler: see :class:`~lightning_compress.distillation.base.DistillationBase`.
         input_shape: input shape without batch (checks the heads at construction).
 
     Raises:
@@ -191,15 +192,15 @@ class LwFModule(DistillationBase):
         new_weight: float = 1.0,
         temperature: float = 2.0,
         warmup_epochs: int = 0,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "none",
+        lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
-        self.save_hyperparameters(ignore=["backbone", "old_head", "new_head"])
+        self.save_hyperparameters(ignore=["backbone", "old_head", "new_head", *self.recipe_callables()])
         for name, value in (("old_weight", old_weight), ("new_weight", new_weight)):
             check_nonnegative(value, name)
         if not (old_weight > 0 or new_weight > 0):

@@ -13,6 +13,7 @@ from lightning_compress.distillation import losses
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checks import check_temperature
 from lightning_compress.distillation.taps import eval_mode
+from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
 
 
 class MutualLearningModule(DistillationBase):
@@ -36,7 +37,7 @@ class MutualLearningModule(DistillationBase):
         lr: learning rate.
         weight_decay: weight decay.
         momentum: SGD momentum.
-        lr_scheduler: ``"cosine"`` or ``"none"``.
+        lr_scheduler: see :class:`~lightning_compress.distillation.base.DistillationBase`.
         input_shape: input shape without batch, to check class counts at construction.
 
     Raises:
@@ -52,15 +53,15 @@ class MutualLearningModule(DistillationBase):
         self,
         peers: list[nn.Module],
         temperature: float = 1.0,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "none",
+        lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
-        self.save_hyperparameters(ignore=["peers"])
+        self.save_hyperparameters(ignore=["peers", *self.recipe_callables()])
         peers = list(peers)
         if len(peers) < 2:
             raise ValueError(f"Mutual learning needs at least 2 peers, got {len(peers)}.")

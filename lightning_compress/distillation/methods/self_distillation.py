@@ -13,6 +13,7 @@ from lightning_compress.distillation import losses
 from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checks import check_nonnegative, check_temperature
 from lightning_compress.distillation.taps import FeatureTaps, check_layer_names, eval_mode
+from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
 
 _HEAD_PREFIX = "heads."
 
@@ -78,7 +79,7 @@ class SelfDistillationModule(DistillationBase):
         lr: learning rate.
         weight_decay: weight decay.
         momentum: SGD momentum.
-        lr_scheduler: ``"cosine"`` or ``"none"``.
+        lr_scheduler: see :class:`~lightning_compress.distillation.base.DistillationBase`.
         input_shape: input shape without batch; with it the heads are built at construction (needed to load a
             checkpoint outside a Trainer), else in ``setup`` from one training batch.
 
@@ -94,15 +95,15 @@ class SelfDistillationModule(DistillationBase):
         alpha: float = 0.1,
         temperature: float = 3.0,
         feature_weight: float = 1e-6,
-        optimizer: str = "adam",
+        optimizer: OptimizerChoice = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        lr_scheduler: str = "none",
+        lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", *self.recipe_callables()])
         if not exit_layers:
             raise ValueError(f"exit_layers must name at least one stage of the backbone, got {exit_layers!r}.")
         check_layer_names(backbone, list(exit_layers) + ([feature_layer] if feature_layer else []), "backbone")
