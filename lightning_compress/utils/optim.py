@@ -23,10 +23,11 @@ __all__ = ["LR_SCHEDULERS", "OPTIMIZERS", "LRSchedulerCallable", "LRSchedulerCho
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULERS = ("cosine", "step", "none")
-#: An optimizer: a short name or a callable (parameters -> optimizer). (``Union`` keeps it readable by jsonargparse.)
-OptimizerChoice = Union[OptimizerCallable, str]  # noqa: UP007
+#: An optimizer: a short name or a callable (parameters -> optimizer). The name comes first: jsonargparse dumps a
+#: string under ``Union[callable, str]`` as "Unable to serialize instance" (and a resumed CLI run re-reads it).
+OptimizerChoice = Union[str, OptimizerCallable]  # noqa: UP007
 #: A learning-rate schedule: a short name or a callable (optimizer -> scheduler).
-LRSchedulerChoice = Union[LRSchedulerCallable, str]  # noqa: UP007
+LRSchedulerChoice = Union[str, LRSchedulerCallable]  # noqa: UP007
 
 
 def describe_recipe(value: Any) -> Any:

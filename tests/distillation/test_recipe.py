@@ -107,3 +107,19 @@ def test_a_feature_term_that_drowns_the_task_warns_with_the_weight_to_use(traine
         trainer_factory(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
             balanced, DigitsDataModule(batch_size=32))
     assert not [w for w in caught if "soft and hard terms" in str(w.message)]
+
+
+def test_recipe_arguments_dump_and_parse_back_as_a_resumed_cli_run_reads_them():
+    """LightningCLI writes config.yaml and re-reads the hyper-parameters on --ckpt_path: names and class_path blocks
+    must both survive a dump (a callable-first Union dumped a name as "Unable to serialize instance")."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
+
+    parser = ArgumentParser()
+    parser.add_argument("--optimizer", type=OptimizerChoice, default="adam")
+    parser.add_argument("--lr_scheduler", type=LRSchedulerChoice | None, default="none")
+    named = parser.parse_args(["--optimizer", "sgd", "--lr_scheduler", "cosine"])
+    assert yaml.safe_load(parser.dump(named)) == {"optimizer": "sgd", "lr_scheduler": "cosine"}
+    block = parser.parse_args(["--optimizer", '{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}'])
+    assert yaml.safe_load(parser.dump(block))["optimizer"]["init_args"]["lr"] == 0.1
