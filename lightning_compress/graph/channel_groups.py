@@ -91,8 +91,12 @@ def _group(roots: list[int], merged: dict[int, ChannelInfo]) -> ChannelGroup:
     for k, root in enumerate(roots):
         meta = merged[root]
         for module, role, index in meta.members:
-            maps[role].setdefault(module, [None] * len(roots))[k] = index
+            if module not in maps[role]:
+                maps[role][module] = [None] * len(roots)
+            maps[role][module][k] = index
         for module, index, _, _ in meta.reads:
-            maps["consumer"].setdefault(module, [[] for _ in roots])[k].append(index)
+            if module not in maps["consumer"]:
+                maps["consumer"][module] = [[] for _ in roots]
+            maps["consumer"][module][k].append(index)
         blocked += [reason for reason in meta.blocked if reason not in blocked]
     return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots)

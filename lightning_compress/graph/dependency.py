@@ -15,7 +15,8 @@ only without padding, since zero padding makes a constant channel's contribution
 
 Channels are blocked (kept) where they meet something the analysis does not model: the model's inputs and
 outputs, grouped convolutions other than depthwise with one filter per channel, transposed convolutions,
-``Linear`` on inputs with more than 2 dimensions, modules called more than once, indexing, splits, reductions over
+``Linear`` on inputs with more than 2 dimensions, modules with parameters or buffers called more than once
+(stateless ones such as a ReLU reused across a residual block are followed call by call), indexing, splits, reductions over
 channels, norms other than BatchNorm with running statistics, functional convolutions (``F.conv2d`` with weights of
 its own) and any other unknown operation; the reasons are listed in each group's ``blocked``. Not detected: a
 forward whose control flow depends on channel counts (the compact model may take another branch) and parameters
@@ -50,6 +51,7 @@ from lightning_compress.graph.channel_ops import (
     RESHAPES,
     bn_affine,
     has_padding,
+    has_state,
     indexes_positions_only,
     keeps_batch_and_channels,
     nan_values,
@@ -153,7 +155,7 @@ class DependencyGraph:
             return  # sizes, shapes and other non-tensor results
         if len(outputs) != 1:
             return self._opaque(call, f"{call.name} ({call.op}) has {len(outputs)} tensor outputs")
-        if call.module is not None and self.calls_per_module.get(call.name, 0) > 1:
+        if call.module is not None and self.calls_per_module.get(call.name, 0) > 1 and has_state(call.module):
             return self._opaque(call, f"module {call.name!r} is called more than once")
         module, op = call.module, call.op
         if isinstance(module, nn.modules.conv._ConvNd):
