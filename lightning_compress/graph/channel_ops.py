@@ -35,6 +35,7 @@ ELEMENTWISE = {
     "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "contiguous", "clone", "detach", "float",
     "ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardtanh", "Hardswish", "Hardsigmoid", "ELU",
     "SELU", "CELU", "Softplus", "Mish", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity",
+    "stochastic_depth", "StochasticDepth", "drop_path", "DropPath",  # per-sample scalings: zero stays zero
 }  # fmt: skip
 #: Reshapes that keep the batch dimension (a flatten spreads each channel over a block of features).
 RESHAPES = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "Flatten"}

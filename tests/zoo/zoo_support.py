@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 _LIBRARIES: list[torch.library.Library] = []  # kept alive: dropping a Library unregisters its schemas
 
 
