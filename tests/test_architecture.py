@@ -18,7 +18,7 @@ FLOORS = ["_compat", "utils", "graph", "demo", "quantization", "export", "measur
           "loading", "report", "references", "testing", "cli_errors", "cli", "__init__"]
 
 #: Pure math and model analysis: no Lightning import.
-NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "quantization/amax.py",
+NO_LIGHTNING = ["graph", "quantization/uncalled.py", "distillation/losses", "quantization/functional.py", "quantization/amax.py",
                 "quantization/calibrators.py", "quantization/quantizers.py", "quantization/nonlinear.py",
                 "quantization/packed.py", "quantization/ptq.py", "pruning/criteria.py", "pruning/structured.py",
                 "pruning/masks.py", "pruning/schedules.py", "pruning/groups.py", "pruning/dynamic.py",

@@ -23,7 +23,7 @@ from lightning_compress.graph.compact import (
 )
 from lightning_compress.graph.dependency import ChannelGroup, DependencyGraph, build_graph, filter_groups
 from lightning_compress.graph.layers import LAYER_TYPES, check_layer_pattern, resolve_layer_types, select_layers
-from lightning_compress.graph.tracing import Call, Trace, trace, unexecuted_layers
+from lightning_compress.graph.tracing import Call, Trace, called_through_weights, trace, unexecuted_layers
 
 __all__ = [
     "LAYER_TYPES",
@@ -35,6 +35,7 @@ __all__ = [
     "Trace",
     "block_scores",
     "build_graph",
+    "called_through_weights",
     "check_layer_pattern",
     "compact",
     "filter_groups",
