@@ -85,12 +85,20 @@ class CompactionPlan:
         return sum(len(positions) for positions in self.removable)
 
 
-def _is_zero_filter(module: nn.Module, index: int) -> bool:
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    if weight is None:
-        return False
-    return bool(weight[index].detach().eq(0).all()) and (bias is None or bool(bias[index].detach().eq(0)))
+def _is_zero_filter(module: nn.Module, index: int, cache: dict[int, Tensor] | None = None) -> bool:
+    """Whether filter ``index`` of ``module`` (its weight rows and bias entry) is all zero; ``cache`` keeps each
+    module's zero rows."""
+    cache = {} if cache is None else cache
+    if id(module) not in cache:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            return False
+        zero = weight.detach().flatten(1).eq(0).all(1)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor):
+            zero &= bias.detach().eq(0)
+        cache[id(module)] = zero.cpu()
+    return bool(cache[id(module)][index])
 
 
 def zero_filter_indices(model: nn.Module) -> dict[str, list[int]]:
@@ -135,7 +143,8 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
     graph = build_graph(model, example_inputs, method)
     modules = dict(model.named_modules())
     merged = graph.merged()
-    groups = graph.groups()
+    groups = graph.groups(merged)
+    zero_rows: dict[int, Tensor] = {}
     plan = CompactionPlan(groups, [], [], graph)
     for g, group in enumerate(groups):
         removable: list[int] = []
@@ -143,7 +152,7 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
         for k, root in enumerate(group.roots):
             meta = merged[root]
             producers = [(m, i) for m, role, i in meta.members if role == "producer"]
-            pruned = bool(producers) and all(_is_zero_filter(modules[m], i) for m, i in producers)
+            pruned = bool(producers) and all(_is_zero_filter(modules[m], i, zero_rows) for m, i in producers)
             reason = "; ".join(dict.fromkeys(meta.blocked)) or _dead_reason(meta.reads)
             if reason is None and producers:
                 removable.append(k)
@@ -291,11 +300,11 @@ def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: st
     """
     graph = build_graph(model, example_inputs, method)
     modules = dict(model.named_modules())
-    count = 0
+    count, zero_rows = 0, {}  # type: tuple[int, dict[int, Tensor]]
     with torch.no_grad():
         for meta in graph.merged().values():
             producers = [(m, i) for m, role, i in meta.members if role == "producer"]
-            if not producers or not all(_is_zero_filter(modules[m], i) for m, i in producers):
+            if not producers or not all(_is_zero_filter(modules[m], i, zero_rows) for m, i in producers):
                 continue
             for name, role, index in meta.members:
                 bn = modules[name]

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.graph.channel_groups import ChannelGroup, collect_groups
+from lightning_compress.graph.channel_groups import ChannelGroup, ChannelInfo, collect_groups
 from lightning_compress.graph.channel_moves import MOVES, moved_channels
 from lightning_compress.graph.channel_ops import (
     CONCATS,
@@ -81,9 +81,10 @@ class DependencyGraph(ChannelVariables):
         for x in recorded.outputs:
             self._block(self._get(x), "model output")
 
-    def groups(self) -> list[ChannelGroup]:
-        """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
-        groups = collect_groups(self.merged())
+    def groups(self, merged: dict[int, ChannelInfo] | None = None) -> list[ChannelGroup]:
+        """Channel groups: connected sets of producers (and what they tie), in order of first appearance
+        (``merged``: :meth:`merged`, when the caller has it already)."""
+        groups = collect_groups(self.merged() if merged is None else merged)
         for group in groups:
             convs = [name for name in group.producers if name in self.grouped]
             if convs:
