@@ -26,7 +26,8 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "distillation/checks.py",
                 "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
-                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py"]
+                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
+                "export/int8_dynamic.py"]
 
 
 def _modules() -> dict[str, Path]:

@@ -95,7 +95,9 @@ class CompactMultiheadAttention(nn.Module):
         return combined
 
 
-def _compact_mha(old: nn.MultiheadAttention, kept: torch.Tensor) -> CompactMultiheadAttention:
+def mha_with_heads(old: nn.MultiheadAttention, kept: torch.Tensor) -> CompactMultiheadAttention:
+    """A :class:`CompactMultiheadAttention` holding the heads ``kept`` (indices) of ``old`` (all: the same outputs
+    with separate Q/K/V/O ``Linear`` layers)."""
     embed, dim = old.embed_dim, old.head_dim
     new = CompactMultiheadAttention(embed, len(kept), dim, bias=old.in_proj_bias is not None,
                                     out_bias=old.out_proj.bias is not None, batch_first=old.batch_first,
@@ -146,7 +148,7 @@ def compact_units(model: nn.Module, groups: Sequence[UnitGroup], keeps: dict[str
             continue
         kept = torch.nonzero(keep).view(-1)
         if group.layout == "mha":
-            new = _compact_mha(root.get_submodule(group.name), kept)  # type: ignore[arg-type]
+            new = mha_with_heads(root.get_submodule(group.name), kept)  # type: ignore[arg-type]
             if group.name:
                 _set_module(root, group.name, new)
             else:
