@@ -109,11 +109,11 @@ class HeadPruning(PruningCallback):
     # -- resolution -------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._ready = False  # a later fit of the compacted network: nothing left to do
         if stage != "fit" or self.compacted:
             return
         self._target = compression_target(pl_module)
         self.groups = self.resolve_groups(self._target)
-        self._ready = False
 
     def resolve_groups(self, model: torch.nn.Module) -> dict[str, UnitGroup]:
         """The groups this callback prunes in ``model`` (checked as described under ``Raises``)."""

@@ -148,6 +148,8 @@ def test_soft_pruning_then_compaction_at_fit_end(trainer_factory):
     assert layer.linear1.out_features == 32 and layer.linear2.in_features == 32
     module.eval()
     assert module(torch.randint(0, 50, (2, 10))).shape == (2, 2)
+    trainer_factory(max_epochs=1, limit_train_batches=1, callbacks=[pruning]).fit(module, _data())  # fine-tune
+    assert module.network.encoder.layers[1].self_attn.num_heads == 2 and layer.linear1.out_features == 32
 
 
 def _fit(root, epochs, resume=None, save=None):  # type: ignore[no-untyped-def]
@@ -170,7 +172,6 @@ def _logits_only(network):  # type: ignore[no-untyped-def]
     return lambda ids: forward(ids).logits
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight, pruning = _fit(tmp_path / "a", 3)
     _fit(tmp_path / "b", 1, save=tmp_path / "half.ckpt")
