@@ -215,7 +215,8 @@ def find_unit_groups(model: nn.Module, heads: bool = True, ffn: bool = True
                 groups.append(found)
             continue
         if isinstance(found, str):
-            unsupported[name or type(module).__name__] = found
+            if heads:  # only a problem when heads are pruned
+                unsupported[name or type(module).__name__] = found
             owned.append(name)
             continue
         group = _ffn(name, module) if ffn else None
