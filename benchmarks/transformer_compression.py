@@ -4,8 +4,8 @@ Torch-Pruning on the same model; int8 Linear (export_int8_dynamic) beside torch.
 Tiny Hugging Face BERT and GPT-2 and an nn.TransformerEncoder classifier built from configs (4 layers, hidden 64,
 4 heads, FFN 256, vocabulary 100; nothing downloaded), batch 16 x 128 tokens, one thread. For each model: parameters,
 multiply-adds and latency of the compacted model relative to the dense one, and the relative difference between
-the compacted and the masked model's outputs. BERT is trained on a generated task (is the token at position 1 in
-the lower half of the vocabulary? the classifier reads position 0), pruned, fine-tuned and evaluated, with
+the compacted and the masked model's outputs. BERT is trained on a generated task (are the tokens drawn from the
+lower half of the vocabulary with probability 0.4 or 0.6?), pruned, fine-tuned and evaluated, with
 Torch-Pruning's MetaPruner (magnitude, heads and FFN at 50%) fine-tuned the same way. Then int8: latency and
 agreement with fp32 of our module-by-module dynamic int8 export and of torch.ao.quantization.quantize_dynamic on the
 trained BERT and on a wider BERT (hidden 256, FFN 1024, untrained: agreement and relative error against fp32 on
@@ -36,14 +36,14 @@ def bert(hidden: int = 64) -> nn.Module:
 
     return transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=4 * hidden, max_position_embeddings=SEQ))
+        intermediate_size=4 * hidden, max_position_embeddings=128))
 
 
 def gpt2() -> nn.Module:
     import transformers
 
     return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_inner=256, n_positions=SEQ, pad_token_id=0,
+        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_inner=256, n_positions=128, pad_token_id=0,
         bos_token_id=1, eos_token_id=1))
 
 
@@ -64,15 +64,19 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens; the label says whether the token at position 1 is in the lower half of the vocabulary (the
-    classifier reads position 0, so attention must carry it over)."""
-    ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-    return ids, (ids[:, 1] < VOCAB // 2).long()
+def task(n: int, seed: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence draws its tokens from the lower half of the vocabulary with probability 0.4 (label 0) or 0.6
+    (label 1); the classifier reads position 0, so attention must gather the evidence over the sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=generator) < 0.5).long()
+    low = torch.rand(n, seq, generator=generator) < (0.4 + 0.2 * labels).view(-1, 1)
+    half = VOCAB // 2
+    ids = torch.randint(0, half, (n, seq), generator=generator) + half * (~low).long()
+    return ids, labels
 
 
-def train(model: nn.Module, steps: int, lr: float, seed: int = 0) -> None:
-    ids, labels = task(steps * BATCH, seed)
+def train(model: nn.Module, steps: int, lr: float, seed: int = 0, seq: int = SEQ) -> None:
+    ids, labels = task(steps * BATCH, seed, seq)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
@@ -177,16 +181,16 @@ def structure_rows(repeats: int) -> list[list[Any]]:
     return rows
 
 
-def finetune_rows(train_steps: int, tune_steps: int) -> tuple[list[list[Any]], nn.Module]:
+def finetune_rows(train_steps: int, tune_steps: int, seq: int) -> tuple[list[list[Any]], nn.Module]:
     torch.manual_seed(0)
     dense = bert()
-    train(dense, train_steps, 5e-4)
-    test_ids, test_labels = task(512, 12345)
+    train(dense, train_steps, 1e-3, seq=seq)
+    test_ids, test_labels = task(512, 12345, seq)
     rows = [["dense", f"{accuracy(dense, test_ids, test_labels):.3f}", "-"]]
     for key, prune in (("ours", lambda m: ours(m)[0]), ("Torch-Pruning", torch_pruning)):
         pruned = prune(copy.deepcopy(dense))
         before = accuracy(pruned, test_ids, test_labels)
-        train(pruned, tune_steps, 5e-4, seed=1)
+        train(pruned, tune_steps, 5e-4, seed=1, seq=seq)
         rows.append([key, f"{accuracy(pruned, test_ids, test_labels):.3f}", f"{before:.3f}"])
     return rows, dense
 
@@ -219,8 +223,9 @@ def int8_rows(dense: nn.Module, repeats: int, label: str) -> list[list[Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model (median)")
-    parser.add_argument("--train-steps", type=int, default=300, help="dense BERT training steps (0: no fine-tuning)")
-    parser.add_argument("--tune-steps", type=int, default=40, help="fine-tuning steps after pruning")
+    parser.add_argument("--train-steps", type=int, default=400, help="dense BERT training steps (0: no fine-tuning)")
+    parser.add_argument("--tune-steps", type=int, default=80, help="fine-tuning steps after pruning")
+    parser.add_argument("--train-seq", type=int, default=32, help="tokens per training / accuracy sequence")
     parser.add_argument("--parts", default="structure,finetune,int8", help="comma-separated parts to run")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -237,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     dense = bert()
     if "finetune" in parts and args.train_steps:
-        rows, dense = finetune_rows(args.train_steps, args.tune_steps)
-        print(f"\nBERT, generated task, {args.train_steps} training steps, {args.tune_steps} fine-tuning steps:\n")
+        rows, dense = finetune_rows(args.train_steps, args.tune_steps, args.train_seq)
+        print(f"\nBERT, generated task ({args.train_seq} tokens), {args.train_steps} training steps, "
+              f"{args.tune_steps} fine-tuning steps:\n")
         print(markdown_table(["model", "accuracy", "before fine-tuning"], rows), flush=True)
     if "int8" in parts:
         rows = int8_rows(dense, args.repeats, "BERT hidden 64")

@@ -192,7 +192,7 @@ def find_unit_groups(model: nn.Module, heads: bool = True, ffn: bool = True
     >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     >>> groups, unsupported = find_unit_groups(layer)
     >>> [(g.name, g.kind, g.units, g.width) for g in groups], unsupported
-    ([('self_attn', 'heads', 2, 4), ('linear1', 'ffn', 16, 1)], {})
+    ([('linear1', 'ffn', 16, 1), ('self_attn', 'heads', 2, 4)], {})
     """
     groups: list[UnitGroup] = []
     unsupported: dict[str, str] = {}
