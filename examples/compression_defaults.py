@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,10 @@ def train(backbone: nn.Module, recipe: str, epochs: int, data: ShapesDataModule,
     return float(trainer.test(module, data, verbose=False)[0]["test/acc"])
 
 
-def run_recipe(recipe: str, seed: int, settings: Settings, record: Callable[[dict[str, Any]], None]) -> None:
+def runs_of(recipe: str, seed: int, settings: Settings, record: Callable[[dict[str, Any]], None]
+            ) -> Iterator[None]:
+    """The runs of one recipe, one per ``next()``: the references first, then the defaults, then the recovery
+    table (``main`` interleaves the recipes, so a partial run still compares them)."""
     data = ShapesDataModule(seed=seed, samples_per_class=settings.samples_per_class)
     data.setup()
     example = data.train_set.tensors[0][:2]
@@ -79,17 +82,24 @@ def run_recipe(recipe: str, seed: int, settings: Settings, record: Callable[[dic
         return backbone
 
     dense = run("dense", lambda: seeded(seed, network), settings.epochs)
+    yield
     run("compact from scratch", lambda: pruned_architecture(seeded(seed, network), FILTER_RATE, example, seed),
         settings.epochs)
-    run("filter, from scratch", lambda: seeded(seed, network), settings.epochs, FilterPruning(sparsity=FILTER_RATE))
-    run("magnitude, from scratch", lambda: seeded(seed, network), settings.epochs,
-        MagnitudePruning(sparsity=MAGNITUDE_RATE))
+    yield
     finetune = settings.finetune_epochs
     run("filter, fine-tune", lambda: copy.deepcopy(dense), finetune, FilterPruning(sparsity=FILTER_RATE))
+    yield
     run("magnitude, fine-tune", lambda: copy.deepcopy(dense), finetune, MagnitudePruning(sparsity=MAGNITUDE_RATE))
+    yield
+    run("filter, from scratch", lambda: seeded(seed, network), settings.epochs, FilterPruning(sparsity=FILTER_RATE))
+    yield
+    run("magnitude, from scratch", lambda: seeded(seed, network), settings.epochs,
+        MagnitudePruning(sparsity=MAGNITUDE_RATE))
+    yield
     for recovery in settings.recovery:
         run(f"filter, fine-tune, recovery_epochs={recovery}", lambda: copy.deepcopy(dense), finetune,
             FilterPruning(sparsity=FILTER_RATE, recovery_epochs=recovery), recovery_epochs=recovery)
+        yield
 
 
 def tables(runs: list[dict[str, Any]], settings: Settings) -> str:
@@ -143,8 +153,9 @@ def main(argv: list[str] | None = None) -> str:
 
     with quiet_single_thread():
         for seed in settings.seeds:
-            for recipe in settings.recipes:
-                run_recipe(recipe, seed, settings, record)
+            pending = [runs_of(recipe, seed, settings, record) for recipe in settings.recipes]
+            while pending:
+                pending = [steps for steps in pending if next(steps, StopIteration) is not StopIteration]
     return publish("compression_defaults", tables(runs, settings))
 
 
