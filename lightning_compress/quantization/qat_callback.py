@@ -31,6 +31,7 @@ from lightning_compress.quantization.qat_ranges import (
     RangeTracker,
     connect_trackers,
     looks_untrained,
+    signs_from_data,
     start_tracking,
     validate_ranges,
 )
@@ -67,10 +68,10 @@ class QuantizationAwareTraining(QATResume):
 
     Input ranges (``ranges``, :mod:`~lightning_compress.quantization.qat_ranges`): calibrated once and then
     ``"fixed"`` (fine-tuning a trained network, Jacob et al. 2018), or ``"track"``: from the calibrated start they
-    follow a moving average of every training batch's min / max (torch.ao / TF-MOT convention) until
-    ``freeze_epoch``, as a network trained from scratch needs (its activations outgrow ranges calibrated on its first
-    batches). ``"auto"`` tracks when the quantizers attach to an untrained network (weights within PyTorch's default
-    initialisation) at the start of a fit, and fixes them otherwise.
+    follow a moving average of every training batch's min / max (torch.ao / TF-MOT) until ``freeze_epoch``, as a
+    network trained from scratch needs (its activations outgrow ranges calibrated on its first batches); inputs
+    calibration saw non-negative become unsigned. ``"auto"``: track if attached to an untrained network (weights
+    within PyTorch's default initialisation) at the start of a fit, else fixed.
 
     ``start_epoch > 0`` starts all this in the middle of ``fit``, e.g. after a student was distilled and pruned
     (and compacted in place, see ``FilterPruning(compact_every_epoch=True)``) in the same run: ``setup`` only
@@ -183,11 +184,8 @@ class QuantizationAwareTraining(QATResume):
         #: ``"track"`` or ``"fixed"`` once chosen (checkpointed), with the trackers of the input ranges
         self.ranges_in_use: str | None = None
         self.trackers: dict[str, RangeTracker] = {}
-        self._untrained = False
         #: whether the quantizers are attached to the compression target (from ``start_epoch`` on)
-        self.attached = False
-        self.phase = "calibrating"
-        self.calibrated_batches = 0
+        self.attached, self.phase, self.calibrated_batches, self._untrained = False, "calibrating", 0, False
         self.calibrators: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
         self.specs: dict[str, QuantSpec] = {}  # how each layer is quantized (checkpointed: load_compressed reads it)
@@ -256,8 +254,7 @@ class QuantizationAwareTraining(QATResume):
             self.calibrators = _start_calibration(self._layers, self.settings)
         if not self.attached:
             return
-        if self.ranges_in_use is None:
-            self._choose_ranges(trainer, self._untrained)
+        self.ranges_in_use = self.ranges_in_use or self._choose_ranges(trainer, self._untrained)
         if self.phase == "calibrating":  # (re)connect calibrators, e.g. restored mid-calibration
             for name, layer in self._layers.items():
                 layer.input_quantizer.calibrator = self.calibrators.get(name)
@@ -274,7 +271,7 @@ class QuantizationAwareTraining(QATResume):
         parameters, let DDP know them."""
         self.phase, self.calibrated_batches = "calibrating", 0
         self._attach(pl_module, "fit")
-        self._choose_ranges(trainer, False)  # the network trained in float until now
+        self.ranges_in_use = self._choose_ranges(trainer, False)  # the network trained in float until now
         self.calibrators = _start_calibration(self._layers, self.settings)
         _set_modes(self._layers, self.phase, self.learn)
         self._learned_into_optimizers(trainer)
@@ -291,6 +288,8 @@ class QuantizationAwareTraining(QATResume):
 
     def _finish(self, trainer: pl.Trainer) -> None:
         with torch.no_grad():
+            if self.ranges_in_use == "track":  # non-negative inputs (after a ReLU) become unsigned, as in torch.ao
+                signs_from_data(self._layers)
             _finish_calibration(self._layers, self.calibrators, self.settings, trainer.strategy)
         self.phase = "training"
         _set_modes(self._layers, self.phase, self.learn)
@@ -345,7 +344,8 @@ class QuantizationAwareTraining(QATResume):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         for layer in self._layers.values():
-            layer.measure_error, layer.input_quantizer.tracker = False, None
+            layer.measure_error = False
+        connect_trackers(self._layers, {})  # only training steps move the ranges
         if self.attached and self.phase == "calibrating":
             self._calibrating(trainer, False)
             self.calibrated_batches += 1

@@ -5,9 +5,11 @@ Ranges calibrated once on an untrained network are outgrown as it learns: its ac
 range at every training step with a moving average of the batch's min and max, as torch.ao's
 ``MovingAverageMinMaxObserver`` (averaging constant 0.01) and TF-MOT's ``MovingAverageQuantizer`` (EMA decay 0.999
 of the range) do, until ``freeze_epoch``; quantization is symmetric, so the threshold in use is
-``amax = max(-min, max)`` (``max`` for an unsigned input). The first range is the calibrated one (the calibrator's
-method applies there). Under DDP each step's batch min / max are all-reduced first, so every rank tracks the range
-of the global batch and holds the same value. No Lightning here: the callback wires these pieces.
+``amax = max(-min, max)`` (``max`` for an unsigned input: a tracked input whose calibration data were all
+non-negative, e.g. after a ReLU, becomes unsigned, as torch.ao's ``quint8`` activations). The first range is the
+calibrated one (the calibrator's method applies there). Under DDP each step's batch min / max are all-reduced
+first, so every rank tracks the range of the global batch and holds the same value. No Lightning here: the
+callback wires these pieces.
 
 ``ranges="auto"`` picks ``"track"`` for a network QAT starts on from scratch (attached before the first training
 step while every quantized layer's weights are still within PyTorch's default initialisation bound
@@ -32,6 +34,7 @@ __all__ = [
     "choose_ranges",
     "connect_trackers",
     "looks_untrained",
+    "signs_from_data",
     "start_tracking",
     "validate_ranges",
 ]
@@ -177,11 +180,22 @@ def start_tracking(layers: Mapping[str, Any], averaging_constant: float = AVERAG
     return trackers
 
 
+def signs_from_data(layers: Mapping[str, Any]) -> None:
+    """Let every signed, not learned input become unsigned at the end of calibration if all it saw (on every rank)
+    was non-negative, e.g. after a ReLU: ``[0, 2^b - 1]`` as torch.ao's ``quint8`` activations, twice the
+    resolution of a symmetric signed range on such data (``ptq._choose_sign`` decides)."""
+    for layer in layers.values():
+        inq = layer.input_quantizer
+        inq.sign_from_data = inq.sign_from_data or (not inq.unsigned and inq.learn == "none")
+
+
 def connect_trackers(layers: Mapping[str, Any], trackers: Mapping[str, RangeTracker],
                      reducer: Reducer | None = None) -> None:
     """Let each layer's input quantizer update its range from ``trackers`` at every call (an empty mapping
-    disconnects them all)."""
+    disconnects them all, and the trackers drop their reducer)."""
     for name, layer in layers.items():
+        if layer.input_quantizer.tracker is not None:
+            layer.input_quantizer.tracker.reducer = None
         tracker = trackers.get(name)
         if tracker is not None:
             tracker.reducer = reducer

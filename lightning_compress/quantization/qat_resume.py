@@ -164,12 +164,12 @@ class QATResume(Callback):
         return lambda value: float(trainer.strategy.reduce(torch.tensor(float(value), dtype=torch.float64,
                                                                         device=device), reduce_op=op))
 
-    def _choose_ranges(self, trainer: pl.Trainer, untrained: bool) -> None:
-        if self.ranges == "auto" and trainer.world_size > 1:  # every rank decides alike
+    def _choose_ranges(self, trainer: pl.Trainer, untrained: bool) -> str:
+        """``"track"`` or ``"fixed"``, the same on every rank (an untrained network only if it is so on all)."""
+        if self.ranges == "auto" and trainer.world_size > 1:
             flag = torch.tensor(float(untrained), device=trainer.strategy.root_device)
             untrained = bool(float(trainer.strategy.reduce(flag, reduce_op="min")) > 0.5)
-        self.ranges_in_use = choose_ranges(self.ranges, learn=self.learn, method=self.settings.method,
-                                           untrained=untrained)
+        return choose_ranges(self.ranges, learn=self.learn, method=self.settings.method, untrained=untrained)
 
     def _bounds_reducer(self, trainer: pl.Trainer) -> Any:
         if trainer.world_size <= 1:

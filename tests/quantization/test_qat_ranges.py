@@ -79,6 +79,8 @@ def test_ranges_follow_training_then_freeze() -> None:
     module = _module()
     _trainer([qat, record]).fit(module, train_dataloaders=loader)
     assert qat.ranges_in_use == "track" and qat.phase == "frozen"
+    quantizers = {n: module.backbone.get_submodule(n).input_quantizer for n in LAYERS}
+    assert not quantizers["layers.fc1"].unsigned and quantizers["classifier"].unsigned  # after a ReLU: [0, 15]
     for name in LAYERS:  # calibration: batches 0-1 (max); tracked: 2-3; epoch 1 (4-7) frozen
         seen = record.inputs[name]
         calibrated = max(float(x.abs().max()) for x in seen[:2])
@@ -102,6 +104,7 @@ def test_auto_tracks_from_scratch_fixes_when_fine_tuning() -> None:
         float(m.backbone.classifier.input_quantizer.amax))})()
     _trainer([fine_tune, record]).fit(module, train_dataloaders=loader)
     assert fine_tune.ranges_in_use == "fixed" and not fine_tune.trackers
+    assert not module.backbone.classifier.input_quantizer.unsigned  # fixed ranges keep their sign as before
     assert fixed_amax[0] == fixed_amax[1]
     lsq = QuantizationAwareTraining(learn="lsq", calibration_batches=1)
     _trainer([lsq], max_epochs=1).fit(_module(), train_dataloaders=loader)
