@@ -166,6 +166,8 @@ class TensorQuantizer(nn.Module):
         #: maps a batch's max |x| to the range all ranks agree on (DDP: an all-reduce MAX); set while calibrating
         self.range_reducer: Callable[[float], float] | None = None
         self.min_seen = float("inf")
+        #: a range tracker (``qat_ranges.RangeTracker``) updating ``amax`` at every call while set (QAT steps)
+        self.tracker: Any = None
 
     @property
     def qmax(self) -> int:
@@ -235,6 +237,9 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.tracker is not None:
+            with torch.no_grad():
+                self.amax.copy_(self.tracker.update(x).reshape(self.amax.shape).to(self.amax))
         if self.learn == "lsq":
             return lsq_fake_quantize(x, self._step_view(x), num_bits=self.num_bits, unsigned=self.unsigned)
         if self.learn == "pact":
