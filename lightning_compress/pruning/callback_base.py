@@ -16,7 +16,9 @@ from typing_extensions import override
 
 from lightning_compress.graph.layers import select_layers
 from lightning_compress.pruning.schedules import Constant, Schedule, sparsity_at
-from lightning_compress.utils import compression_target, execution_order, first_tensor, log_histogram
+from lightning_compress.utils import compression_target, execution_order, log_histogram
+from lightning_compress.utils.data import explain_forward_failure
+from lightning_compress.utils.outputs import model_inputs, move_inputs
 
 
 class PruningCallback(Callback):
@@ -80,7 +82,9 @@ class PruningCallback(Callback):
         """On the first training batch: drop the final classifier (traced), validate, restore or initialise."""
         if not self.prune_classifier:  # the network's last layer, whether or not the patterns chose it
             candidates = select_layers(self._target, None, types=self.types)
-            order = execution_order(self._target, first_tensor(batch).to(pl_module.device), list(candidates))
+            with explain_forward_failure(self._target, batch, type(self).__name__):
+                order = execution_order(self._target, move_inputs(model_inputs(batch), pl_module.device),
+                                        list(candidates))
             if order and order[-1] in self._modules:
                 self._modules.pop(order[-1])
         if not self._modules:
