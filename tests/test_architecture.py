@@ -23,10 +23,10 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "quantization/packed.py", "quantization/ptq.py", "pruning/criteria.py", "pruning/structured.py",
                 "pruning/masks.py", "pruning/schedules.py", "pruning/groups.py", "pruning/dynamic.py",
                 "pruning/dynamic_ops.py", "pruning/flows.py", "pruning/optimizer_state.py", "distillation/checks.py",
-                "distillation/taps.py", "distillation/terms.py", "distillation/students.py", "distillation/transformer.py",
-                "utils/outputs.py",
+                "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
-                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py"]
+                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
+                "distillation/transformer.py", "utils/outputs.py", "pruning/transformer_layers.py"]
 
 
 def _modules() -> dict[str, Path]:

@@ -99,8 +99,7 @@ class DistillationModule(OfflineCheckpoints):
             :class:`~.base.DistillationBase` (your own optimizer and schedule as callables, or short names).
         input_shape: input shape without batch, to check layers and build regressors at construction.
         transformer: the transformer terms and where they read from (:class:`~.transformer.TransformerKnowledge`).
-        logits_key: where the logits are in the networks' outputs (default: :func:`~lightning_compress.utils.outputs.
-            logits_of`'s rule).
+        logits_key: the logits' key or attribute in the outputs (default: the rule of :mod:`~.utils.outputs`).
 
     Raises:
         ValueError: for ``temperature <= 0``, negative weights, all weights zero, the student also a teacher, layer
@@ -140,12 +139,13 @@ class DistillationModule(OfflineCheckpoints):
         momentum: float = 0.9,
         lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
-        transformer: TransformerKnowledge | None = None,
+        transformer: TransformerKnowledge | dict[str, Any] | None = None,
         logits_key: str | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
         self.logits_key = logits_key
-        self.save_hyperparameters(ignore=["student", "teacher", *self.recipe_callables()])
+        self.save_hyperparameters(ignore=["student", "teacher", "transformer", *self.recipe_callables()])
+        transformer = TransformerKnowledge.parse(transformer, self.hparams)
         teachers = list(teacher) if isinstance(teacher, (list, tuple, nn.ModuleList)) else [teacher]
         if not teachers:
             raise ValueError("teacher must be a network or a non-empty list of networks, got an empty list.")

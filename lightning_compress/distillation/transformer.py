@@ -5,7 +5,7 @@ learned projections (:class:`TransformerTerms`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -76,6 +76,18 @@ class TransformerKnowledge:
         if self.value_weight > 0 and not (self.student_values and self.teacher_values):
             raise ValueError(f"value_weight={self.value_weight} needs student_values and teacher_values (names of the "
                              "value projections to tap, e.g. 'bert.encoder.layer.3.attention.self.value').")
+
+    @classmethod
+    def parse(cls, value: TransformerKnowledge | Mapping[str, Any] | None, hparams: Any = None
+              ) -> TransformerKnowledge | None:
+        """``value`` as a :class:`TransformerKnowledge` (from itself or a mapping of its fields); stored in
+        ``hparams`` (when given) as a plain dictionary, so checkpoints load without this class."""
+        knowledge = cls(**value) if isinstance(value, Mapping) else value
+        if knowledge is not None and not isinstance(knowledge, cls):
+            raise ValueError(f"transformer must be a TransformerKnowledge or a mapping of its fields, got {value!r}.")
+        if hparams is not None:
+            hparams["transformer"] = None if knowledge is None else asdict(knowledge)
+        return knowledge
 
     def weights(self) -> dict[str, float]:
         return {"hidden": self.hidden_weight, "attention_kl": self.attention_weight,
