@@ -55,7 +55,7 @@ def test_predict_gives_the_class_of_forward(trainer_factory, name, labels):
 ])
 def test_an_unknown_batch_layout_names_itself_and_the_override(batch, layout):
     module = MODULES["distillation"]()
-    expected = (rf"DistillationModule expects batches \(inputs, targets, \.\.\.\) or dicts with labels, got {layout}.*; "
-                "override split_batch")
+    expected = (r"DistillationModule expects batches \(inputs, targets, \.\.\.\) or dicts with labels, "
+                rf"got {layout}.*; override split_batch")
     with pytest.raises(TypeError, match=expected):
         module.split_batch(batch)

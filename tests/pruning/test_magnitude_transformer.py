@@ -38,8 +38,12 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(tokens, torch.randint(0, 3, (32,), generator=generator)), batch_size=16)
 
 
+def classifier() -> ClassifierModule:
+    return ClassifierModule(TinyEncoder(), num_classes=3)
+
+
 def test_embeddings_stay_dense_and_qkv_is_pruned(trainer_factory):
-    module = ClassifierModule(TinyEncoder(), num_classes=3)
+    module = classifier()
     pruning = MagnitudePruning(sparsity=0.5)
     trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(module, loader())
     network = module.compression_target
@@ -51,15 +55,14 @@ def test_embeddings_stay_dense_and_qkv_is_pruned(trainer_factory):
     assert (network.token_embedding.weight != 0).all() and (network.position.weight != 0).all()
 
     with_embeddings = MagnitudePruning(sparsity=0.5, prune_embeddings=True)
-    trainer_factory(callbacks=[with_embeddings], max_epochs=1, logger=False).fit(ClassifierModule(TinyEncoder(), num_classes=3),
-                                                                                  loader())
+    trainer_factory(callbacks=[with_embeddings], max_epochs=1, logger=False).fit(classifier(), loader())
     assert {"token_embedding", "decoder"} <= set(with_embeddings.masks)
 
 
 def test_an_exclude_pattern_matching_nothing_is_an_error(trainer_factory):
-    module = ClassifierModule(TinyEncoder(), num_classes=3)
+    module = classifier()
     with pytest.raises(ValueError, match=r"exclude pattern 'attn' matches no module.*'\.\*attn\.\*'"):
         trainer_factory(callbacks=[MagnitudePruning(exclude="attn")], max_epochs=1, logger=False).fit(module, loader())
     pruning = MagnitudePruning(sparsity=0.5, exclude=".*attn.*")
-    trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(ClassifierModule(TinyEncoder(), num_classes=3), loader())
+    trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(classifier(), loader())
     assert not any("attn" in name for name in pruning.masks) and "encoder.layers.0.linear1" in pruning.masks
