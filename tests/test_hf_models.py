@@ -11,7 +11,13 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_compress import DistillationModule, MagnitudePruning, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress import (
+    CompressionReport,
+    DistillationModule,
+    MagnitudePruning,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_compress.distillation import TransformerKnowledge
 from lightning_compress.quantization.quantizers import quantized_layers
 
@@ -105,9 +111,11 @@ class UserModule(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def test_ptq_and_qat_calibrate_an_hf_model_on_dict_batches(trainer_factory):
+def test_ptq_qat_and_report_on_an_hf_model_with_dict_batches(trainer_factory, tmp_path):
     ptq = PostTrainingQuantization(modes=["static"])
-    trainer_factory(callbacks=[ptq], max_epochs=1, logger=False).fit(UserModule(), loader(), loader())
+    report = CompressionReport(monitor="val/loss", batch_size=8, latency_runs=2, warmup=1, output_dir=str(tmp_path))
+    trainer_factory(callbacks=[ptq, report], max_epochs=1, logger=False).fit(UserModule(), loader(), loader())
+    assert report.report["macs"] > 0 and report.report["latency_ms"] > 0  # measured on the keyword inputs
     quantized = ptq.models["static"]
     amax = [q.input_quantizer.amax for q in quantized_layers(quantized).values()]
     assert amax and all(torch.isfinite(a).all() and (a > 0).all() for a in amax)
