@@ -3,11 +3,11 @@ KD, and KD with hidden-state (TinyBERT) and MiniLM attention / value-relation te
 
     python benchmarks/transformer_distill.py
 
-Task (generated, text-like): sequences of 16 tokens over a vocabulary of 20 (ids 2..19); one marker token (id 1)
+Task (generated, text-like): sequences of 12 tokens over a vocabulary of 20 (ids 2..19); one marker token (id 1)
 at a random position; the label is the group (3 groups of 6 ids) of the token right after the marker, so the
 model has to find the marker and read its neighbour (attention by position and content). The teacher
-(``BertForSequenceClassification``, 4 layers, hidden 64, 4 heads, eager attention) trains on 4096 sequences; each
-student (2 layers, hidden 32, 2 heads) on 384 labelled sequences only, for a fixed number of epochs with the same
+(``BertForSequenceClassification``, 4 layers, hidden 48, 4 heads, eager attention) trains on 3072 sequences; each
+student (2 layers, hidden 24, 2 heads) on 256 labelled sequences only, for a fixed number of epochs with the same
 recipe (Adam, lr 2e-3), so the teacher's knowledge is what differs; accuracy on 2048 held-out sequences. Every
 variant is a ``DistillationModule`` on dict batches (``input_ids``, ``attention_mask``, ``labels``): "student
 alone" is ``soft_weight=0, hard_weight=1`` (the teacher runs but teaches nothing).
@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, markdown_table, parse_no_options, quiet_trainer
 
-SEQ, VOCAB, GROUP = 16, 20, 6
+SEQ, VOCAB, GROUP = 12, 20, 6
 SEEDS = (0, 1, 2)
-STUDENT_EPOCHS, TEACHER_EPOCHS = 30, 12
+STUDENT_EPOCHS, TEACHER_EPOCHS = 25, 10
+TEACHER, STUDENT = (48, 4, 4), (24, 2, 2)  # hidden, layers, heads
+TEACHER_DATA, STUDENT_DATA = 3072, 256
 
 
 def make_data(count: int, seed: int) -> dict[str, torch.Tensor]:
@@ -58,7 +60,7 @@ def bert(hidden: int, layers: int, heads: int) -> Any:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * hidden, max_position_embeddings=SEQ, num_labels=3,
+                        intermediate_size=2 * hidden, max_position_embeddings=SEQ, num_labels=3,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config._attn_implementation = "eager"  # attentions in the output (SDPA returns none)
     return BertForSequenceClassification(config)
@@ -75,7 +77,7 @@ class HFClassifier(pl.LightningModule):
         return self.model(**batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.Adam(self.parameters(), lr=2e-3)
 
 
 def accuracy(model: Any, data: dict[str, torch.Tensor]) -> float:
@@ -101,9 +103,9 @@ def main() -> None:
     from lightning_compress.distillation import DistillationModule
 
     torch.set_num_threads(1)
-    train, small, test = make_data(4096, 0), make_data(384, 1), make_data(2048, 2)
+    train, small, test = make_data(TEACHER_DATA, 0), make_data(STUDENT_DATA, 1), make_data(2048, 2)
     pl.seed_everything(0, verbose=False)
-    teacher = bert(64, 4, 4)
+    teacher = bert(*TEACHER)
     start = time.perf_counter()
     quiet_trainer(max_epochs=TEACHER_EPOCHS).fit(HFClassifier(teacher), DataLoader(Tokens(train), batch_size=64,
                                                                                    shuffle=True))
@@ -114,7 +116,7 @@ def main() -> None:
     for name, options in variants().items():
         for seed in SEEDS:
             pl.seed_everything(seed, verbose=False)
-            student = bert(32, 2, 2)
+            student = bert(*STUDENT)
             module = DistillationModule(student, teacher, lr=2e-3, **options)
             loader = DataLoader(Tokens(small), batch_size=32, shuffle=True)
             start = time.perf_counter()
@@ -130,8 +132,8 @@ def main() -> None:
                      " / ".join(f"{v:.3f}" for v in values),
                      "-" if values is alone else f"{statistics.mean(gains):+.3f} ({sum(g > 0 for g in gains)}/3)",
                      f"{statistics.mean(times[name]):.0f}"])
-    print(f"\nteacher (4 layers, hidden 64): {teacher_acc:.3f}; students 2 layers, hidden 32, {len(small)} labelled "
-          f"sequences, {STUDENT_EPOCHS} epochs; {machine()}\n")
+    print(f"\nteacher (hidden, layers, heads) {TEACHER}: {teacher_acc:.3f}; students {STUDENT}, {STUDENT_DATA} "
+          f"labelled sequences, {STUDENT_EPOCHS} epochs; {machine()}\n")
     print(markdown_table(["student", "test acc (mean ± sd)", "seeds 0 / 1 / 2", "vs alone (paired; wins)",
                           "fit s"], rows))
 
