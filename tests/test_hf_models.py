@@ -133,11 +133,26 @@ def test_ptq_qat_and_report_on_an_hf_model_with_dict_batches(trainer_factory, tm
     assert amax and all(torch.isfinite(a).all() and (a > 0).all() for a in amax)
 
 
-def test_a_module_without_compression_target_gets_the_friendly_message(trainer_factory):
-    module = UserModule(with_target=False)  # forward(batch) cannot take the keyword inputs
-    with pytest.raises(ValueError, match=r"keyword arguments \['input_ids', 'attention_mask'\].*compression_target"):
+class LabelsInForward(UserModule):
+    """A forward with the labels among its arguments, as in many HF fine-tuning modules."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(**batch).loss
+
+
+def test_without_compression_target_the_module_runs_or_gets_the_friendly_message(trainer_factory):
+    module = LabelsInForward(with_target=False)  # the callback gives input_ids and attention_mask, not labels
+    with pytest.raises(ValueError, match=r"keyword arguments \['input_ids', 'attention_mask'\].*labels.*"
+                                         r"compression_target"):
         trainer_factory(callbacks=[MagnitudePruning(sparsity=0.5)], max_epochs=1, logger=False).fit(module, loader())
     assert module.global_step == 0
+    pruning = MagnitudePruning(sparsity=0.5)  # forward(batch) takes the dict batch: the whole module is pruned
+    trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(UserModule(with_target=False), loader())
+    assert "model.classifier" not in pruning.masks
+    assert "model.bert.encoder.layer.0.attention.self.query" in pruning.masks
     pruning = MagnitudePruning(sparsity=0.5)
     trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(UserModule(), loader())
     assert "classifier" not in pruning.masks and "bert.encoder.layer.0.attention.self.query" in pruning.masks

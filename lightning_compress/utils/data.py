@@ -64,9 +64,9 @@ def describe_inputs(network: nn.Module, batch: Any) -> str:
     inputs = model_inputs(batch)
     layout = f"a dict with keys {list(batch)}" if isinstance(batch, dict) else type(batch).__name__
     if isinstance(inputs, dict):
-        if accepts_keywords(network, list(inputs)) or len(inputs) != 1:
+        if accepts_keywords(network, list(inputs)):
             return f"the keyword arguments {list(inputs)} of each batch (from {layout})"
-        inputs = next(iter(inputs.values()))
+        return f"each batch without its labels, a dict with keys {list(inputs)} (from {layout}), as one argument"
     shape = f" (shape {tuple(inputs.shape)})" if isinstance(inputs, torch.Tensor) else ""
     return f"the input tensor of each batch{shape}, from {layout}"
 

@@ -3,9 +3,11 @@ logits are in what it returns: plain tensors, tuples, dictionaries and Hugging F
 
 Inputs (:func:`model_inputs`): a tensor batch is the input; a list or tuple ``(inputs, labels, ...)`` gives its
 first element; a dictionary gives every entry except the labels (:data:`LABEL_KEYS`), e.g. ``input_ids`` and
-``attention_mask`` of a tokenized batch. Calling (:func:`run_model`): a dictionary of inputs goes in as keyword
-arguments (``model(**inputs)``) when the forward accepts them, else, when it holds one entry, as the single
-positional argument; a tuple as several positional arguments; anything else as the one argument.
+``attention_mask`` of a tokenized batch (a single remaining entry, e.g. ``image``, is the input itself).
+
+Calling (:func:`run_model`): a dictionary of inputs goes in as keyword arguments (``model(**inputs)``) when the
+forward accepts them, else the dictionary itself as the one argument (a ``forward(batch)`` reading
+``batch["image"]``); a tuple as several positional arguments; anything else as the one argument.
 
 Logits (:func:`logits_of`): a tensor is the logits; otherwise ``accessor`` when given (an attribute or key name, or
 a callable); else the ``logits`` key or attribute (``ModelOutput``, a dictionary); else the first tensor of a
@@ -36,12 +38,14 @@ def model_inputs(batch: Any) -> Any:
     ['attention_mask', 'input_ids']
     >>> model_inputs((torch.zeros(2, 3), torch.ones(2))).shape
     torch.Size([2, 3])
+    >>> model_inputs({"image": torch.zeros(2, 3), "label": torch.zeros(2)}).shape
+    torch.Size([2, 3])
     """
     if isinstance(batch, Mapping):
         inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
         if not inputs:
             raise TypeError(f"A batch dictionary with only label keys {list(batch)} holds no model input.")
-        return inputs
+        return next(iter(inputs.values())) if len(inputs) == 1 else inputs
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise TypeError("An empty batch holds no model input.")
@@ -65,18 +69,13 @@ def run_model(model: nn.Module, inputs: Any, **options: Any) -> Any:
     """``model`` on ``inputs`` by the calling rule (module docstring); ``options`` (e.g. ``output_hidden_states=
     True``) are passed as keywords.
 
-    >>> run_model(nn.Linear(3, 2), {"x": torch.zeros(4, 3)}).shape
+    >>> run_model(nn.Linear(3, 2), {"input": torch.zeros(4, 3)}).shape
     torch.Size([4, 2])
     """
     if isinstance(inputs, Mapping):
         if accepts_keywords(model, list(inputs)):
             return model(**inputs, **options)
-        if len(inputs) == 1:
-            return model(next(iter(inputs.values())), **options)
-        raise TypeError(
-            f"{type(model).__name__}.forward takes neither the batch's keys {list(inputs)} as keywords nor a single "
-            "input; give batches (inputs, labels) or a dict whose keys are the forward's arguments."
-        )
+        return model(inputs, **options)
     if isinstance(inputs, tuple):
         return model(*inputs, **options)
     return model(inputs, **options)
