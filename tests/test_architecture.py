@@ -26,7 +26,8 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
                 "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
-                "quantization/qat_ranges.py"]
+                "quantization/qat_ranges.py",
+                "distillation/transformer.py", "utils/outputs.py", "pruning/transformer_layers.py"]
 
 
 def _modules() -> dict[str, Path]:
