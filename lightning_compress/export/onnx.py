@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.export.onnx_graph import quantize_conv_outputs
 from lightning_compress.export.qdq import qdq_model, register_symbolics
 from lightning_compress.export.verify import Int8MismatchError, output_agreement, output_tensor
 from lightning_compress.quantization.quantizers import quantized_layers
 
-__all__ = ["DEFAULT_OPSET", "OnnxMismatchError", "export_onnx", "export_program", "onnx_metadata", "ort_session"]
+__all__ = ["DEFAULT_OPSET", "OnnxMismatchError", "export_onnx", "export_program", "measure_onnx", "onnx_metadata",
+           "ort_session"]
 
 #: the newest opset of torch's TorchScript-based exporter (QuantizeLinear / DequantizeLinear with per-axis scales
 #: since 13)
@@ -191,7 +193,8 @@ def export_onnx(
         dynamic_batch: make the first dimension of every input dynamic.
 
     Returns:
-        ``path``, ``size_bytes``, ``opset``, ``exporter``, ``quantized_layers``, ``qdq_nodes``
+        ``path``, ``size_bytes``, ``opset``, ``exporter``, ``quantized_layers``, ``quantized_conv_outputs`` (see
+        :func:`~lightning_compress.export.onnx_graph.quantize_conv_outputs`), ``qdq_nodes``
         (QuantizeLinear + DequantizeLinear), ``agreement``, ``max_abs_diff``, ``relative_error``, ``samples``.
 
     Raises:
@@ -203,10 +206,11 @@ def export_onnx(
     layers = quantized_layers(model)
     deployable = qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels) if layers else _eval_copy(model)
     proto = _to_onnx(deployable, example_inputs, opset, dynamic_batch)
+    fused_convs = quantize_conv_outputs(proto) if layers and integer_kernels is not False else 0
     ops = [node.op_type for node in proto.graph.node]
     result: dict[str, Any] = {"path": str(path), "opset": opset,
                               "exporter": f"torch.onnx TorchScript (torch {torch.__version__})",
-                              "quantized_layers": len(layers),
+                              "quantized_layers": len(layers), "quantized_conv_outputs": fused_convs,
                               "qdq_nodes": ops.count("QuantizeLinear") + ops.count("DequantizeLinear")}
     session = ort_session(proto.SerializeToString())
     result.update(verify_onnx(model, session, example_inputs, check_inputs))
@@ -273,3 +277,33 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     if _KEY not in props:
         raise ValueError(f"{str(path)!r} holds no lightning_compress metadata; was it written by export_onnx?")
     return json.loads(props[_KEY])
+
+
+def _batch_of(example_inputs: Tensor, size: int) -> Tensor:
+    repeats = -(-size // example_inputs.shape[0])
+    return example_inputs.repeat(repeats, *([1] * (example_inputs.dim() - 1)))[:size]
+
+
+def measure_onnx(path: str | Path, example_inputs: Tensor, *, batch_sizes: tuple[int, ...] = (1, 64),
+                 runs: int = 20, warmup: int = 5) -> dict[str, Any]:
+    """File size and median onnxruntime latency (one thread) of an ONNX file at each batch size, on
+    ``example_inputs`` (a tensor, repeated or cut to each size).
+
+    Returns:
+        ``{"size_bytes", "latency_ms": {batch size: milliseconds}, "num_threads": 1, "runs"}``.
+    """
+    import time
+
+    session = ort_session(path)
+    latency = {}
+    for size in batch_sizes:
+        batch = _batch_of(example_inputs, size)
+        for _ in range(warmup):
+            run_session(session, batch)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run_session(session, batch)
+            times.append(time.perf_counter() - start)
+        latency[size] = sorted(times)[len(times) // 2] * 1e3
+    return {"size_bytes": Path(path).stat().st_size, "latency_ms": latency, "num_threads": 1, "runs": runs}

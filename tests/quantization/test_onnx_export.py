@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-from lightning_compress import OnnxExport, export_onnx, export_program  # noqa: E402
+from lightning_compress import CompressionReport, OnnxExport, export_onnx, export_program  # noqa: E402
 from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN  # noqa: E402
 from lightning_compress.export import onnx as onnx_module  # noqa: E402
 from lightning_compress.export.onnx import OnnxMismatchError, onnx_metadata, ort_session, run_session  # noqa: E402
@@ -119,7 +119,8 @@ def test_conv1d_and_transformer_qdq_agree(tmp_path, reduce_range):
         fq = quantize_model(model, "static", x, reduce_range=reduce_range)
         result = export_onnx(fq, x, tmp_path / f"{name}.onnx", check_inputs=[_inputs(16, *x.shape[1:], seed=1)])
         assert result["agreement"] >= 0.995 and result["samples"] == 48, (name, result)
-        assert result["max_abs_diff"] < 1e-3, (name, result)
+        # integer kernels (7-bit) requantize in int32: a rare one-step difference, never a flipped answer
+        assert result["relative_error"] < (1e-2 if reduce_range else 1e-5), (name, result)
 
 
 def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
@@ -132,7 +133,7 @@ def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(OnnxMismatchError, match="agrees with the PyTorch model on"):
         export_onnx(model, x, tmp_path / "bad.onnx", min_agreement=0.99)
     assert not (tmp_path / "bad.onnx").exists()
-    with pytest.raises(OnnxMismatchError, match="max_abs_diff=0.001"):
+    with pytest.raises(OnnxMismatchError, match=r"max_abs_diff=0\.001"):
         export_onnx(model, x, tmp_path / "bad.onnx", min_agreement=None, max_abs_diff=1e-3)
 
 
@@ -155,12 +156,16 @@ def test_callback_writes_the_file_at_fit_end(tmp_path):
     calibration = next(iter(data.train_dataloader()))[0]
     net = quantize_model(PlainCNN(width=8), "static", calibration, inplace=True).train()
     exporter = OnnxExport(filename="digits", eval_batches=1, batch_size=16)
+    report = CompressionReport(batch_size=16, latency_runs=2, warmup=0)
     trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                           callbacks=[exporter])
+                           callbacks=[report, exporter])  # the report asks the exporter first
     trainer.fit(ClassifierModule(net, lr=1e-3), data)
     path = tmp_path / "run" / "version_0" / "digits.onnx"
     assert exporter.results is not None and exporter.results["path"] == str(path) and path.is_file()
     assert exporter.results["samples"] == 48 and exporter.results["agreement"] >= 0.995
     assert onnx_metadata(path)["quantized_layers"] == 4
+    deployed = report.report["onnx"]
+    assert deployed["path"] == str(path) and deployed["size_bytes"] == path.stat().st_size
+    assert set(deployed["latency_ms"]) == set(deployed["torch_latency_ms"]) == {1, 64}
     with pytest.raises(ValueError, match="opset=9"):
         OnnxExport(opset=9)
