@@ -25,7 +25,8 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "pruning/dynamic_ops.py", "pruning/flows.py", "pruning/optimizer_state.py", "distillation/checks.py",
                 "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
-                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py"]
+                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
+                "export/onnx.py", "export/qdq.py", "export/onnx_graph.py"]
 
 
 def _modules() -> dict[str, Path]:
