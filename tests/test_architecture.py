@@ -29,7 +29,7 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
                 "quantization/qat_ranges.py",
                 "distillation/transformer.py", "utils/outputs.py", "pruning/transformer_layers.py",
-                "export/int8_dynamic.py",
+                "export/int8_dynamic.py", "quantization/uncalled.py",
                 "export/onnx.py", "export/qdq.py", "export/onnx_graph.py"]
 
 
