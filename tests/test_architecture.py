@@ -27,7 +27,10 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
                 "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
-                "export/int8_dynamic.py"]
+                "quantization/qat_ranges.py",
+                "distillation/transformer.py", "utils/outputs.py", "pruning/transformer_layers.py",
+                "export/int8_dynamic.py", "quantization/uncalled.py",
+                "export/onnx.py", "export/qdq.py", "export/onnx_graph.py"]
 
 
 def _modules() -> dict[str, Path]:

@@ -38,9 +38,10 @@ from lightning_compress.export.int8_dynamic import (
 )
 from lightning_compress.export.verify import Int8MismatchError
 from lightning_compress.quantization.quantizers import quantized_layers
-from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
+from lightning_compress.utils import compression_target, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, collect_inputs, stage_loader
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import logits_of, model_inputs, move_inputs, run_model
 
 __all__ = ["Int8Export", "int8_metadata", "load_int8", "save_int8"]
 
@@ -259,7 +260,7 @@ class Int8Export(ChecksNetworkInput, Callback):
             rank_zero_warn(f"Int8Export skipped: {reason}. No int8 model was written.")
             self.results = {"skipped": reason}
             return None
-        inputs = collect_inputs(trainer, self.batch_size).cpu()
+        inputs = move_inputs(collect_inputs(trainer, self.batch_size), "cpu")
         model = export_int8(target, inputs, engine=self.engine, min_agreement=None)
         evaluated = self._evaluate(trainer, target, model)
         self.results = {"engine": model.engine, "verification": model.verification,
@@ -287,7 +288,7 @@ class Int8Export(ChecksNetworkInput, Callback):
         save_int8_dynamic(model, path)
         self.model = model
         with torch.no_grad():
-            identical = torch.equal(first_tensor(load_int8_dynamic(path)(inputs)), first_tensor(model(inputs)))
+            identical = torch.equal(logits_of(load_int8_dynamic(path)(inputs)), logits_of(model(inputs)))
         self.results.update(path=str(path), size_bytes=path.stat().st_size, format="pickle (torch.save)",
                             identical_after_load=identical)
         self._log(trainer)
@@ -310,7 +311,7 @@ class Int8Export(ChecksNetworkInput, Callback):
     @staticmethod
     def _identical_after_load(model: nn.Module, path: Path, inputs: torch.Tensor) -> bool:
         with torch.no_grad():
-            identical = torch.equal(load_int8(path)(inputs), model(inputs))
+            identical = torch.equal(logits_of(run_model(load_int8(path), inputs)), logits_of(run_model(model, inputs)))
         if not identical:
             rank_zero_warn(f"Int8Export: the model loaded back from {str(path)!r} does not reproduce the int8 model's "
                            "outputs exactly; evaluate the file before shipping it.")
@@ -321,9 +322,9 @@ class Int8Export(ChecksNetworkInput, Callback):
         device = next((p.device for p in target.parameters()), torch.device("cpu"))
         with eval_mode(target), torch.no_grad():
             for batch in _validation_batches(trainer, self.eval_batches):
-                inputs = first_tensor(batch)
-                predicted = first_tensor(int8(inputs.cpu())).argmax(1)
-                fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
+                inputs = model_inputs(batch)
+                predicted = logits_of(run_model(int8, move_inputs(inputs, "cpu"))).argmax(1)
+                fake = logits_of(run_model(target, move_inputs(inputs, device))).argmax(1).cpu()
                 agree += int((predicted == fake).sum())
                 total += int(predicted.numel())
                 labels = batch_labels(batch)

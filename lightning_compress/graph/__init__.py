@@ -34,7 +34,7 @@ from lightning_compress.graph.heads import (
 )
 from lightning_compress.graph.heads_compact import CompactMultiheadAttention, compact_units, unit_counts
 from lightning_compress.graph.layers import LAYER_TYPES, check_layer_pattern, resolve_layer_types, select_layers
-from lightning_compress.graph.tracing import Call, Trace, trace, unexecuted_layers
+from lightning_compress.graph.tracing import Call, Trace, called_through_weights, trace, unexecuted_layers
 
 __all__ = [
     "LAYER_TYPES",
@@ -49,6 +49,7 @@ __all__ = [
     "UnitGroup",
     "block_scores",
     "build_graph",
+    "called_through_weights",
     "check_layer_pattern",
     "compact",
     "compact_units",

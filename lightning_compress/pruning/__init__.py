@@ -36,6 +36,7 @@ from lightning_compress.pruning.criteria import (
     splicing_thresholds,
     threshold_mask,
 )
+from lightning_compress.pruning.flows import pruned_architecture
 from lightning_compress.pruning.head_callback import HeadPruning
 from lightning_compress.pruning.head_select import select_units, units_to_prune
 from lightning_compress.pruning.masks import (
@@ -48,7 +49,15 @@ from lightning_compress.pruning.masks import (
     apply_mask,
 )
 from lightning_compress.pruning.optimizer_state import slice_optimizer_state
-from lightning_compress.pruning.schedules import AGP, Constant, Cosine, Exponential, Linear, Schedule
+from lightning_compress.pruning.schedules import (
+    AGP,
+    Constant,
+    Cosine,
+    Exponential,
+    Linear,
+    Schedule,
+    recovery_schedule,
+)
 from lightning_compress.pruning.structured import (
     channel_norms,
     filter_mask,
@@ -92,6 +101,8 @@ __all__ = [
     "kernel_scores",
     "magnitude_mask",
     "plan_compaction",
+    "pruned_architecture",
+    "recovery_schedule",
     "schedules",
     "select_units",
     "slice_optimizer_state",
