@@ -63,18 +63,23 @@ class MagnitudePruning(PruningCallback):
         gamma: splicing update probability decay.
         power: splicing update probability exponent.
         seed: seeds the splicing update draws (the same on every rank, reproducible on resume).
-        schedule: progress towards ``sparsity`` (magnitude method).
+        schedule: progress towards ``sparsity`` (magnitude method). Default: AGP (Zhu & Gupta 2017) from epoch 0 to
+            ``recovery_epochs`` before the end of the fit; then the masks are fixed and the remaining epochs recover.
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip.
         prune_classifier: also prune the last layer.
         log_histograms: per-layer sparsity histogram in TensorBoard.
+        recovery_epochs: epochs trained with the final masks at the end of the fit (magnitude method; ``None``: a
+            third of ``max_epochs``, rounded up); with a ``schedule`` given, the masks are fixed when it ends, and a
+            warning says when it leaves fewer recovery epochs.
         prune_embeddings: also prune embedding layers.
 
     Raises:
         ValueError: for a sparsity outside [0, 1), an unknown method, granularity or scope, ``p`` not in {1, 2},
             a negative threshold, ``a >= b``, only one of ``a`` and ``b``, a negative or non-finite ``gamma`` or
-            ``power``, or a schedule with the threshold method.
+            ``power``, a schedule with the threshold method, or ``recovery_epochs`` that is not an integer >= 0
+            or comes with another method than magnitude.
 
     Example (YAML)::
 
@@ -105,9 +110,13 @@ class MagnitudePruning(PruningCallback):
         exclude: str | list[str] | None = None,
         prune_classifier: bool = False,
         log_histograms: bool = True,
+        recovery_epochs: int | None = None,
         prune_embeddings: bool = False,
     ) -> None:
         check_sparsity(sparsity)
+        if method != "magnitude" and recovery_epochs is not None:
+            raise ValueError(f"recovery_epochs paces the magnitude method's schedule; method={method!r} has none, "
+                             f"got recovery_epochs={recovery_epochs!r}.")
         for name, value, allowed in (("method", method, METHODS), ("granularity", granularity, GRANULARITIES),
                                      ("scope", scope, SCOPES)):
             if value not in allowed:
@@ -127,8 +136,9 @@ class MagnitudePruning(PruningCallback):
             raise ValueError(f"scope='global' ranks single weights; use granularity='element', got {granularity!r}.")
         if method != "magnitude" and granularity != "element":
             raise ValueError(f"granularity={granularity!r} needs method='magnitude', got method={method!r}.")
+        self.recovers = method == "magnitude"  # threshold and splicing prune from the start
         super().__init__(sparsity, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude,
-                         prune_classifier, log_histograms)
+                         prune_classifier, log_histograms, recovery_epochs)
         self.method, self.granularity, self.scope = method, granularity, scope
         self.threshold, self.p = threshold, p
         self.a, self.b, self.c, self.gamma, self.power, self.seed = a, b, c, gamma, power, seed

@@ -32,6 +32,7 @@ from lightning_compress.quantization.quantizers import (
     validate_flag,
     validate_reduce_range,
 )
+from lightning_compress.quantization.uncalled import release_uncalled
 from lightning_compress.utils.data import batch_labels
 from lightning_compress.utils.modes import eval_mode
 from lightning_compress.utils.outputs import model_inputs, model_logits, move_inputs, run_model
@@ -375,6 +376,7 @@ def quantize_model(
             finally:
                 for layer in quantized.values():
                     layer.input_quantizer.calibrating, layer.weight_quantizer.enabled = False, True
+            release_uncalled(quantized, "quantize_model")  # read through their weights: float, with the reason
         with torch.no_grad():
             _finish_calibration(quantized, calibrators, settings)
     return qmodel.eval()
