@@ -31,7 +31,7 @@ from _common import machine, markdown_table, parse_no_options, quiet_trainer
 
 SEQ, VOCAB, GROUP = 12, 20, 6
 SEEDS = (0, 1, 2)
-STUDENT_EPOCHS, TEACHER_EPOCHS = 20, 6
+STUDENT_EPOCHS, TEACHER_EPOCHS = 20, 15
 TEACHER, STUDENT = (48, 4, 4), (24, 2, 2)  # hidden, layers, heads
 TEACHER_DATA, STUDENT_DATA = 3072, 256
 

@@ -156,3 +156,23 @@ def test_without_compression_target_the_module_runs_or_gets_the_friendly_message
     pruning = MagnitudePruning(sparsity=0.5)
     trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(UserModule(), loader())
     assert "classifier" not in pruning.masks and "bert.encoder.layer.0.attention.self.query" in pruning.masks
+
+
+def test_gpt2_distills_with_cosine_hidden_states_and_its_conv1d_layers_are_pruned(trainer_factory):
+    def gpt2(width: int, layers: int) -> Any:
+        config = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=width, n_layer=layers, n_head=2,
+                                         num_labels=3, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                         attn_implementation="eager")
+        return transformers.GPT2ForSequenceClassification(config)
+
+    knowledge = TransformerKnowledge(hidden_weight=1.0, hidden_loss="cosine", attention_weight=1.0, layer_map="last")
+    module = DistillationModule(gpt2(16, 1), gpt2(32, 2), transformer=knowledge)
+    pruning = MagnitudePruning(sparsity=0.5)
+    trainer = trainer_factory(callbacks=[pruning], max_epochs=1, logger=False)
+    trainer.fit(module, loader())
+    assert 0 < float(trainer.callback_metrics["distill/hidden"]) <= 2  # 1 - cos
+    assert float(trainer.callback_metrics["distill/attention_kl"]) > 0
+    assert set(pruning.masks) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                  "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}  # Conv1D, no embeddings
+    weight = module.student.transformer.h[0].attn.c_attn.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

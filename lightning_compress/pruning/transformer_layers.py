@@ -72,12 +72,16 @@ def _matches_any_name(pattern: str, names: list[str]) -> bool:
 def transformer_aware_layers(model: nn.Module, modules: dict[str, Any], layers: str | Sequence[str] | None,
                              exclude: str | Sequence[str] | None, prune_embeddings: bool) -> dict[str, Any]:
     """``modules`` (selected by name and type) without embeddings unless ``prune_embeddings``, plus the fused Q/K/V
-    weight of each ``nn.MultiheadAttention`` (as ``<name>.in_proj``, an :class:`InProjection`) that ``layers`` (all
-    when ``None``) chooses and ``exclude`` does not."""
+    weight of each ``nn.MultiheadAttention`` (as ``<name>.in_proj``, an :class:`InProjection`) and each Hugging
+    Face ``Conv1D`` (GPT-2) that ``layers`` (all when ``None``) chooses and ``exclude`` does not."""
     chosen = {n: m for n, m in modules.items() if prune_embeddings or not is_embedding(model, n, m)}
     includes = [layers] if isinstance(layers, str) else list(layers or [])
     excludes = [exclude] if isinstance(exclude, str) else list(exclude or [])
     for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), nn.Parameter) \
+                and (not includes or _matches(name, includes)) and not _matches(name, excludes) \
+                and (prune_embeddings or not is_embedding(model, name, module)):
+            chosen.setdefault(name, module)  # Hugging Face's Conv1D (GPT-2's Linear, weight transposed)
         if not isinstance(module, nn.MultiheadAttention) or module.in_proj_weight is None:
             continue
         names = [name, f"{name}.{IN_PROJ}"]
