@@ -1,6 +1,6 @@
 """Pruning with the defaults only, on the shapes workload: does the network recover?
 
-    python examples/compression_defaults.py            # the full table (one seed; ~30-60 min on a busy 2-core CPU)
+    python examples/compression_defaults.py            # the full table (one seed; 37 min on the busy 2-core dev CPU)
     python examples/compression_defaults.py --quick    # one epoch, a few batches (what the tests run)
 
 The user's network is ``PlainCNN(width=16, image_size=16)`` (three conv-BN-ReLU blocks, flatten, linear) on
