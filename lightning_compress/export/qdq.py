@@ -153,14 +153,13 @@ class QDQLayer(nn.Module):
         super().__init__()
         inp, wq = layer.input_quantizer, layer.weight_quantizer
         _check_static(inp)
-        _check_static(wq)
         self.kind = "linear" if isinstance(layer, nn.Linear) else f"conv{layer.weight.dim() - 2}d"
         if self.kind != "linear":
             if layer.padding_mode != "zeros":
                 raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported; only 'zeros'")
             self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
                                                                      layer.groups)
-        if wq.enabled:
+        if wq.enabled and not wq.calibrating:  # a calibrating weight quantizer passes the float weight through
             q, scale = quantized_weight(layer.weight, wq.current_amax(layer.weight), wq.num_bits)
         else:
             q, scale = layer.weight.detach().float().clone(), torch.ones(layer.weight.shape[0])

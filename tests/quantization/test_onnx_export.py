@@ -169,3 +169,20 @@ def test_callback_writes_the_file_at_fit_end(tmp_path):
     assert set(deployed["latency_ms"]) == set(deployed["torch_latency_ms"]) == {1, 64}
     with pytest.raises(ValueError, match="opset=9"):
         OnnxExport(opset=9)
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_exports_with_keyword_inputs(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = {"attention_mask": torch.ones(8, 12, dtype=torch.long),  # not forward's order: matched by name
+              "input_ids": torch.randint(0, 100, (8, 12), generator=generator)}
+    fq = quantize_model(bert, "static", [tokens])
+    result = export_onnx(fq, tokens, tmp_path / "bert.onnx")
+    assert result["quantized_layers"] == 8 and result["agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
+    session = ort_session(tmp_path / "bert.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
