@@ -175,6 +175,7 @@ def export_onnx(
     max_abs_diff: float | None = None,
     fold_bn: bool = True,
     integer_kernels: bool | None = None,
+    int8_embeddings: bool = False,
     dynamic_batch: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` (float, compacted or fake-quantized) to ONNX at ``path``, verified in onnxruntime first.
@@ -194,6 +195,8 @@ def export_onnx(
             kernels over int8 weights (``False``), or integer kernels where they are exact on every x86 CPU
             (``None``: inputs quantized to 7 bits, ``reduce_range=True``; without AVX-512 VNNI onnxruntime's int8
             MatMul / Conv saturate on 8-bit activations, see :func:`~lightning_compress.export.qdq.exact_everywhere`).
+        int8_embeddings: store ``nn.Embedding`` tables as int8 rows with per-row scales (weight-only; the PyTorch
+            model keeps them float, so this changes the numbers: the verification measures by how much).
         dynamic_batch: make the first dimension of every input dynamic.
 
     Returns:
@@ -208,8 +211,8 @@ def export_onnx(
     """
     _validate(opset, min_agreement, max_abs_diff)
     layers = quantized_layers(model)
-    deployable = (qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels) if layers
-                  else _eval_copy(model)).cpu()
+    deployable = (qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels, embeddings=int8_embeddings)
+                  if layers or int8_embeddings else _eval_copy(model)).cpu()
     example_inputs = _to_cpu(example_inputs)
     proto = _to_onnx(deployable, example_inputs, opset, dynamic_batch)
     fused_convs = quantize_conv_outputs(proto) if layers and integer_kernels is not False else 0

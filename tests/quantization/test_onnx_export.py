@@ -123,6 +123,24 @@ def test_conv1d_and_transformer_qdq_agree(tmp_path, reduce_range):
         assert result["relative_error"] < (1e-2 if reduce_range else 1e-5), (name, result)
 
 
+def test_int8_embeddings_shrink_the_file_and_are_verified(tmp_path):
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(500, 32), nn.Linear(32, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (32, 10), generator=torch.Generator().manual_seed(0))
+    fq = quantize_model(Bag().eval(), "static", ids)
+    plain = export_onnx(fq, ids, tmp_path / "plain.onnx")
+    small = export_onnx(fq, ids, tmp_path / "small.onnx", int8_embeddings=True)
+    assert small["size_bytes"] < 0.4 * plain["size_bytes"] and small["agreement"] >= 0.995
+    assert 0 < small["max_abs_diff"] and _initializers(tmp_path / "small.onnx")["embed.table_q"].dtype == torch.int8
+
+
 def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
     x = _inputs(16, 1, 8, 8)
     model = PlainCNN(width=8).eval()
