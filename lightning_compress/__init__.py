@@ -21,6 +21,7 @@ from lightning_compress.export.onnx_callback import OnnxExport
 from lightning_compress.loading import load_compressed
 from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.pruning.filter_callback import FilterPruning
+from lightning_compress.pruning.head_callback import HeadPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
 from lightning_compress.quantization.qat_callback import PostTrainingQuantization, QuantizationAwareTraining
@@ -33,6 +34,7 @@ __all__ = [
     "DistillationModule",
     "DynamicChannelPruning",
     "FilterPruning",
+    "HeadPruning",
     "Int8Export",
     "LayerPruning",
     "MagnitudePruning",

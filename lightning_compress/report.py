@@ -22,6 +22,7 @@ from lightning_compress.measure import (
 )
 from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, collect_inputs
+from lightning_compress.utils.outputs import move_inputs
 
 __all__ = ["CompressionReport", "collect_inputs", "measure_model"]
 
@@ -167,7 +168,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Public override point: the batch the model is measured on (``batch_size`` validation inputs)."""
-        return collect_inputs(trainer, self.batch_size).to(pl_module.device)
+        return move_inputs(collect_inputs(trainer, self.batch_size), pl_module.device)
 
     def model_to_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """Public override point: the network measured (the compression target by default)."""
@@ -243,7 +244,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
             accuracy = self._reference_accuracy.get(name)
             if isinstance(reference, nn.Module):
                 device = next((p.device for p in reference.parameters()), torch.device("cpu"))
-                reference = measure_model(reference, inputs.to(device) if torch.is_tensor(inputs) else inputs,
+                reference = measure_model(reference, move_inputs(inputs, device),
                                           accuracy=accuracy, latency_runs=self.latency_runs, warmup=self.warmup,
                                           num_threads=self.num_threads)
             elif accuracy is not None:

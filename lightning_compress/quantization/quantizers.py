@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_compress.quantization.functional import (
     fake_quantize,
@@ -38,6 +39,7 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
+    "QuantNonDynamicallyQuantizableLinear",
     "QuantSpec",
     "TensorQuantizer",
     "attach_quantizer",
@@ -166,6 +168,8 @@ class TensorQuantizer(nn.Module):
         #: maps a batch's max |x| to the range all ranks agree on (DDP: an all-reduce MAX); set while calibrating
         self.range_reducer: Callable[[float], float] | None = None
         self.min_seen = float("inf")
+        #: a range tracker (``qat_ranges.RangeTracker``) updating ``amax`` at every call while set (QAT steps)
+        self.tracker: Any = None
 
     @property
     def qmax(self) -> int:
@@ -235,6 +239,9 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.tracker is not None:
+            with torch.no_grad():
+                self.amax.copy_(self.tracker.update(x).reshape(self.amax.shape).to(self.amax))
         if self.learn == "lsq":
             return lsq_fake_quantize(x, self._step_view(x), num_bits=self.num_bits, unsigned=self.unsigned)
         if self.learn == "pact":
@@ -284,10 +291,18 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
+class QuantNonDynamicallyQuantizableLinear(_QuantLayer, NonDynamicallyQuantizableLinear):
+    """``MultiheadAttention.out_proj`` with fake-quantized input and weight, where it is called as a layer."""
+
+    def _float_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
 QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
+    NonDynamicallyQuantizableLinear: QuantNonDynamicallyQuantizableLinear,
 }
 _FLOAT_CLASSES = {quant: base for base, quant in QUANT_CLASSES.items()}
 
