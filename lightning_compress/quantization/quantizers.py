@@ -325,7 +325,8 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     unsigned = spec.unsigned or spec.learn == "pact"
     if is_quantized(module):
         inp, wq = module.input_quantizer, module.weight_quantizer
-        same = (inp.learn == spec.learn and inp.unsigned == unsigned and wq.num_bits == spec.num_bits
+        signs = inp.unsigned == unsigned or (inp.sign_from_data and not unsigned)  # unsigned from its data: same
+        same = (inp.learn == spec.learn and signs and wq.num_bits == spec.num_bits
                 and inp.num_bits == spec.input_bits and (wq.axis == 0) == spec.per_channel)
         if same:
             return module
