@@ -44,7 +44,7 @@ OUTPUT = Path("runs") / "compression_defaults"
 
 class Settings(ExampleSettings):
     def __init__(self, quick: bool) -> None:
-        super().__init__(quick, seeds=1, epochs=(1, 10), finetune_epochs=(1, 10), recovery=((0,), (0,)),
+        super().__init__(quick, seeds=1, epochs=(1, 10), finetune_epochs=(1, 10), recovery=((), (0,)),
                          samples_per_class=(40, 600), recipes=(("Adam",), tuple(RECIPES)))
 
 

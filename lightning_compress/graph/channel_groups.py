@@ -7,6 +7,7 @@ producers that share at least one channel form one group (a residual stage, a co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["ChannelGroup", "ChannelInfo", "collect_groups"]
 
@@ -17,7 +18,7 @@ class ChannelInfo:
     roles producer, batchnorm and depthwise, and reads ``(consumer, input index, value, foldable)``."""
 
     blocked: list[str] = field(default_factory=list)
-    members: list[tuple[str, str, int]] = field(default_factory=list)  # (module, role, index)
+    members: list[tuple[str, str, int]] = field(default_factory=list)  # (module or parameter, role, index)
     reads: list[tuple[str, int, float, bool]] = field(default_factory=list)  # (consumer, index, value, foldable)
 
 
@@ -35,6 +36,10 @@ class ChannelGroup:
         consumers: layers reading them as input channels or features.
         blocked: reasons why channels of this group cannot be removed (empty when free).
         roots: the union-find roots, one per channel (internal).
+        parameters: per-channel parameters of non-leaf modules (e.g. ConvNeXt's ``layer_scale``), by qualified
+            name, sliced along their first dimension.
+        segments: for a group through a grouped convolution, ``(conv group, position in it)`` per channel: the
+            same positions must go from every conv group (as Torch-Pruning does); ``None`` otherwise.
     """
 
     producers: dict[str, list[int | None]]
@@ -43,6 +48,8 @@ class ChannelGroup:
     consumers: dict[str, list[list[int]]]
     blocked: list[str]
     roots: list[int]
+    parameters: dict[str, list[int | None]] = field(default_factory=dict)
+    segments: list[tuple[int, int]] | None = None
 
     @property
     def size(self) -> int:
@@ -86,13 +93,19 @@ def collect_groups(merged: dict[int, ChannelInfo]) -> list[ChannelGroup]:
     return result
 
 def _group(roots: list[int], merged: dict[int, ChannelInfo]) -> ChannelGroup:
-    maps: dict[str, dict[str, list]] = {"producer": {}, "batchnorm": {}, "depthwise": {}, "consumer": {}}
+    maps: dict[str, dict[str, Any]] = {"producer": {}, "batchnorm": {}, "depthwise": {}, "consumer": {},
+                                       "parameter": {}}
     blocked: list[str] = []
     for k, root in enumerate(roots):
         meta = merged[root]
         for module, role, index in meta.members:
-            maps[role].setdefault(module, [None] * len(roots))[k] = index
+            if module not in maps[role]:
+                maps[role][module] = [None] * len(roots)
+            maps[role][module][k] = index
         for module, index, _, _ in meta.reads:
-            maps["consumer"].setdefault(module, [[] for _ in roots])[k].append(index)
+            if module not in maps["consumer"]:
+                maps["consumer"][module] = [[] for _ in roots]
+            maps["consumer"][module][k].append(index)
         blocked += [reason for reason in meta.blocked if reason not in blocked]
-    return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots)
+    return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots,
+                        maps["parameter"])

@@ -20,6 +20,7 @@ __all__ = [
     "RESHAPES",
     "bn_affine",
     "has_padding",
+    "has_state",
     "indexes_positions_only",
     "keeps_batch_and_channels",
     "nan_values",
@@ -34,6 +35,7 @@ ELEMENTWISE = {
     "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "contiguous", "clone", "detach", "float",
     "ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardtanh", "Hardswish", "Hardsigmoid", "ELU",
     "SELU", "CELU", "Softplus", "Mish", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity",
+    "stochastic_depth", "StochasticDepth", "drop_path", "DropPath",  # per-sample scalings: zero stays zero
 }  # fmt: skip
 #: Reshapes that keep the batch dimension (a flatten spreads each channel over a block of features).
 RESHAPES = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "Flatten"}
@@ -51,6 +53,12 @@ def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     beta = bn.bias.detach().cpu().double() if bn.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
+
+
+def has_state(module: nn.Module) -> bool:
+    """Whether a module has parameters or buffers (then its channels tie every place it is called from); a
+    stateless module (a ReLU or pooling reused across a residual block) is followed call by call."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def nan_values(x: Tensor) -> Tensor:

@@ -154,9 +154,32 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
             if positions and all(k in removable for k in positions):  # never an empty layer
                 removable.remove(positions[0])
                 kept_reasons.setdefault("a layer keeps at least one channel", []).append(positions[0])
+        for _ in range(3):  # chained grouped convolutions: until every one agrees
+            for name, (count, _) in graph.grouped.items():
+                if name in group.producers:
+                    _same_positions_per_group(group.producers[name], count, removable, kept_reasons)
         plan.removable.append(removable)
         plan.skipped += [(g, positions, reason) for reason, positions in kept_reasons.items()]
     return plan
+
+
+def _same_positions_per_group(indices: list[int | None], groups: int, removable: list[int],
+                              kept_reasons: dict[str, list[int]]) -> None:
+    """A grouped convolution loses the same positions from every one of its ``groups`` (it stays grouped): keep
+    the removable channels whose position is not removable in every group."""
+    width = len(indices) // groups
+    by_position: dict[int, list[int]] = {}
+    for k in removable:
+        index = indices[k]
+        if index is not None:
+            by_position.setdefault(index % width, []).append(k)
+    full = [p for p, members in by_position.items() if len(members) == groups]
+    dropped = [p for p in by_position if p not in full] + (full[:1] if len(full) == width else [])
+    for p in dropped:
+        for k in by_position[p]:
+            removable.remove(k)
+            kept_reasons.setdefault("a grouped convolution loses the same positions from each of its groups",
+                                    []).append(k)
 
 
 def compact(
@@ -197,6 +220,13 @@ def compact(
     for name, module in compacted.named_modules():
         if name in out_remove or name in in_remove:
             plan.replacements += _shrink(name, module, out_remove.get(name, set()), in_remove.get(name, {}))
+    parameters = dict(compacted.named_parameters())
+    with torch.no_grad():
+        for name in set(out_remove) & set(parameters):  # per-channel parameters of non-leaf modules
+            owner, _, attr = name.rpartition(".")
+            keep = _keep(parameters[name].shape[0], out_remove[name], parameters[name].device)
+            plan.replacements.append(_replace(owner, compacted.get_submodule(owner), attr, parameters[name][keep],
+                                              (keep,)))
     return (compacted, plan) if return_plan else compacted
 
 
@@ -226,11 +256,15 @@ def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dic
         assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         weight = module.weight.detach()
         keep_out = _keep(weight.shape[0], out_removed, weight.device)
-        depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-        keep_in = keep_out if depthwise else _keep(weight.shape[1], in_removed, weight.device)
+        groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
+        depthwise = groups > 1 and weight.shape[1] == 1 and getattr(module, "in_channels", 0) == groups
+        if groups > 1 and not depthwise:  # grouped: the same positions go from every group
+            keep_in = _keep(weight.shape[1], {i % weight.shape[1] for i in in_removed}, weight.device)
+        else:
+            keep_in = keep_out if depthwise else _keep(weight.shape[1], in_removed, weight.device)
         bias = module.bias.detach().clone() if module.bias is not None else None
         folds = {i: c for i, c in in_removed.items() if c != 0}
-        if folds and not depthwise:
+        if folds and groups == 1:
             columns = weight[:, list(folds)].flatten(2).sum(2) if weight.dim() > 2 else weight[:, list(folds)]
             delta = columns.double() @ torch.tensor(list(folds.values()), dtype=torch.float64, device=weight.device)
             bias = (bias if bias is not None else weight.new_zeros(weight.shape[0])) + delta.to(weight.dtype)
@@ -242,7 +276,7 @@ def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dic
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = len(keep_out), len(keep_in)
         else:
-            module.in_channels = len(keep_in) if depthwise else len(keep_in) * module.groups
+            module.in_channels = len(keep_in) if depthwise else len(keep_in) * groups
             module.out_channels = len(keep_out)
             module.groups = len(keep_out) if depthwise else module.groups
     return replaced

@@ -1,11 +1,14 @@
-"""Channel dependency analysis: which channels of which layers must shrink together (DepGraph's idea).
+"""Channel dependency analysis: which channels of which layers must shrink together (DepGraph, Fang et al. 2023).
 
-Every channel of every traced tensor (dimension 1; features of a flattened tensor) is a *channel variable*.
-Producers (conv, linear) create fresh variables; BatchNorm, activations, pooling, depthwise convolutions and
-flattening carry them (a flatten repeats a channel over its spatial block of features); residual additions (any
-elementwise op of two traced tensors) unite the variables position by position; concatenation along channels
-appends them. A union-find turns united variables into one channel: removing it removes a filter from every
-producer, the channel from every BatchNorm and depthwise conv, and the matching inputs of every consumer.
+Every channel of every traced tensor is a *channel variable*; a tensor knows which of its dimensions index its
+channels (dimension 1, the last one after a channels-last ``permute``, several after a channel-shuffle ``view``).
+Producers (conv, linear, ``F.linear`` on a ``Linear``'s own parameters) create fresh variables; BatchNorm,
+activations, pooling, stochastic depth, depthwise convolutions and pure moves (view, reshape, permute, flatten, ...,
+see :mod:`~lightning_compress.graph.channel_moves`) carry them; elementwise ops of traced tensors (residual
+additions, squeeze-excitation products) unite them position by position; a grouped convolution with as many inputs as
+outputs ties input ``i`` to output ``i``; equal chunks and the groups of a shuffle tie their positions; concatenation
+along channels appends. Stateless modules are followed call by call (a ReLU reused across a ResNet block); a
+module with state called twice ties its calls and is blocked. A union-find turns united variables into one channel.
 
 Alongside, each tensor channel carries its *value* when it is provably constant over batch and positions
 (``nan`` otherwise): a zero filter gives its bias, eval-mode BatchNorm gives ``beta - gamma * mu / sigma`` for a
@@ -13,12 +16,10 @@ constant input, activations map constants to constants. A channel may be removed
 it as zero or as a constant that folds exactly into the consumer's bias (always for ``Linear``; for convolutions
 only without padding, since zero padding makes a constant channel's contribution vary at the borders).
 
-Channels are blocked (kept) where they meet something the analysis does not model: the model's inputs and
-outputs, grouped convolutions other than depthwise with one filter per channel, transposed convolutions,
-``Linear`` on inputs with more than 2 dimensions, modules called more than once, indexing, splits, reductions over
-channels, norms other than BatchNorm with running statistics, functional convolutions (``F.conv2d`` with weights of
-its own) and any other unknown operation; the reasons are listed in each group's ``blocked``. Not detected: a
-forward whose control flow depends on channel counts (the compact model may take another branch) and parameters
+Channels are blocked (kept) where they meet something the analysis does not model, with the reason in the group's
+``blocked``: the model's inputs and outputs, norms over channels (LayerNorm, GroupNorm: removing a channel changes
+the others' statistics), transposed or other grouped convolutions, slices at fixed channel positions, reductions
+over channels and any unknown operation. Not detected: control flow that depends on channel counts, parameters
 shared between layers.
 
 >>> import torch.nn.functional as F
@@ -36,44 +37,40 @@ shared between layers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.graph.channel_groups import ChannelGroup, ChannelInfo, collect_groups
+from lightning_compress.graph.channel_groups import ChannelGroup, collect_groups
+from lightning_compress.graph.channel_moves import MOVES, moved_channels
 from lightning_compress.graph.channel_ops import (
     CONCATS,
     ELEMENTWISE,
     REDUCTIONS,
-    RESHAPES,
     bn_affine,
     has_padding,
-    indexes_positions_only,
+    has_state,
     keeps_batch_and_channels,
     nan_values,
     unpadded,
 )
+from lightning_compress.graph.channel_vars import ChannelVariables
 from lightning_compress.graph.tracing import Call, Trace, eval_mode, tensors_in, trace
 
 __all__ = ["ChannelGroup", "DependencyGraph", "build_graph", "filter_groups"]
 
-@dataclass
-class _Tensor:
-    vars: list[int]
-    value: Tensor  # (C,) float64, nan where not provably constant
 
-
-class DependencyGraph:
+class DependencyGraph(ChannelVariables):
     """The result of :func:`build_graph`: channel variables, their members, reads, values and blocks."""
 
     def __init__(self, model: nn.Module, recorded: Trace) -> None:
+        super().__init__()
         self.model, self.trace = model, recorded
-        self.parent: list[int] = []
-        self.vars: list[ChannelInfo] = []
-        self.tensors: dict[int, _Tensor] = {}
         self.calls_per_module: dict[str, int] = {}
+        self.grouped: dict[str, tuple[int, int]] = {}  # grouped convolution -> (groups, channels)
+        self.parameter_owner = {id(p): name for name, p in model.named_parameters()}
+        self.modules = dict(model.named_modules())
         for call in recorded.calls:
             if call.module is not None:
                 self.calls_per_module[call.name] = self.calls_per_module.get(call.name, 0) + 1
@@ -84,64 +81,32 @@ class DependencyGraph:
         for x in recorded.outputs:
             self._block(self._get(x), "model output")
 
-    # union-find ---------------------------------------------------------------------------------------------
-    def find(self, v: int) -> int:
-        while self.parent[v] != v:
-            self.parent[v] = self.parent[self.parent[v]]
-            v = self.parent[v]
-        return v
-
-    def _union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def _fresh(self, n: int, reason: str | None = None) -> list[int]:
-        start = len(self.vars)
-        for _ in range(n):
-            self.parent.append(len(self.vars))
-            self.vars.append(ChannelInfo(blocked=[reason] if reason else []))
-        return list(range(start, start + n))
-
-    def var(self, v: int) -> ChannelInfo:
-        """Merged metadata of the channel whose union-find root is ``v``."""
-        return self.merged()[self.find(v)]
-
     def groups(self) -> list[ChannelGroup]:
         """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
-        return collect_groups(self.merged())
-
-    def merged(self) -> dict[int, ChannelInfo]:
-        """Metadata of every channel, merged over united variables, keyed by root."""
-        roots: dict[int, ChannelInfo] = {}
-        for v, meta in enumerate(self.vars):
-            out = roots.setdefault(self.find(v), ChannelInfo())
-            out.blocked += meta.blocked
-            out.members += meta.members
-            out.reads += meta.reads
-        return roots
-
-    # tensors ------------------------------------------------------------------------------------------------
-    def _get(self, x: Any) -> _Tensor | None:
-        return self.tensors.get(id(x)) if isinstance(x, Tensor) else None
-
-    def _set(self, x: Tensor, variables: list[int], value: Tensor) -> None:
-        if x.dim() >= 2 and len(variables) == x.shape[1] and value.numel() == x.shape[1]:
-            self.tensors[id(x)] = _Tensor(variables, value)
-        else:
-            self.tensors[id(x)] = _Tensor(self._fresh(x.shape[1] if x.dim() >= 2 else 0, "unmodelled shape"),
-                                          nan_values(x))
-
-    def _block(self, t: _Tensor | None, reason: str) -> None:
-        if t is not None:
-            for v in t.vars:
-                self.vars[v].blocked.append(reason)
+        groups = collect_groups(self.merged())
+        for group in groups:
+            convs = [name for name in group.producers if name in self.grouped]
+            if convs:
+                groups_count, channels = self.grouped[convs[0]]
+                width = channels // groups_count
+                indices = [i for i in group.producers[convs[0]] if i is not None]
+                if len(indices) == group.size:
+                    group.segments = [(i // width, i % width) for i in indices]
+        return groups
 
     def _opaque(self, call: Call, reason: str) -> None:
-        for x in tensors_in((call.args, call.kwargs)):
-            self._block(self._get(x), reason)
+        inputs = [(x, t) for x in tensors_in((call.args, call.kwargs)) if (t := self._get(x)) is not None]
+        for _, t in inputs:
+            self._block(t, reason)
         for y in tensors_in(call.output):
-            self._set(y, self._fresh(y.shape[1] if y.dim() >= 2 else 0, reason), nan_values(y))
+            # an output shaped like an input keeps its channel layout (a channels-last LayerNorm stays channels-last)
+            dims = next((t.dims for x, t in inputs if x.dim() == y.dim() > max(t.dims) and all(
+                x.shape[d] == y.shape[d] for d in t.dims)), None)
+            if dims is None:  # channels-last in, channels-last out (blocked either way: only the layout matters)
+                last = inputs and all(t.dims == (x.dim() - 1,) and x.dim() == y.dim() for x, t in inputs)
+                dims = (y.dim() - 1,) if last and y.dim() > 2 else (1,)
+            n = math.prod(y.shape[d] for d in dims) if y.dim() >= 2 else 0
+            self._set(y, self._fresh(n, reason), torch.full((n,), torch.nan, dtype=torch.float64), dims)
 
     # visiting calls -------------------------------------------------------------------------------------------
     def _visit(self, call: Call) -> None:
@@ -151,28 +116,83 @@ class DependencyGraph:
         outputs = tensors_in(call.output)
         if not outputs:
             return  # sizes, shapes and other non-tensor results
+        module, op = call.module, call.op
+        if module is not None and self.calls_per_module.get(call.name, 0) > 1 and has_state(module):
+            return self._opaque(call, f"module {call.name!r} is called more than once")
+        if op == "getitem" and not isinstance(call.args[0], Tensor) and all(
+                self._get(y) is not None for y in outputs):
+            return  # an element of a traced tuple (e.g. a chunk) is that traced tensor itself
+        if op in MOVES:
+            return self._move(call)
         if len(outputs) != 1:
             return self._opaque(call, f"{call.name} ({call.op}) has {len(outputs)} tensor outputs")
-        if call.module is not None and self.calls_per_module.get(call.name, 0) > 1:
-            return self._opaque(call, f"module {call.name!r} is called more than once")
-        module, op = call.module, call.op
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return self._conv(call, module)
+        name = call.name
+        if op == "linear" and (owner := self._weight_owner(call)) is not None:
+            name, module = owner
         if isinstance(module, nn.Linear):
-            return self._linear(call, module)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return self._batchnorm(call, module)
+            return self._linear(call, module, name)
         if op in ELEMENTWISE:
             return self._elementwise(call)
+        layouts = {t.dims for t in traced if t is not None}
+        if layouts != {(1,)}:
+            norm = "LayerNorm normalizes over them, removing one changes the statistics of the others" if (
+                "norm" in op.lower()) else f"unsupported operation {call.name!r} ({op})"
+            return self._opaque(call, f"{norm}: channels in dimensions {sorted(layouts)}")
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return self._conv(call, module)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return self._batchnorm(call, module)
         if "pool" in op.lower() or op in ("interpolate", "upsample", "Upsample"):
             return self._pool(call)
-        if op in RESHAPES or op in REDUCTIONS:
+        if op in REDUCTIONS:
             return self._reshape(call)
         if op in CONCATS:
             return self._concat(call)
-        if op == "getitem" and indexes_positions_only(call.args[1]):
-            return self._reshape(call)
+        if "norm" in op.lower():
+            return self._opaque(call, f"{op} {call.name!r} normalizes over channels: removing one changes the others")
         return self._opaque(call, f"unsupported operation {call.name!r} ({op})")
+
+    def _weight_owner(self, call: Call) -> tuple[str, nn.Linear] | None:
+        """``F.linear(x, layer.weight, layer.bias)`` on an ``nn.Linear``'s own parameters: treated as that layer."""
+        weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
+        bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+        owner = self.parameter_owner.get(id(weight), "")
+        module = self.modules.get(owner.rpartition(".")[0])
+        if owner.endswith("weight") and isinstance(module, nn.Linear) and bias is module.bias:
+            return owner.rpartition(".")[0], module
+        return None
+
+    def _move(self, call: Call) -> None:
+        x = call.args[0] if call.args else None
+        t = self._get(x)
+        others = [y for y in tensors_in((call.args[1:], call.kwargs)) if self._get(y) is not None]
+        if t is None or others or not isinstance(x, Tensor):
+            return self._opaque(call, f"{call.op} of several traced tensors")
+        layouts = moved_channels(call, x, t.dims)
+        if isinstance(layouts, str):
+            return self._opaque(call, layouts)
+        pieces = [positions for _, positions in layouts]
+        if any(set(p) != set(range(len(t.vars))) for p in pieces):  # a split, chunk or channel slice
+            if sorted(q for p in pieces for q in p) != list(range(len(t.vars))) or len({len(p) for p in pieces}) > 1:
+                return self._opaque(call, f"{call.op} selects channels by position (the positions shift when "
+                                          "channels are removed)")
+            for k in range(len(pieces[0])):  # equal pieces stay equal: position k goes from every piece together
+                for p in pieces[1:]:
+                    self._union(t.vars[pieces[0][k]], t.vars[p[k]])
+        for y, (dims, positions) in zip(tensors_in(call.output), layouts, strict=True):
+            if len(dims) > 1:  # channels split into (groups, per group): the same position goes from every group
+                self._tie_split(y, dims, [t.vars[p] for p in positions])
+            self._set(y, [t.vars[p] for p in positions], t.value[positions], dims)
+
+    def _tie_split(self, y: Tensor, dims: tuple[int, ...], variables: list[int]) -> None:
+        """A view of the channels as ``(groups, per group)`` (a channel shuffle): the smaller dimension is taken for
+        the fixed number of groups, and the channels at one position of the others are tied across it."""
+        sizes = [y.shape[d] for d in dims]
+        fixed = sizes.index(min(sizes))
+        grid = torch.arange(len(variables)).view(sizes).movedim(fixed, 0).reshape(sizes[fixed], -1)
+        for row in grid[1:]:
+            for a, b in zip(grid[0].tolist(), row.tolist(), strict=True):
+                self._union(variables[a], variables[b])
 
     def _conv(self, call: Call, conv: nn.modules.conv._ConvNd) -> None:
         x, y = call.args[0], call.output
@@ -191,8 +211,15 @@ class DependencyGraph:
             through = torch.where((c == 0) | torch.tensor(no_padding), c * sums, torch.nan)
             value = torch.where(zero_filter, bias, through + bias)
             return self._set(y, list(t.vars), value)
+        if conv.groups != 1 and conv.in_channels == conv.out_channels:  # channel i in and out pruned together
+            self.grouped[call.name] = (conv.groups, conv.out_channels)
+            for i, (v, c) in enumerate(zip(t.vars, t.value.tolist(), strict=True)):
+                self.vars[v].reads.append((call.name, i, c, False))
+                self.vars[v].members.append((call.name, "producer", i))
+            return self._set(y, list(t.vars), torch.where(zero_filter, bias, torch.nan))
         if conv.groups != 1:
-            return self._opaque(call, f"grouped convolution {call.name!r} (groups={conv.groups}) is kept intact")
+            return self._opaque(call, f"grouped convolution {call.name!r} (groups={conv.groups}) with "
+                                      f"{conv.in_channels} inputs and {conv.out_channels} outputs is kept intact")
         for i, (v, c) in enumerate(zip(t.vars, t.value.tolist(), strict=True)):
             self.vars[v].reads.append((call.name, i, c, no_padding))
         out = self._fresh(conv.out_channels)
@@ -200,21 +227,23 @@ class DependencyGraph:
             self.vars[v].members.append((call.name, "producer", o))
         self._set(y, out, torch.where(zero_filter, bias, torch.nan))
 
-    def _linear(self, call: Call, linear: nn.Linear) -> None:
+    def _linear(self, call: Call, linear: nn.Linear, name: str) -> None:
         x, y = call.args[0], call.output
         t = self._get(x)
-        if t is None or x.dim() != 2:
-            return self._opaque(call, f"Linear {call.name!r} on a {x.dim()}-d input is kept intact")
+        if t is None or t.dims != (x.dim() - 1,):
+            where = "none" if t is None else list(t.dims)
+            return self._opaque(call, f"Linear {name!r} on a {x.dim()}-d input with channels in dimensions {where} "
+                                      "is kept intact")
         weight = linear.weight.detach().cpu().double()
         bias = linear.bias.detach().cpu().double() if linear.bias is not None else torch.zeros(
             linear.out_features, dtype=torch.float64)
         for i, (v, c) in enumerate(zip(t.vars, t.value.tolist(), strict=True)):
-            self.vars[v].reads.append((call.name, i, c, True))
+            self.vars[v].reads.append((name, i, c, True))
         out = self._fresh(linear.out_features)
         for o, v in enumerate(out):
-            self.vars[v].members.append((call.name, "producer", o))
+            self.vars[v].members.append((name, "producer", o))
         value = torch.where(weight != 0, weight * t.value, torch.zeros(())).sum(1) + bias
-        self._set(y, out, value)
+        self._set(y, out, value, (y.dim() - 1,))
 
     def _batchnorm(self, call: Call, bn: nn.modules.batchnorm._BatchNorm) -> None:
         t = self._get(call.args[0])
@@ -232,38 +261,55 @@ class DependencyGraph:
             return self._opaque(call, f"{call.op} gives a {y.dim()}-d result")
         operands = list(tensors_in((call.args, call.kwargs)))
         traced = [(x, t) for x in operands if (t := self._get(x)) is not None]
-        others = [x for x in operands if self._get(x) is None]
-        if any(x.numel() != 1 for x in others):
-            return self._opaque(call, f"{call.op} with a non-scalar untraced tensor")
-        full = [(x, t) for x, t in traced if x.dim() == y.dim() and x.shape[1] == y.shape[1]]
-        if len(full) != len(traced) or not full:
+        dims = traced[0][1].dims
+        full = [(x, t) for x, t in traced if x.dim() == y.dim() and t.dims == dims
+                and all(x.shape[d] == y.shape[d] for d in dims)]
+        if len(full) != len(traced):
             return self._opaque(call, f"{call.op} broadcasts over channels")
+        scales = []
+        for x in operands:
+            if self._get(x) is not None or x.numel() == 1:
+                continue
+            aligned = [1] * (y.dim() - x.dim()) + list(x.shape)
+            if len(aligned) != y.dim() or any(aligned[d] != 1 for d in dims):  # not a per-sample/position scale
+                owner = self.parameter_owner.get(id(x))
+                if owner is None or len(dims) != 1 or x.dim() != y.dim() - dims[0] or x.numel() != y.shape[dims[0]]:
+                    return self._opaque(call, f"{call.op} with an untraced tensor of shape {tuple(x.shape)} "
+                                              "broadcast over channels")
+                scales.append(owner)
         first = full[0][1]
         for _, t in full[1:]:
             for a, b in zip(first.vars, t.vars, strict=True):
                 self._union(a, b)
+        for owner in scales:  # a per-channel parameter of a non-leaf module (ConvNeXt's layer scale)
+            for i, v in enumerate(first.vars):
+                self.vars[v].members.append((owner, "parameter", i))
         try:
-            value = self._evaluate(call, y)
+            value = self._evaluate(call, y, dims)
         except Exception:  # an argument pattern we cannot replay on channel values
-            value = torch.full((y.shape[1],), torch.nan, dtype=torch.float64)
+            value = torch.full((len(first.vars),), torch.nan, dtype=torch.float64)
         if call.op == "mul":  # zero times anything (e.g. a squeeze-excitation scale) is zero
             for _, t in full:
                 value = torch.where(t.value == 0, torch.zeros(()), value)
-        self._set(y, list(first.vars), value)
+        self._set(y, list(first.vars), value, dims)
 
-    def _evaluate(self, call: Call, y: Tensor) -> Tensor:
-        """Replay an elementwise op on per-channel constants shaped ``(1, C, 1, ...)``; nan where not constant."""
+    def _evaluate(self, call: Call, y: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """Replay an elementwise op on per-channel constants shaped ``(1, C, 1, ...)`` (channels along ``dims``);
+        nan where not constant."""
+        shape = [1] * y.dim()
+        for d in dims:
+            shape[d] = y.shape[d]
 
         def substitute(value: Any) -> Any:
             t = self._get(value)
             if t is not None:
-                return t.value.clone().view(1, -1, *[1] * (value.dim() - 2))
+                return t.value.clone().view(shape)
             if isinstance(value, (list, tuple)):
                 return type(value)(substitute(v) for v in value)
             return value.detach().cpu().double() if isinstance(value, Tensor) else value
 
         result = call.apply(*substitute(call.args), **substitute(call.kwargs))
-        if not isinstance(result, Tensor) or result.numel() != y.shape[1]:
+        if not isinstance(result, Tensor) or result.numel() != math.prod(shape):
             raise ValueError("not an elementwise result")
         return result.reshape(-1).double()
 
@@ -282,18 +328,12 @@ class DependencyGraph:
     def _reshape(self, call: Call) -> None:
         x, y = call.args[0], call.output
         t = self._get(x)
-        if t is None or y.dim() < 2 or y.shape[0] != x.shape[0]:
-            return self._opaque(call, f"{call.op} {tuple(x.shape)} -> {tuple(y.shape)} moves channels")
-        if call.op in REDUCTIONS and not keeps_batch_and_channels(call, x.dim()):
+        if t is None or not keeps_batch_and_channels(call, x.dim()):
             return self._opaque(call, f"{call.op} over the batch or channel dimension")
-        if y.shape[1] == x.shape[1] and y.dim() >= 2:
-            factor = x.numel() / y.numel() if call.op == "sum" else 1.0
-            return self._set(y, list(t.vars), t.value * factor)
-        block = math.prod(x.shape[2:])
-        if call.op not in RESHAPES or y.dim() != 2 or y.shape[1] != x.shape[1] * block:
+        if y.dim() < 2 or y.shape[0] != x.shape[0] or y.shape[1] != x.shape[1]:
             return self._opaque(call, f"{call.op} {tuple(x.shape)} -> {tuple(y.shape)} moves channels")
-        variables = [v for v in t.vars for _ in range(block)]
-        self._set(y, variables, t.value.repeat_interleave(block))
+        factor = x.numel() / y.numel() if call.op == "sum" else 1.0
+        self._set(y, list(t.vars), t.value * factor)
 
     def _concat(self, call: Call) -> None:
         parts = call.args[0] if call.args else call.kwargs.get("tensors", [])

@@ -23,7 +23,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Call", "Trace", "is_leaf", "op_name", "trace", "unexecuted_layers"]
+__all__ = ["Call", "Trace", "called_through_weights", "is_leaf", "op_name", "trace", "unexecuted_layers"]
 
 _LEAF_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 _INPLACE_OPERATORS = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "truediv", "idiv": "div"}
@@ -238,3 +238,34 @@ def unexecuted_layers(model: nn.Module, recorded: Trace) -> list[str]:
         if name and own and not inside and not any(id(t) in read for t in own):
             unexecuted.append(name)
     return unexecuted
+
+
+def called_through_weights(model: nn.Module, recorded: Trace) -> dict[str, str]:
+    """Conv and linear layers whose ``forward`` the recorded pass never ran although their weight was used: read by
+    a function (``F.linear(x, layer.weight)``, as in torchvision's Swin) or inside a leaf that reads its children's
+    weights (``nn.MultiheadAttention``'s ``out_proj``). Maps each name to who reads it; quantized forwards and
+    forward hooks never see such layers.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)
+    >>> net = Net()
+    >>> called_through_weights(net, trace(net, torch.randn(2, 2)))
+    {'fc': 'linear'}
+    """
+    ran = {call.name for call in recorded.calls if call.module is not None}
+    readers = {id(x): call.op for call in recorded.calls for x in tensors_in((call.args, call.kwargs))}
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or name in ran:
+            continue
+        inside = any(name.startswith(f"{r}.") and isinstance(model.get_submodule(r), nn.MultiheadAttention)
+                     for r in ran)
+        if id(module.weight) in readers:
+            found[name] = readers[id(module.weight)]
+        elif inside:
+            found[name] = "MultiheadAttention"  # F.multi_head_attention_forward reads out_proj.weight
+    return found

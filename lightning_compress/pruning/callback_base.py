@@ -24,7 +24,9 @@ from lightning_compress.pruning.schedules import (
     recovery_schedule,
     sparsity_at,
 )
-from lightning_compress.utils import compression_target, execution_order, first_tensor, log_histogram
+from lightning_compress.utils import compression_target, execution_order, log_histogram
+from lightning_compress.utils.data import explain_forward_failure
+from lightning_compress.utils.outputs import model_inputs, move_inputs
 
 
 class PruningCallback(Callback):
@@ -132,7 +134,9 @@ class PruningCallback(Callback):
         """On the first training batch: drop the final classifier (traced), validate, restore or initialise."""
         if not self.prune_classifier:  # the network's last layer, whether or not the patterns chose it
             candidates = select_layers(self._target, None, types=self.types)
-            order = execution_order(self._target, first_tensor(batch).to(pl_module.device), list(candidates))
+            with explain_forward_failure(self._target, batch, type(self).__name__):
+                order = execution_order(self._target, move_inputs(model_inputs(batch), pl_module.device),
+                                        list(candidates))
             if order and order[-1] in self._modules:
                 self._modules.pop(order[-1])
         if not self._modules:

@@ -15,12 +15,12 @@ from lightning_compress.graph.batchnorm import batchnorm_after
 from lightning_compress.graph.layers import select_layers
 from lightning_compress.graph.tracing import unexecuted_layers
 from lightning_compress.pruning.callback_base import PruningCallback
-from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.filter_final import FinalPruneSteps, Origins
 from lightning_compress.pruning.filter_state import FilterState, check_options
 from lightning_compress.pruning.groups import (
     PrunableGroup,
     from_dependency_group,
+    group_keep_mask,
     group_scores,
     pruned_channel_masks,
 )
@@ -339,7 +339,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             if previous is not None and self.mode == "hard":
                 scores[~previous] = -1.0  # already pruned channels rank lowest and stay pruned
                 k = max(k, int((~previous).sum()))
-            keep = lowest_k_mask(scores, k)
+            keep = group_keep_mask(scores, k, group.segments)
             if previous is not None and self.mode == "soft":
                 self.revived_filters += int((keep & ~previous).sum())
             masks.update(self._producer_masks(group, keep))

@@ -31,6 +31,7 @@ class PrunableGroup:
     depthwise: dict[str, torch.Tensor] = field(default_factory=dict)
     batchnorms: dict[str, torch.Tensor] = field(default_factory=dict)
     consumers: dict[str, list[list[int]]] = field(default_factory=dict)
+    segments: list[tuple[int, int]] | None = None  # (conv group, position) through a grouped convolution
 
     @property
     def size(self) -> int:
@@ -53,7 +54,26 @@ def from_dependency_group(group: object) -> PrunableGroup:
         depthwise=_indices(group.depthwise),  # type: ignore[attr-defined]
         batchnorms=_indices(group.batchnorms),  # type: ignore[attr-defined]
         consumers=dict(group.consumers),  # type: ignore[attr-defined]
+        segments=getattr(group, "segments", None),
     )
+
+
+def group_keep_mask(scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Keep-mask pruning the ``k`` lowest-scoring channels; through a grouped convolution (``segments``), the
+    ``round(k / groups)`` positions of lowest summed score go from every conv group (Torch-Pruning's rule).
+
+    >>> group_keep_mask(torch.tensor([1.0, 5.0, 2.0, 0.5]), 2, [(0, 0), (0, 1), (1, 0), (1, 1)]).tolist()
+    [False, True, False, True]
+    """
+    if not segments:
+        return lowest_k_mask(scores, k)
+    position = torch.tensor([p for _, p in segments])
+    groups = len({g for g, _ in segments})
+    width = int(position.max()) + 1
+    summed = torch.zeros(width, dtype=torch.float64).index_add_(0, position, scores.double())
+    drop = lowest_k_mask(summed, min(round(k / groups), width - 1))
+    return drop[position]
+
 
 
 def _rows(weight: torch.Tensor, index: torch.Tensor, along: int) -> torch.Tensor:
@@ -150,7 +170,7 @@ def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, 
             continue
         group = from_dependency_group(dependency_group)
         scores = group_scores(group, modules, p)
-        keep = lowest_k_mask(scores, filters_to_prune(scores, sparsity))
+        keep = group_keep_mask(scores, filters_to_prune(scores, sparsity), group.segments)
         zero_group_channels(group, modules, keep, batchnorm=True)
         zeroed += int((~keep).sum())
     return zeroed

@@ -38,6 +38,7 @@ from lightning_compress.quantization.qat_ranges import (
 from lightning_compress.quantization.qat_resume import PHASES, QATResume
 from lightning_compress.quantization.qat_start import add_to_optimizers, learned_parameters, validate_start_epoch
 from lightning_compress.quantization.quantizers import QuantSpec, is_quantized, validate_flag, validate_learn
+from lightning_compress.quantization.uncalled import UNCALLED_REASON, uncalled_layers
 from lightning_compress.utils import compression_target, rewrap_ddp
 from lightning_compress.utils.data import stage_loader
 from lightning_compress.utils.load_hook import ModelLoadHook
@@ -320,6 +321,8 @@ class QuantizationAwareTraining(QATResume):
                 _calibration_pass(target, self._loader(trainer), self.calibration_batches, pl_module.device)
             finally:
                 self._calibrating(trainer, False)
+            if uncalled := uncalled_layers(self._layers):  # read through their weights: fake quantization never runs
+                rank_zero_warn(f"QuantizationAwareTraining: {uncalled} stay float in effect: {UNCALLED_REASON}.")
         self._finish(trainer)
 
     @override

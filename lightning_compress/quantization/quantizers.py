@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_compress.quantization.functional import (
     fake_quantize,
@@ -38,6 +39,7 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
+    "QuantNonDynamicallyQuantizableLinear",
     "QuantSpec",
     "TensorQuantizer",
     "attach_quantizer",
@@ -289,10 +291,18 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
+class QuantNonDynamicallyQuantizableLinear(_QuantLayer, NonDynamicallyQuantizableLinear):
+    """``MultiheadAttention.out_proj`` with fake-quantized input and weight, where it is called as a layer."""
+
+    def _float_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
 QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
+    NonDynamicallyQuantizableLinear: QuantNonDynamicallyQuantizableLinear,
 }
 _FLOAT_CLASSES = {quant: base for base, quant in QUANT_CLASSES.items()}
 

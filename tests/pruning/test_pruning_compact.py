@@ -127,7 +127,7 @@ class Separable(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_depthwise_carries_channels_and_grouped_conv_is_kept_intact() -> None:
+def test_depthwise_carries_channels_and_grouped_conv_ties_its_inputs_to_its_outputs() -> None:
     model = Separable().eval()
     randomize_batchnorm(model)
     zero_filters(model, {"conv": [1, 5], "pointwise": [0], "grouped": [2]})
@@ -141,12 +141,13 @@ def test_depthwise_carries_channels_and_grouped_conv_is_kept_intact() -> None:
     small, plan = compact(model, x, return_plan=True)
     assert small.conv.out_channels == small.depthwise.groups == small.depthwise.out_channels == 6
     assert small.bn_dw.num_features == 6 and small.pointwise.in_channels == 6
-    assert small.pointwise.out_channels == 6 and small.grouped.out_channels == 6  # grouped conv untouched
+    # the grouped conv carries channel i in and out: filter 0 of pointwise alone (grouped's is live) stays
+    assert small.pointwise.out_channels == 6 and small.grouped.out_channels == 6
     first = next(group for group in plan.groups if "conv" in group.producers)
     assert first.depthwise == {"depthwise": list(range(8))} and set(first.batchnorms) == {"bn", "bn_dw"}
-    blocked = next(group.blocked for group in plan.groups if "pointwise" in group.producers)
-    assert any("grouped convolution 'grouped' (groups=2)" in reason for reason in blocked)
-    assert any("grouped" in reason for _, _, reason in plan.skipped)
+    tied = next(group for group in plan.groups if "pointwise" in group.producers)
+    assert set(tied.producers) == {"pointwise", "grouped"} and not tied.blocked
+    assert tied.segments == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     check_equal(model, small, x)
 
 

@@ -68,11 +68,14 @@ class Blocked(nn.Module):
 
 def test_unsupported_operations_block_their_channels() -> None:
     groups = {tuple(g.producers): g.blocked for g in filter_groups(Blocked(), torch.randn(2, 2, 3, 3))}
-    assert any("getitem" in reason for reason in groups[("a",)])
-    assert any("2 tensor outputs" in reason for reason in groups[("b",)])
+    assert any("getitem selects channels by position" in reason for reason in groups[("a",)])
+    assert any("over the batch or channel dimension" in reason for reason in groups[("b",)])
     assert any("called more than once" in reason for reason in groups[("c",)])
     assert any("GroupNorm" in reason for reason in groups[("d",)])
-    assert ("shared",) not in groups and ("seq",) not in groups  # opaque calls produce no filters
+    assert any("channels in dimensions [(2,)]" in reason for reason in groups[("seq",)])  # Linear on the last dim
+    assert ("shared",) not in groups  # opaque calls produce no filters
+    chunked = next(g for g in filter_groups(Blocked(), torch.randn(2, 2, 3, 3)) if "b" in g.producers)
+    assert chunked.size == 2  # equal chunks tie channel k of each piece: they shrink together
 
 
 def test_a_channel_tied_by_multiplication_and_mean_over_channels_blocks() -> None:
