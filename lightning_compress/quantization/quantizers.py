@@ -168,8 +168,7 @@ class TensorQuantizer(nn.Module):
         #: maps a batch's max |x| to the range all ranks agree on (DDP: an all-reduce MAX); set while calibrating
         self.range_reducer: Callable[[float], float] | None = None
         self.min_seen = float("inf")
-        #: a range tracker (``qat_ranges.RangeTracker``) updating ``amax`` at every call while set (QAT steps)
-        self.tracker: Any = None
+        self.tracker: Any = None  # a qat_ranges.RangeTracker moving ``amax`` at every call while set (QAT steps)
 
     @property
     def qmax(self) -> int:
