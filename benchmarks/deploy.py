@@ -6,7 +6,8 @@ model) and onnxruntime's own quantize_static / quantize_dynamic of the fp32 ONNX
 Models: PlainCNN(width=32) and ResidualCNN(width=8) trained 2 epochs on digits (accuracy on the test split); a
 BERT-style classifier (Hugging Face BertForSequenceClassification from a small config, 4 layers, hidden 256,
 128 tokens; untrained, random tokens: agreement only). Our int8 models are quantized post-training (max
-calibration, 7-bit activations with reduce_range=True: exact in onnxruntime's x86 integer kernels on every CPU).
+calibration, 7-bit activations with reduce_range=True: exact in onnxruntime's x86 integer kernels on every CPU);
+for BERT also with ``int8_embeddings=True`` (embedding tables as int8 rows, which the PyTorch model keeps float).
 "agreement": argmax agreement with the PyTorch model the file comes from (fp32 for fp32 / onnxruntime's
 quantization, the fake-quantized model for ours). Latency: median of interleaved runs, milliseconds.
 """
@@ -85,12 +86,16 @@ def _outputs(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 
 def _rows_for(name: str, model: torch.nn.Module, calibration: list[Any], test: list[Any],
-              labels: torch.Tensor | None, work: Path) -> list[list[Any]]:
+              labels: torch.Tensor | None, work: Path, embeddings: bool = False) -> list[list[Any]]:
     example = calibration[0]
     quantized = quantize_model(model, "static", calibration, calibration="max", reduce_range=True)
     files = {"fp32 ONNX": (model, work / f"{name}_fp32.onnx"), "ours int8 QDQ": (quantized, work / f"{name}_qdq.onnx")}
     for source, path in files.values():
         export_onnx(source, example, path, check_inputs=test, min_agreement=None)
+    if embeddings:
+        files["ours int8 QDQ + int8_embeddings"] = (quantized, work / f"{name}_qdq_emb.onnx")
+        export_onnx(quantized, example, files["ours int8 QDQ + int8_embeddings"][1], check_inputs=test,
+                    min_agreement=None, int8_embeddings=True)
     fp32 = files["fp32 ONNX"][1]
     for kind in ("static", "dynamic"):
         files[f"onnxruntime quantize_{kind}"] = (model, _ort_quantized(fp32, work / f"{name}_ort_{kind}.onnx", kind,
@@ -132,7 +137,7 @@ def rows() -> list[list[Any]]:
             test = list(test_inputs.split(64))
             table += _rows_for(name, model, calibration, test, test_labels, Path(tmp))
         bert, batches = _bert()
-        table += _rows_for("BERT-style (4x256)", bert, batches[:2], batches[2:], None, Path(tmp))
+        table += _rows_for("BERT-style (4x256)", bert, batches[:2], batches[2:], None, Path(tmp), embeddings=True)
     return table
 
 

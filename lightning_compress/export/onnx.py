@@ -131,6 +131,9 @@ def run_session(session: Any, example_inputs: Any) -> Tensor:
 
 def _reference(model: nn.Module, example_inputs: Any) -> Tensor:
     args, kwargs = _as_call(example_inputs)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
+    kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
     with torch.no_grad():
         return output_tensor(model(*args, **kwargs)).detach().float().cpu()
 
@@ -141,8 +144,8 @@ def _batches(example_inputs: Any, check_inputs: Any) -> list[Any]:
         return batches
     if isinstance(check_inputs, (Tensor, dict)):
         return [*batches, check_inputs]
-    for batch in check_inputs:
-        batches.append(batch[0] if isinstance(batch, list) else batch)
+    for batch in check_inputs:  # (inputs, labels) pairs give their inputs; several positional inputs: use a dict
+        batches.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
     return batches
 
 
@@ -172,6 +175,7 @@ def export_onnx(
     max_abs_diff: float | None = None,
     fold_bn: bool = True,
     integer_kernels: bool | None = None,
+    int8_embeddings: bool = False,
     dynamic_batch: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` (float, compacted or fake-quantized) to ONNX at ``path``, verified in onnxruntime first.
@@ -181,8 +185,9 @@ def export_onnx(
         example_inputs: a batch: a tensor, a tuple of tensors (positional) or a dict (keyword inputs, e.g.
             ``input_ids`` and ``attention_mask`` of a Hugging Face model). Its first dimension becomes dynamic.
         path: the ``.onnx`` file to write (weights inside).
-        opset: the ONNX opset, at least 21.
-        check_inputs: further batches (a tensor, or an iterable of batches / ``(inputs, labels)`` pairs) to verify on.
+        opset: the ONNX opset, 13 (per-axis DequantizeLinear) to 20 (the default, the newest of the exporter).
+        check_inputs: further batches to verify on: a tensor or dict, or an iterable of tensors, dicts or
+            ``(inputs, labels)`` pairs (a DataLoader).
         min_agreement: the smallest share of samples whose argmax agrees with the PyTorch model; ``None`` never fails.
         max_abs_diff: the largest allowed absolute output difference; ``None`` (default) never fails on it.
         fold_bn: fold batch norm after a quantized convolution into its dequantization scale.
@@ -190,6 +195,8 @@ def export_onnx(
             kernels over int8 weights (``False``), or integer kernels where they are exact on every x86 CPU
             (``None``: inputs quantized to 7 bits, ``reduce_range=True``; without AVX-512 VNNI onnxruntime's int8
             MatMul / Conv saturate on 8-bit activations, see :func:`~lightning_compress.export.qdq.exact_everywhere`).
+        int8_embeddings: store ``nn.Embedding`` tables as int8 rows with per-row scales (weight-only; the PyTorch
+            model keeps them float, so this changes the numbers: the verification measures by how much).
         dynamic_batch: make the first dimension of every input dynamic.
 
     Returns:
@@ -204,7 +211,9 @@ def export_onnx(
     """
     _validate(opset, min_agreement, max_abs_diff)
     layers = quantized_layers(model)
-    deployable = qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels) if layers else _eval_copy(model)
+    deployable = (qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels, embeddings=int8_embeddings)
+                  if layers or int8_embeddings else _eval_copy(model)).cpu()
+    example_inputs = _to_cpu(example_inputs)
     proto = _to_onnx(deployable, example_inputs, opset, dynamic_batch)
     fused_convs = quantize_conv_outputs(proto) if layers and integer_kernels is not False else 0
     ops = [node.op_type for node in proto.graph.node]
@@ -250,6 +259,14 @@ def _to_onnx(model: nn.Module, example_inputs: Any, opset: int, dynamic_batch: b
                           output_names=["output"], dynamic_axes={**axes, "output": {0: "batch"}} if dynamic_batch
                           and axes else None, do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _to_cpu(example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Tensor):
+        return example_inputs.cpu()
+    if isinstance(example_inputs, dict):
+        return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in example_inputs.items()}
+    return tuple(a.cpu() if isinstance(a, Tensor) else a for a in example_inputs)
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:

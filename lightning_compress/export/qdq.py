@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_compress.quantization.functional import qrange
 from lightning_compress.quantization.quantizers import TensorQuantizer, is_quantized
 
-__all__ = ["QDQLayer", "exact_everywhere", "qdq_model", "quantized_weight", "register_symbolics"]
+__all__ = ["Int8Embedding", "QDQLayer", "exact_everywhere", "qdq_model", "quantized_weight", "register_symbolics"]
 
 _SCALE_FLOOR = 1e-30
 
@@ -153,14 +153,13 @@ class QDQLayer(nn.Module):
         super().__init__()
         inp, wq = layer.input_quantizer, layer.weight_quantizer
         _check_static(inp)
-        _check_static(wq)
         self.kind = "linear" if isinstance(layer, nn.Linear) else f"conv{layer.weight.dim() - 2}d"
         if self.kind != "linear":
             if layer.padding_mode != "zeros":
                 raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported; only 'zeros'")
             self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
                                                                      layer.groups)
-        if wq.enabled:
+        if wq.enabled and not wq.calibrating:  # a calibrating weight quantizer passes the float weight through
             q, scale = quantized_weight(layer.weight, wq.current_amax(layer.weight), wq.num_bits)
         else:
             q, scale = layer.weight.detach().float().clone(), torch.ones(layer.weight.shape[0])
@@ -245,13 +244,35 @@ def _foldable_bn(parent: nn.Module, name: str, names: list[str]) -> Any:
     return None
 
 
-def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | None = None) -> nn.Module:
+class Int8Embedding(nn.Module):
+    """An ``nn.Embedding`` stored as int8 rows with one scale per row (weight-only, ``max |row| / 127``): the ONNX
+    graph gathers the integers and the scales and multiplies them. Not what the PyTorch model computes (it keeps
+    float tables): an opt-in of :func:`qdq_model` whose effect the export's verification measures."""
+
+    table_q: Tensor
+    row_scale: Tensor
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        if embedding.max_norm is not None:
+            raise ValueError("an nn.Embedding with max_norm renormalises rows at run time; it is not exported as int8")
+        q, scale = quantized_weight(embedding.weight, embedding.weight.detach().abs().amax(1), 8)
+        self.register_buffer("table_q", q)
+        self.register_buffer("row_scale", scale.reshape(-1, 1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.table_q).float() * F.embedding(ids, self.row_scale)
+
+
+def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | None = None,
+              embeddings: bool = False) -> nn.Module:
     """An eval-mode copy of ``model`` with every quantized layer replaced by a :class:`QDQLayer` (batch norm
     following a quantized convolution in a ``Sequential`` folded into it when ``fold_bn``).
 
     ``integer_kernels``: lay out Linear layers so that onnxruntime runs them with integer kernels (``True``), float
     kernels over the int8 weights (``False``), or integer kernels only where they are exact on every x86 CPU
-    (``None``: 7-bit inputs, see :func:`exact_everywhere`).
+    (``None``: 7-bit inputs, see :func:`exact_everywhere`). ``embeddings``: store every ``nn.Embedding`` as an
+    :class:`Int8Embedding` (a change of the model's numbers, opt-in).
 
     Raises:
         ValueError: a quantizer without a static scale (calibrating, dynamic), or a layer padding mode other than
@@ -262,6 +283,8 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
         names = list(parent._modules)
         for name in names:
             child: Any = parent._modules[name]
+            if embeddings and type(child) is nn.Embedding:
+                parent._modules[name] = Int8Embedding(child)
             if child is None or not is_quantized(child):
                 continue
             bn = _foldable_bn(parent, name, names) if fold_bn and child.weight.dim() > 2 else None

@@ -123,6 +123,24 @@ def test_conv1d_and_transformer_qdq_agree(tmp_path, reduce_range):
         assert result["relative_error"] < (1e-2 if reduce_range else 1e-5), (name, result)
 
 
+def test_int8_embeddings_shrink_the_file_and_are_verified(tmp_path):
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(500, 32), nn.Linear(32, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (32, 10), generator=torch.Generator().manual_seed(0))
+    fq = quantize_model(Bag().eval(), "static", ids)
+    plain = export_onnx(fq, ids, tmp_path / "plain.onnx")
+    small = export_onnx(fq, ids, tmp_path / "small.onnx", int8_embeddings=True)
+    assert small["size_bytes"] < 0.4 * plain["size_bytes"] and small["agreement"] >= 0.995
+    assert small["max_abs_diff"] > 0 and _initializers(tmp_path / "small.onnx")["embed.table_q"].dtype == torch.int8
+
+
 def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
     x = _inputs(16, 1, 8, 8)
     model = PlainCNN(width=8).eval()
@@ -169,3 +187,20 @@ def test_callback_writes_the_file_at_fit_end(tmp_path):
     assert set(deployed["latency_ms"]) == set(deployed["torch_latency_ms"]) == {1, 64}
     with pytest.raises(ValueError, match="opset=9"):
         OnnxExport(opset=9)
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_exports_with_keyword_inputs(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = {"attention_mask": torch.ones(8, 12, dtype=torch.long),  # not forward's order: matched by name
+              "input_ids": torch.randint(0, 100, (8, 12), generator=generator)}
+    fq = quantize_model(bert, "static", [tokens])
+    result = export_onnx(fq, tokens, tmp_path / "bert.onnx")
+    assert result["quantized_layers"] == 8 and result["agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
+    session = ort_session(tmp_path / "bert.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
