@@ -47,7 +47,7 @@ ROWS = ("fp32", "track8", "track4", "fixed8", "fixed4", "torchao8", "torchao4")
 def datamodule(name: str, seed: int) -> Any:
     if name == "digits":
         return DigitsDataModule(seed=seed), 8
-    from lightning_compress.demo.shapes import ShapesDataModule
+    from lightning_compress.demo import ShapesDataModule
 
     dm = ShapesDataModule(seed=seed)
     return dm, dm.input_shape[-1]

@@ -88,9 +88,8 @@ class QuantizationAwareTraining(QATResume):
     learned parameters are moved to their own group again before the optimizer state is loaded. Quantized layers
     must not be compacted afterwards: finish pruning before ``start_epoch``.
 
-    Logged every epoch: ``quant/phase`` (-1 before ``start_epoch``, then nothing else; 0 calibrating, 1 training,
-    2 frozen), ``quant/amax/<layer>`` (input), ``quant/weight_amax/<layer>`` (mean over channels) and
-    ``quant/error/<layer>`` (float vs fake-quantized output MSE on the epoch's last training batch).
+    Logged every epoch: ``quant/phase`` (-1 before ``start_epoch``, then nothing else; 0 calibrating, 1 training, 2
+    frozen), ``quant/amax/<layer>``, ``quant/weight_amax/<layer>`` (mean) and ``quant/error/<layer>`` (output MSE).
 
     Args:
         num_bits: bits of weights and inputs, 2 to 16.
@@ -103,15 +102,14 @@ class QuantizationAwareTraining(QATResume):
         bit_widths: mixed precision, ``{layer pattern: bits}`` overriding ``num_bits``.
         per_channel: one weight ``amax`` per output channel.
         unsigned: inputs are non-negative (``[0, 2^b - 1]``); negative calibration data raise.
-        calibration_batches: batches to calibrate on (with ``"steps"`` they may span epochs; the phase and the
-            histograms so far are checkpointed).
+        calibration_batches: batches to calibrate on (with ``"steps"`` they may span epochs; checkpointed).
         calibration_data: ``"steps"`` (the first training batches; the model trains in float meanwhile),
             ``"train"`` or ``"val"`` (a no-grad pass over that loader before the first training step).
         learn: ``"none"``, ``"lsq"`` (learned step sizes, Esser et al. 2019) or ``"pact"`` (learned input clipping
             of non-negative inputs, Choi et al. 2018). Under DDP with ``"lsq"`` / ``"pact"`` use a strategy that
             finds unused parameters (the learned steps get no gradient while calibrating).
-        freeze_epoch: epoch from which weight ``amax``, tracked input ranges and BatchNorm statistics are frozen;
-            ``None`` never; not before ``start_epoch``.
+        freeze_epoch: epoch from which weight ``amax``, tracked ranges and BatchNorm statistics freeze (not before
+            ``start_epoch``); ``None`` never.
         percentile: for ``"percentile"``, in ``(0, 100]``.
         num_bins: histogram bins.
         start_bin: first candidate bin of the mse / entropy searches.
@@ -119,11 +117,10 @@ class QuantizationAwareTraining(QATResume):
         start_epoch: the epoch at whose start the quantizers are attached (0: in ``setup``, before training).
         reduce_range: inputs one bit narrower (``[-63, 63]`` / ``[0, 127]`` at 8 bits, as torch.ao's x86
             default), so that ``export_int8`` / ``Int8Export`` run the model exactly under the fast ``x86``
-            kernels on every x86 CPU; without it a model with signed inputs exports exactly under ``x86`` only on
-            CPUs with VNNI and falls back to ``qnnpack`` elsewhere (see
-            :mod:`~lightning_compress.export.engines`).
-        ranges: ``"auto"``, ``"track"`` (moving-average min / max of every training batch until ``freeze_epoch``;
-            not with ``learn``) or ``"fixed"`` (calibrated once); see above. The choice is checkpointed.
+            kernels on every x86 CPU; without it signed inputs export exactly under ``x86`` only with VNNI
+            (:mod:`~lightning_compress.export.engines`).
+        ranges: ``"auto"``, ``"track"`` (moving average of every batch's min / max until ``freeze_epoch``; not
+            with ``learn``) or ``"fixed"`` (calibrated once); see above. The choice is checkpointed.
         averaging_constant: weight of a batch in the tracked range (torch.ao's 0.01), in ``(0, 1]``.
 
     Raises:

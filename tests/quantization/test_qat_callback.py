@@ -164,7 +164,7 @@ def test_phases_logging_and_freeze(trainer_factory, digits_dm, tmp_path) -> None
 
 def test_training_phase_observes_weights_and_fakequantizes(trainer_factory, digits_dm) -> None:
     module = _module()
-    callback = QuantizationAwareTraining(num_bits=4, calibration_batches=2)
+    callback = QuantizationAwareTraining(num_bits=4, calibration_batches=2, ranges="fixed")  # signed, as calibrated
     trainer_factory(callbacks=[callback], limit_train_batches=4, limit_val_batches=1).fit(module, digits_dm)
     layer = module.backbone.classifier
     assert torch.allclose(layer.weight_quantizer.amax, layer.weight.detach().abs().amax(dim=1))
