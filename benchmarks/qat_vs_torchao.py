@@ -41,7 +41,7 @@ from lightning_compress.quantization import classification_accuracy, export_int8
 class EagerPlainCNN(nn.Module):
     """``PlainCNN``'s architecture written the way torch.ao's eager mode needs it (same parameter keys)."""
 
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 32, num_classes: int = 10, image_size: int = 8) -> None:
         super().__init__()
         self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
         channels = [(1, width), (width, 2 * width), (2 * width, 2 * width)]
@@ -53,7 +53,7 @@ class EagerPlainCNN(nn.Module):
             setattr(self, f"block{i}", block)
         self.pool2, self.pool3 = nn.MaxPool2d(2), nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(2 * width * 4, num_classes)
+        self.classifier = nn.Linear(2 * width * (image_size // 4) ** 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block1(self.quant(x))

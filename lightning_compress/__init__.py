@@ -16,9 +16,12 @@ from lightning_compress.distillation.methods.mutual import MutualLearningModule
 from lightning_compress.distillation.methods.self_distillation import SelfDistillationModule
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.export.int8_callback import Int8Export
+from lightning_compress.export.onnx import export_onnx, export_program
+from lightning_compress.export.onnx_callback import OnnxExport
 from lightning_compress.loading import load_compressed
 from lightning_compress.pruning.dynamic_callback import DynamicChannelPruning
 from lightning_compress.pruning.filter_callback import FilterPruning
+from lightning_compress.pruning.head_callback import HeadPruning
 from lightning_compress.pruning.layer_callback import LayerPruning
 from lightning_compress.pruning.magnitude_callback import MagnitudePruning
 from lightning_compress.quantization.qat_callback import PostTrainingQuantization, QuantizationAwareTraining
@@ -31,13 +34,17 @@ __all__ = [
     "DistillationModule",
     "DynamicChannelPruning",
     "FilterPruning",
+    "HeadPruning",
     "Int8Export",
     "LayerPruning",
     "MagnitudePruning",
     "MutualLearningModule",
+    "OnnxExport",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "SelfDistillationModule",
     "__version__",
+    "export_onnx",
+    "export_program",
     "load_compressed",
 ]

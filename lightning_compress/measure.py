@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import first_tensor_of, map_inputs, run_model
 
 #: The keys of a measurement whose ratio "baseline / this" says how many times smaller or faster a model is.
 RATIO_KEYS = ("parameters", "nonzero_parameters", "size_bytes", "macs", "nonzero_macs", "latency_ms")
@@ -50,12 +51,14 @@ def state_size_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _as_args(example_inputs: Any) -> tuple[Any, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def _as_args(example_inputs: Any) -> Any:
+    """Inputs for :func:`~lightning_compress.utils.outputs.run_model`: a tuple of positional inputs, or a dictionary
+    of keyword inputs (a Hugging Face batch without its labels)."""
+    return example_inputs if isinstance(example_inputs, (tuple, dict)) else (example_inputs,)
 
 
-def _first_sample(example_inputs: Any) -> tuple[Any, ...]:
-    return tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in _as_args(example_inputs))
+def _first_sample(example_inputs: Any) -> Any:
+    return map_inputs(_as_args(example_inputs), lambda x: x[:1])
 
 
 def check_integer(name: str, value: Any, minimum: int) -> int:
@@ -97,7 +100,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     (12, 12)
     """
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*_first_sample(example_inputs))
+        run_model(model, _first_sample(example_inputs))
     dense = counter.get_total_flops() // 2
     modules = dict(model.named_modules())
     saved = 0.0
@@ -134,7 +137,7 @@ def _packed_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         for _, module in _packed_layers(model)]
     try:
         with eval_mode(model), torch.no_grad():
-            model(*_first_sample(example_inputs))
+            run_model(model, _first_sample(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -166,16 +169,16 @@ def measure_latency(
     try:
         with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
-                model(*args)
+                run_model(model, args)
             times = []
             for _ in range(runs):
                 start = time.perf_counter()
-                model(*args)
+                run_model(model, args)
                 times.append(time.perf_counter() - start)
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
-    first = args[0]
+    first = first_tensor_of(args)
     return {
         "latency_ms": statistics.median(times) * 1e3,
         "batch_size": int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1,

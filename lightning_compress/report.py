@@ -13,9 +13,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.measure import check_integer, compare_with_references, format_markdown, measure_model
+from lightning_compress.measure import (
+    check_integer,
+    compare_with_references,
+    format_markdown,
+    measure_latency,
+    measure_model,
+)
 from lightning_compress.utils import compression_target, log_scalars, log_text, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, collect_inputs
+from lightning_compress.utils.outputs import move_inputs
 
 __all__ = ["CompressionReport", "collect_inputs", "measure_model"]
 
@@ -38,6 +45,11 @@ class CompressionReport(ChecksNetworkInput, Callback):
     so). The fake-quantized float-structure model's ``monitor`` value is kept as ``fake_quant_accuracy`` (with
     ``fake_quant_accuracy_metric``), and the export's file, size, agreement and format under ``int8_export``. When
     the export skipped (no quantized layers), the float model is measured as usual.
+
+    **ONNX.** When an :class:`~lightning_compress.OnnxExport` is among the callbacks (and ``measure_onnx``), the
+    report calls its ``export`` and measures the deployed file: ``onnx`` holds its path, opset, agreement and
+    largest difference with the PyTorch model, ``size_bytes``, onnxruntime latency (1 thread) at batch 1 and 64
+    and the PyTorch model's CPU latency at the same sizes beside it (``torch_latency_ms``).
 
     **References.** ``references`` (or :meth:`set_reference`) names earlier runs to compare with, e.g. the
     uncompressed teacher and the student trained alone. The report gets a ``references`` section with, for each,
@@ -63,6 +75,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
         references: ``{name: path of an earlier compression_report.json}``, e.g. ``{"teacher": ...,
             "student_alone": ...}``; see :meth:`set_reference` for models and dictionaries.
         measure_int8: measure the int8 model of an ``Int8Export`` among the callbacks (see above).
+        measure_onnx: measure the file of an ``OnnxExport`` among the callbacks (see above).
 
     Raises:
         ValueError: for a ``batch_size``/``latency_runs``/``num_threads`` that is not a positive integer, a
@@ -83,6 +96,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
         filename: str = "compression_report",
         references: dict[str, str] | None = None,
         measure_int8: bool = True,
+        measure_onnx: bool = True,
     ) -> None:
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"monitor must be a metric name or None, got {monitor!r}.")
@@ -95,7 +109,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
         self.baseline_accuracy = baseline_accuracy
         self.output_dir = output_dir
         self.filename = filename
-        self.measure_int8 = measure_int8
+        self.measure_int8, self.measure_onnx = measure_int8, measure_onnx
         self.baseline: nn.Module | dict[str, Any] | None = None
         if baseline is not None:
             self.set_baseline(baseline)
@@ -154,7 +168,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Public override point: the batch the model is measured on (``batch_size`` validation inputs)."""
-        return collect_inputs(trainer, self.batch_size).to(pl_module.device)
+        return move_inputs(collect_inputs(trainer, self.batch_size), pl_module.device)
 
     def model_to_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """Public override point: the network measured (the compression target by default)."""
@@ -202,13 +216,35 @@ class CompressionReport(ChecksNetworkInput, Callback):
             return None
         return model, exporter.results
 
+    def _onnx(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any) -> dict[str, Any] | None:
+        """The deployed ONNX file of an ``OnnxExport`` callback, measured in onnxruntime beside the PyTorch model."""
+        from lightning_compress.export.onnx import measure_onnx
+        from lightning_compress.export.onnx_callback import OnnxExport
+
+        exporter = next((c for c in trainer.callbacks if isinstance(c, OnnxExport)),  # type: ignore[attr-defined]
+                        None)
+        if not self.measure_onnx or exporter is None or not torch.is_tensor(inputs):
+            return None
+        results = exporter.export(trainer, pl_module)
+        if results is None or "path" not in results:
+            return None
+        batch = inputs.cpu()
+        measured = measure_onnx(results["path"], batch, runs=self.latency_runs, warmup=self.warmup)
+        model = compression_target(pl_module)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        torch_ms = {size: measure_latency(model, _repeat(batch, size).to(device), runs=self.latency_runs,
+                                          warmup=self.warmup, num_threads=self.num_threads)["latency_ms"]
+                    for size in measured["latency_ms"]}
+        keys = ("path", "opset", "agreement", "max_abs_diff", "quantized_layers")
+        return {**{key: results.get(key) for key in keys}, **measured, "torch_latency_ms": torch_ms}
+
     def _measured_references(self, inputs: Any) -> dict[str, dict[str, Any]]:
         measured: dict[str, dict[str, Any]] = {}
         for name, reference in self.references.items():
             accuracy = self._reference_accuracy.get(name)
             if isinstance(reference, nn.Module):
                 device = next((p.device for p in reference.parameters()), torch.device("cpu"))
-                reference = measure_model(reference, inputs.to(device) if torch.is_tensor(inputs) else inputs,
+                reference = measure_model(reference, move_inputs(inputs, device),
                                           accuracy=accuracy, latency_runs=self.latency_runs, warmup=self.warmup,
                                           num_threads=self.num_threads)
             elif accuracy is not None:
@@ -246,6 +282,9 @@ class CompressionReport(ChecksNetworkInput, Callback):
                                fake_quant_accuracy_metric=self.monitor)
             self.report["int8_export"] = {key: results.get(key) for key in (
                 "path", "size_bytes", "format", "agreement", "fake_quant_acc", "samples", "identical_after_load")}
+        onnx = self._onnx(trainer, pl_module, inputs)
+        if onnx is not None:
+            self.report["onnx"] = onnx
         if self.references:
             compared = compare_with_references(self.report, self._measured_references(inputs))
             for name, entry in compared.items():
@@ -256,7 +295,7 @@ class CompressionReport(ChecksNetworkInput, Callback):
     def _write(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
         directory = self._output_dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
-        table = format_markdown(report)
+        table = format_markdown(report) + _onnx_markdown(report.get("onnx"))
         (directory / f"{self.filename}.json").write_text(json.dumps(report, indent=2) + "\n")
         (directory / f"{self.filename}.md").write_text(table + "\n")
         rank_zero_info(f"CompressionReport: {directory / self.filename}.md (and .json); in TensorBoard: report/*")
@@ -269,3 +308,17 @@ class CompressionReport(ChecksNetworkInput, Callback):
         log_text(trainer, "report/table", table)
         for logger in trainer.loggers:
             logger.save()
+
+
+def _repeat(inputs: torch.Tensor, size: int) -> torch.Tensor:
+    repeats = -(-size // inputs.shape[0])
+    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:size]
+
+
+def _onnx_markdown(onnx: dict[str, Any] | None) -> str:
+    if not onnx:
+        return ""
+    rows = [f"| {size} | {ms:.3f} | {onnx['torch_latency_ms'][size]:.3f} |" for size, ms in onnx["latency_ms"].items()]
+    head = (f"\n\nONNX file `{Path(onnx['path']).name}` (opset {onnx['opset']}, {onnx['size_bytes']} bytes, "
+            f"agreement {onnx['agreement']:.4f} with PyTorch), onnxruntime on 1 thread:\n\n")
+    return head + "| batch | onnxruntime ms | PyTorch ms |\n|---|---|---|\n" + "\n".join(rows)

@@ -23,10 +23,15 @@ NO_LIGHTNING = ["graph", "distillation/losses", "quantization/functional.py", "q
                 "quantization/packed.py", "quantization/ptq.py", "quantization/uncalled.py",
                 "pruning/criteria.py", "pruning/structured.py",
                 "pruning/masks.py", "pruning/schedules.py", "pruning/groups.py", "pruning/dynamic.py",
-                "pruning/dynamic_ops.py", "pruning/flows.py", "pruning/optimizer_state.py", "distillation/checks.py",
+                "pruning/head_select.py", "pruning/dynamic_ops.py", "pruning/flows.py", "pruning/optimizer_state.py",
+                "distillation/checks.py",
                 "distillation/taps.py", "distillation/terms.py", "distillation/students.py",
                 "distillation/methods/deep_inversion.py", "export/int8.py", "export/int8_graph.py",
-                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py"]
+                "export/engines.py", "export/verify.py", "export/counting.py", "export/int8_weight.py",
+                "quantization/qat_ranges.py",
+                "distillation/transformer.py", "utils/outputs.py", "pruning/transformer_layers.py",
+                "export/int8_dynamic.py", "quantization/uncalled.py",
+                "export/onnx.py", "export/qdq.py", "export/onnx_graph.py"]
 
 
 def _modules() -> dict[str, Path]:

@@ -66,8 +66,8 @@ def test_a_forward_taking_the_whole_batch_fails_before_the_first_step(trainer_fa
     module = DictModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = trainer_factory(callbacks=callbacks(), max_epochs=1, logger=False)
-    expected = (r"gives DictModule the first tensor of each batch \(shape \(16, 1, 8, 8\), from a dict with keys "
-                r"\['image', 'label'\]\).*define a `compression_target`")
+    expected = (r"gives DictModule the input tensor of each batch \(shape \(16, 1, 8, 8\)\), from a dict with keys "
+                r"\['image', 'label'\].*define a `compression_target`")
     with pytest.raises(ValueError, match=expected):
         trainer.fit(module, DataLoader(DictDigits(), batch_size=16))
     assert module.steps == 0

@@ -28,6 +28,7 @@ from lightning_compress.distillation.methods.self_distillation import ExitHead, 
 from lightning_compress.distillation.module import DistillationModule
 from lightning_compress.distillation.students import born_again, reinitialize, slim_copy
 from lightning_compress.distillation.taps import FeatureTaps, LayerPair, check_layer_pairs, inspect_layer_pairs
+from lightning_compress.distillation.transformer import TransformerKnowledge
 
 __all__ = [
     "AdversarialDistillationModule",
@@ -42,6 +43,7 @@ __all__ = [
     "SelfDistillationModule",
     "SyntheticDataModule",
     "TaskSplitDataModule",
+    "TransformerKnowledge",
     "TwoHeadNetwork",
     "born_again",
     "check_layer_pairs",

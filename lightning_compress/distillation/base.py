@@ -9,13 +9,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_compress.utils.data import first_training_batch
+from lightning_compress.utils.data import batch_labels, first_training_batch
 from lightning_compress.utils.optim import (
     LRSchedulerChoice,
     OptimizerChoice,
     build_optimizers,
     check_optimizer_settings,
 )
+from lightning_compress.utils.outputs import LABEL_KEYS, logits_of, model_inputs, run_model
 
 
 class DistillationBase(pl.LightningModule):
@@ -68,17 +69,35 @@ class DistillationBase(pl.LightningModule):
 
     # ------------------------------------------------------------------ override points
 
+    #: How the logits are found in a network's output (:func:`~lightning_compress.utils.outputs.logits_of`): ``None``
+    #: for the documented rule (a tensor, the ``logits`` entry of a ``ModelOutput`` or dictionary, else the first
+    #: tensor), or an attribute or key name.
+    logits_key: str | None = None
+
     def split_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
-        """Return ``(inputs, targets)`` of a batch (a list or tuple ``(inputs, targets, ...)``); override for other
-        batch layouts (e.g. dictionaries)."""
+        """Return ``(inputs, targets)`` of a batch: a list or tuple ``(inputs, targets, ...)``, or a dictionary
+        (e.g. a tokenized Hugging Face batch) whose labels sit under one of
+        :data:`~lightning_compress.utils.outputs.LABEL_KEYS` and whose other entries are the inputs, given to the
+        networks as keyword arguments (:func:`~lightning_compress.utils.outputs.run_model`). Override for other
+        layouts."""
+        if isinstance(batch, Mapping):
+            targets = batch_labels(batch)
+            if targets is not None:
+                return model_inputs(batch), targets
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            layout = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else (
+            layout = f"a dict with keys {list(batch)} and none of the label keys {list(LABEL_KEYS)}" if isinstance(
+                batch, Mapping) else (
                 f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
             raise TypeError(
-                f"{type(self).__name__} expects batches (inputs, targets, ...), got {layout}; override "
-                "split_batch(batch) to return (inputs, targets) for this layout."
+                f"{type(self).__name__} expects batches (inputs, targets, ...) or dicts with labels, got {layout}; "
+                "override split_batch(batch) to return (inputs, targets) for this layout."
             )
         return batch[0], batch[1]
+
+    def logits(self, network: nn.Module, inputs: Any, **options: Any) -> torch.Tensor:
+        """``network``'s logits on ``inputs`` (:func:`~lightning_compress.utils.outputs.run_model` and
+        :func:`~lightning_compress.utils.outputs.logits_of` with :attr:`logits_key`)."""
+        return logits_of(run_model(network, inputs, **options), self.logits_key)
 
     def trainable_modules(self) -> Iterable[nn.Module]:
         """Modules whose parameters the optimizer trains (override point)."""
@@ -87,8 +106,7 @@ class DistillationBase(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """The predicted class of each input (``forward``'s logits at ``T = 1``): a batch may be ``(inputs, ...)``
         as in training or the inputs alone."""
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(inputs).argmax(dim=1)
+        return logits_of(self(model_inputs(batch)), self.logits_key).argmax(dim=1)
 
     # ------------------------------------------------------------------ shared machinery
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,9 +11,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.distillation import losses
-from lightning_compress.distillation.base import DistillationBase
 from lightning_compress.distillation.checkpoints import TEACHER_ADVICE, load_network_weights
 from lightning_compress.distillation.checks import check_temperature, check_weights
+from lightning_compress.distillation.module_state import OfflineCheckpoints
 from lightning_compress.distillation.taps import (
     FeatureTaps,
     check_layer_pairs,
@@ -31,13 +30,17 @@ from lightning_compress.distillation.terms import (
     unbalanced_terms,
     validate_term_weights,
 )
+from lightning_compress.distillation.transformer import (
+    TRANSFORMER_TERMS,
+    TransformerKnowledge,
+    TransformerTerms,
+    attention_mask_of,
+)
 from lightning_compress.utils.optim import LRSchedulerChoice, OptimizerChoice
-
-_TEACHER_PREFIX = "teachers."
-_REGRESSOR_PREFIX = "regressors."
+from lightning_compress.utils.outputs import logits_of, run_model
 
 
-class DistillationModule(DistillationBase):
+class DistillationModule(OfflineCheckpoints):
     """Train ``student`` from frozen ``teacher`` (Hinton et al. 2015) plus optional feature and relation knowledge.
 
     ``loss = sum_term weight_term * term`` over ``soft`` (:func:`~.losses.soft_target_loss`, or the weighted average
@@ -45,8 +48,11 @@ class DistillationModule(DistillationBase):
     ``student_layers`` / ``teacher_layers`` (paired one to one, forward hooks): ``hint`` (FitNets, with a
     :class:`~.losses.HintRegressor` built when widths differ, trained and saved with the student), ``attention``,
     ``fsp`` (over consecutive tapped layers: pairs (l0, l1), (l1, l2), ...), ``similarity`` (SP), ``rkd_distance``,
-    ``rkd_angle`` and ``pairwise`` (Structured KD). Feature losses use the first teacher. A term with weight 0 is
-    not computed. Each term is logged every epoch as ``distill/<term>``, the total as ``distill/total``, with
+    ``rkd_angle`` and ``pairwise`` (Structured KD); with ``transformer`` (:class:`~.transformer.TransformerKnowledge`)
+    ``hidden`` (TinyBERT / DistilBERT), ``attention_kl`` and ``value_relation`` (MiniLM). Feature losses use the
+    first teacher. A term with weight 0 is not computed. Batches may be dicts (Hugging Face: inputs as keywords,
+    ``labels``) and outputs ``ModelOutput`` (:mod:`lightning_compress.utils.outputs`). Each term is logged every
+    epoch as ``distill/<term>``, the total as ``distill/total``, with
     ``train/acc``, ``val/acc``, ``val/loss``, ``distill/agreement`` (fraction of validation samples on which the
     student predicts the teacher's class) and ``val/teacher_acc`` (the first validation epoch only).
 
@@ -92,6 +98,8 @@ class DistillationModule(DistillationBase):
         optimizer, lr, weight_decay, momentum, lr_scheduler: the training recipe, see
             :class:`~.base.DistillationBase` (your own optimizer and schedule as callables, or short names).
         input_shape: input shape without batch, to check layers and build regressors at construction.
+        transformer: the transformer terms and where they read from (:class:`~.transformer.TransformerKnowledge`).
+        logits_key: the logits' key or attribute in the outputs (default: the rule of :mod:`~.utils.outputs`).
 
     Raises:
         ValueError: for ``temperature <= 0``, negative weights, all weights zero, the student also a teacher, layer
@@ -131,9 +139,13 @@ class DistillationModule(DistillationBase):
         momentum: float = 0.9,
         lr_scheduler: LRSchedulerChoice | None = "none",
         input_shape: list[int] | None = None,
+        transformer: TransformerKnowledge | dict[str, Any] | None = None,
+        logits_key: str | None = None,
     ) -> None:
         super().__init__(optimizer, lr, weight_decay, momentum, lr_scheduler, input_shape)
-        self.save_hyperparameters(ignore=["student", "teacher", *self.recipe_callables()])
+        self.logits_key = logits_key
+        self.save_hyperparameters(ignore=["student", "teacher", "transformer", *self.recipe_callables()])
+        transformer = TransformerKnowledge.parse(transformer, self.hparams)
         teachers = list(teacher) if isinstance(teacher, (list, tuple, nn.ModuleList)) else [teacher]
         if not teachers:
             raise ValueError("teacher must be a network or a non-empty list of networks, got an empty list.")
@@ -154,7 +166,7 @@ class DistillationModule(DistillationBase):
         self.weights = self.check_term_weights(
             soft=soft_weight, hard=hard_weight, hint=hint_weight, attention=attention_weight, fsp=fsp_weight,
             similarity=similarity_weight, rkd_distance=rkd_distance_weight, rkd_angle=rkd_angle_weight,
-            pairwise=pairwise_weight,
+            pairwise=pairwise_weight, **(transformer.weights() if transformer is not None else {}),
         )
         self.student_layers, self.teacher_layers = list(student_layers or []), list(teacher_layers or [])
         check_feature_layers(student, teachers[0], self.student_layers, self.teacher_layers, self.weights,
@@ -164,9 +176,14 @@ class DistillationModule(DistillationBase):
         self.student = student
         self.teachers = nn.ModuleList([t.requires_grad_(False).eval() for t in teachers])
         self.regressors = nn.ModuleList()
+        self.transformer_terms = TransformerTerms(transformer) if transformer is not None else None
+        if self.transformer_terms is not None:
+            self.transformer_terms.check_names(student, teachers[0])
         self._student_taps: FeatureTaps | None = None
         self._teacher_taps: FeatureTaps | None = None
         self._checked = False
+        self._outputs: tuple[Any, Any] = (None, None)
+        self._mask: torch.Tensor | None = None
         self._teacher_acc_logged = False
         if self.input_shape is not None:
             self.check_and_build(self.example_input())
@@ -181,15 +198,19 @@ class DistillationModule(DistillationBase):
     def check_and_build(self, example_input: Any) -> None:
         """Public override point: check class counts and layer pairs on one example forward (before training, or
         at construction with ``input_shape``); build the hint regressors. Subclasses extend it with ``super()``."""
+        if self.transformer_terms is not None:
+            self.transformer_terms.attach(self.student, self.teacher)
         with eval_mode(self.student, *self.teachers), torch.no_grad():
-            student_logits = self.student(example_input)
-            for index, teacher in enumerate(self.teachers):
-                teacher_logits = teacher(example_input)
+            student_logits = self.student_forward(example_input)
+            for index, teacher_logits in enumerate(self.teacher_forward(example_input)):
                 if teacher_logits.shape[1:] != student_logits.shape[1:]:
                     raise ValueError(
                         f"Teacher {index} predicts {tuple(teacher_logits.shape[1:])} classes, the student "
                         f"{tuple(student_logits.shape[1:])}; they must have the same number of classes."
                     )
+            if self.transformer_terms is not None:
+                self.transformer_terms.build(self._outputs[0], self._outputs[1])
+        self._outputs = (None, None)
         if self.student_layers:
             pairs = inspect_layer_pairs(self.student, self.teacher, self.student_layers, self.teacher_layers,
                                         example_input)
@@ -197,7 +218,7 @@ class DistillationModule(DistillationBase):
                 if self.weights[term] > 0:
                     check_layer_pairs(pairs, allowed, purpose=term)
                     if term in SPATIAL_TERMS:
-                        check_spatial(pairs, term)
+                        check_spatial(pairs, term, self.student, self.teacher)
             if self.weights["hint"] > 0 and len(self.regressors) == 0:
                 for pair in pairs:
                     rank = len(pair.student_shape)
@@ -221,11 +242,11 @@ class DistillationModule(DistillationBase):
         return self.teachers
 
     def forward(self, x: Any) -> torch.Tensor:
-        return self.student(x)
+        return self.logits(self.student, x)
 
     @override
     def trainable_modules(self) -> Iterable[nn.Module]:
-        return [self.student, self.regressors]
+        return [self.student, self.regressors, *([self.transformer_terms] if self.transformer_terms else [])]
 
     @property
     def in_feature_stage(self) -> bool:
@@ -237,6 +258,8 @@ class DistillationModule(DistillationBase):
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self._checked:
             self.check_and_build(self.example_input())
+        if self.transformer_terms is not None:
+            self.transformer_terms.attach(self.student, self.teacher)
         if self.student_layers and self._student_taps is None:
             self._student_taps = FeatureTaps(self.student, self.student_layers)
             self._teacher_taps = FeatureTaps(self.teacher, self.teacher_layers)
@@ -251,8 +274,13 @@ class DistillationModule(DistillationBase):
             if taps is not None:
                 taps.remove()
         self._student_taps = self._teacher_taps = None
+        if self.transformer_terms is not None:
+            self.transformer_terms.remove()
 
     def _clear_taps(self) -> None:
+        self._outputs = (None, None)
+        if self.transformer_terms is not None:
+            self.transformer_terms.clear()
         for taps in (self._student_taps, self._teacher_taps):
             if taps is not None:
                 taps.clear()
@@ -268,10 +296,23 @@ class DistillationModule(DistillationBase):
 
     # ------------------------------------------------------------------ steps
 
+    def _run(self, network: nn.Module, inputs: Any, first: bool) -> Any:
+        """``network``'s raw output, asked for what the transformer terms read (only the student and first teacher)."""
+        options = self.transformer_terms.knowledge.output_options() if self.transformer_terms and first else {}
+        return run_model(network, inputs, **options)
+
+    def student_forward(self, inputs: Any) -> torch.Tensor:
+        """The student's logits; its full output is kept for the transformer terms (override point)."""
+        output = self._run(self.student, inputs, True)
+        self._outputs, self._mask = (output, self._outputs[1]), attention_mask_of(inputs)
+        return logits_of(output, self.logits_key)
+
     def teacher_forward(self, inputs: Any) -> list[torch.Tensor]:
         """Logits of every teacher, under ``torch.no_grad`` (override point)."""
         with torch.no_grad():
-            return [teacher(inputs) for teacher in self.teachers]
+            outputs = [self._run(teacher, inputs, index == 0) for index, teacher in enumerate(self.teachers)]
+        self._outputs = (self._outputs[0], outputs[0])
+        return [logits_of(output, self.logits_key) for output in outputs]
 
     def active_terms(self) -> list[str]:
         """Terms of the current stage with a positive weight."""
@@ -279,7 +320,7 @@ class DistillationModule(DistillationBase):
         if self.feature_stage_epochs == 0:
             return names
         if self.in_feature_stage:
-            return [name for name in names if name in FEATURE_TERMS]
+            return [name for name in names if name in FEATURE_TERMS or name in TRANSFORMER_TERMS]
         return [name for name in names if name in RESPONSE_TERMS]
 
     def compute_terms(
@@ -298,6 +339,8 @@ class DistillationModule(DistillationBase):
             assert self._student_taps is not None and self._teacher_taps is not None
             terms.update(feature_terms(self._student_taps.features(), self._teacher_taps.features(), active,
                                        list(self.regressors)))
+        if self.transformer_terms is not None and any(name in TRANSFORMER_TERMS for name in active):
+            terms.update(self.transformer_terms(*self._outputs, active, self._mask))
         return terms
 
     def combine(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -307,7 +350,7 @@ class DistillationModule(DistillationBase):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         student_inputs, teacher_inputs, targets = self.split_modalities(batch)
-        student_logits = self.student(student_inputs)
+        student_logits = self.student_forward(student_inputs)
         teacher_logits = self.teacher_forward(teacher_inputs)
         terms = self.compute_terms(student_logits, teacher_logits, targets)
         if self.global_step == 0 and (warning := unbalanced_terms(terms, self.weights)):
@@ -329,7 +372,7 @@ class DistillationModule(DistillationBase):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         student_inputs, teacher_inputs, targets = self.split_modalities(batch)
-        student_logits = self.student(student_inputs)
+        student_logits = self.student_forward(student_inputs)
         teacher_logits = self.teacher_forward(teacher_inputs)[0]
         self._clear_taps()
         batch_size = len(targets)
@@ -352,49 +395,6 @@ class DistillationModule(DistillationBase):
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
-
-    # ------------------------------------------------------------------ checkpoints
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["teacher_acc_logged"] = self._teacher_acc_logged  # once per run, resumed runs included
-        teacher_acc = self.trainer.callback_metrics.get("val/teacher_acc") if self._trainer is not None else None
-        if teacher_acc is not None:
-            checkpoint["teacher_acc"] = float(teacher_acc)
-        if not self.keep_teacher_in_checkpoint:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
-                del state[key]
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._teacher_acc_logged = bool(checkpoint.get("teacher_acc_logged", self._teacher_acc_logged))
-        self._restored_teacher_acc = checkpoint.get("teacher_acc")
-
-    @override
-    def on_fit_start(self) -> None:
-        """A resumed run shows the teacher's accuracy (logged in the first epoch only) in ``callback_metrics`` too."""
-        restored = getattr(self, "_restored_teacher_acc", None)
-        if restored is not None and "val/teacher_acc" not in self.trainer.callback_metrics:
-            self.trainer.callback_metrics["val/teacher_acc"] = torch.tensor(restored)
-        self._restored_teacher_acc = None
-
-    @override
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load a checkpoint's state; missing teacher weights are taken from the current teachers and hint
-        regressors are built from the saved shapes when they do not exist yet."""
-        state = dict(state_dict)
-        for key, value in self.teachers.state_dict(prefix=_TEACHER_PREFIX).items():
-            state.setdefault(key, value)
-        if len(self.regressors) == 0 and self.weights["hint"] > 0:
-            self.regressors.extend(losses.hint_regressors_from_state(state, len(self.student_layers)))
-        return super().load_state_dict(state, strict=strict, assign=assign)
-
-    @staticmethod
-    def student_from_checkpoint(checkpoint_path: str | Path, student: nn.Module) -> nn.Module:
-        """``student`` (a fresh network of the student's architecture) with the trained weights of a checkpoint of
-        this module (a trusted file)."""
-        return load_network_weights(student, checkpoint_path, prefix="student.")
 
 
 __all__ = ["DistillationModule"]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import run_model
 
 
 def check_layer_names(model: nn.Module, names: Sequence[str], role: str = "model") -> None:
@@ -142,7 +143,7 @@ class LayerPair:
 
 def _output_shapes(model: nn.Module, names: Sequence[str], example_input: Any) -> dict[str, tuple[int, ...]]:
     with FeatureTaps(model, names) as taps, eval_mode(model), torch.no_grad():
-        model(example_input)
+        run_model(model, example_input)
         missing = [name for name in names if name not in taps.outputs]
         if missing:
             raise ValueError(f"Layers {missing} of {type(model).__name__} were not called in the forward pass.")

@@ -85,8 +85,12 @@ def validate_term_weights(**weights: float) -> dict[str, float]:
     return checked
 
 
-def check_spatial(pairs: list[LayerPair], term: str) -> None:
-    """``term`` reads maps with spatial positions: refuse a pair of ``(batch, features)`` vectors before training."""
+def check_spatial(pairs: list[LayerPair], term: str, student: nn.Module | None = None,
+                  teacher: nn.Module | None = None) -> None:
+    """``term`` reads maps with spatial positions: refuse a pair of ``(batch, features)`` vectors before training
+    (and, for ``attention`` given the networks, token-shaped states: :func:`check_not_tokens`)."""
+    if term == "attention" and student is not None and teacher is not None:
+        check_not_tokens(pairs, student, teacher)
     for pair in pairs:
         if len(pair.student_shape) < 3:
             raise ValueError(
@@ -94,6 +98,25 @@ def check_spatial(pairs: list[LayerPair], term: str) -> None:
                 f"{pair.student_shape} and teacher {pair.teacher_layer!r} {pair.teacher_shape}; tap convolutional "
                 f"layers for {term}, or use hint, similarity or rkd terms on vector layers."
             )
+
+
+#: Layers whose ``(batch, channels, length)`` outputs are 1-d feature maps, not ``(batch, tokens, hidden)`` states.
+MAP_LAYERS_1D = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+
+
+def check_not_tokens(pairs: list[LayerPair], student: nn.Module, teacher: nn.Module) -> None:
+    """Attention transfer treats dimension 1 as channels: refuse a 3-d output of anything but a 1-d convolution,
+    pooling or BatchNorm, a transformer's ``(batch, tokens, hidden)`` states, before training."""
+    for pair in pairs:
+        for network, name, shape in ((student, pair.student_layer, pair.student_shape),
+                                     (teacher, pair.teacher_layer, pair.teacher_shape)):
+            if len(shape) == 3 and not isinstance(network.get_submodule(name), MAP_LAYERS_1D):
+                raise ValueError(
+                    f"attention (Zagoruyko & Komodakis) reads (batch, channels, *spatial) maps, but {name!r} of "
+                    f"{type(network).__name__} gives {shape}, token-shaped (batch, tokens, hidden) states of a "
+                    "transformer (it would treat tokens as channels). For transformers use "
+                    "transformer=TransformerKnowledge(attention_weight=..., hidden_weight=...) (README, 'Distilling "
+                    "transformers'), or the hint term on these layers.")
 
 
 def check_feature_layers(student: nn.Module, teacher: nn.Module, student_layers: Sequence[str],
@@ -134,12 +157,12 @@ def unbalanced_terms(terms: dict[str, torch.Tensor], weights: dict[str, float], 
     >>> unbalanced_terms({"soft": torch.tensor(2.0), "hint": torch.tensor(200.0)}, {"soft": 1.0, "hint": 1.0})[:60]
     'hint term is 100x the soft and hard terms (200 against 2 at '
     """
-    response = sum(float(weights[n] * terms[n]) for n in RESPONSE_TERMS if n in terms)
+    response = sum(float(weights[n] * terms[n].detach()) for n in RESPONSE_TERMS if n in terms)
     if response <= 0:
         return None
     for name in FEATURE_TERMS:
-        if name in terms and float(weights[name] * terms[name]) > ratio * response:
-            weighted = float(weights[name] * terms[name])
+        if name in terms and float(weights[name] * terms[name].detach()) > ratio * response:
+            weighted = float(weights[name] * terms[name].detach())
             return (f"{name} term is {weighted / response:.0f}x the soft and hard terms ({weighted:.3g} against "
                     f"{response:.3g} at the first step); {name}_weight={weights[name] * response / weighted:.2g} "
                     "brings it to their scale")

@@ -39,8 +39,11 @@ from lightning_compress.export.int8_graph import (
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
 
-__all__ = ["Int8MismatchError", "Int8Model", "deterministic_off", "export_int8", "quantized_counts"]
+__all__ = ["METHODS", "Int8MismatchError", "Int8Model", "deterministic_off", "export_int8", "quantized_counts",
+           "resolve_method"]
 
+#: how :func:`export_int8` converts: torch.ao FX graph mode, module-by-module dynamic int8 Linear, or chosen per model
+METHODS = ("auto", "fx", "dynamic")
 
 
 @contextmanager
@@ -116,7 +119,7 @@ def _layer_scales(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", min_agreement: float | None = 0.99,
-                check_inputs: Any = None) -> Int8Model:
+                check_inputs: Any = None, method: str = "auto") -> Int8Model:
     """A real int8 CPU model that uses the calibrated or learned scales of ``model``'s quantizers, checked against it.
 
     ``model`` is a model with quantizers attached (by ``QuantizationAwareTraining`` or ``quantize_model(...,
@@ -145,6 +148,9 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
             the same class (argmax of the last dimension; for one output per sample, a relative error within 5%);
             ``None`` skips the check (the numbers are still in :attr:`Int8Model.verification`).
         check_inputs: more inputs (a tensor, a tuple, or an iterable of batches) to check on, e.g. held-out data.
+        method: ``"fx"`` (above), ``"dynamic"`` (:func:`~lightning_compress.export.int8_dynamic.export_int8_dynamic`:
+            int8 ``Linear`` / ``Conv1D`` swapped module by module, activations quantized per call, no tracing) or
+            ``"auto"``: ``"dynamic"`` for transformers (attention modules, ``Conv1D``), else ``"fx"``.
 
     Returns:
         An :class:`Int8Model` running int8 kernels on CPU; its ``verification`` holds the agreement, the largest
@@ -157,6 +163,11 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     """
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1] or None")
+    if resolve_method(model, method) == "dynamic":
+        from lightning_compress.export.int8_dynamic import export_int8_dynamic
+
+        return export_int8_dynamic(model, example_inputs, engine=engine, min_agreement=min_agreement,
+                                   check_inputs=check_inputs)
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     float_model = copy.deepcopy(model).cpu().eval()
@@ -187,6 +198,24 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     int8.verification = {"engine": chosen, "max_activation_code": max_code, **host_summary(),
                          **check_agreement(model, int8, args, check_inputs, min_agreement)}
     return int8
+
+
+def resolve_method(model: nn.Module, method: str) -> str:
+    """``"fx"`` or ``"dynamic"`` for ``model`` (``"auto"``: dynamic for transformers).
+
+    Raises:
+        ValueError: an unknown method, or ``"fx"`` for a transformer (FX tracing fails on it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed: {METHODS}")
+    from lightning_compress.export.int8_dynamic import is_transformer
+
+    transformer = is_transformer(model)
+    if method == "fx" and transformer:
+        raise ValueError(f"method='fx' cannot export {type(model).__name__}: FX graph mode does not trace attention "
+                         "modules (nn.MultiheadAttention, Hugging Face attention and Conv1D); use method='dynamic' "
+                         "(or 'auto')")
+    return "dynamic" if method == "dynamic" or (method == "auto" and transformer) else "fx"
 
 
 def _check_runs(converted: nn.Module, args: tuple[Any, ...]) -> None:

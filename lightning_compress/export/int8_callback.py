@@ -29,12 +29,19 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.export.engines import ENGINES, host_summary, quantized_engine, validate_engine
-from lightning_compress.export.int8 import Int8Model, deterministic_off, export_int8
+from lightning_compress.export.int8 import METHODS, Int8Model, deterministic_off, export_int8, resolve_method
+from lightning_compress.export.int8_dynamic import (
+    dynamic_int8_layers,
+    export_int8_dynamic,
+    load_int8_dynamic,
+    save_int8_dynamic,
+)
 from lightning_compress.export.verify import Int8MismatchError
 from lightning_compress.quantization.quantizers import quantized_layers
-from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
+from lightning_compress.utils import compression_target, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, collect_inputs, stage_loader
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import logits_of, model_inputs, move_inputs, run_model
 
 __all__ = ["Int8Export", "int8_metadata", "load_int8", "save_int8"]
 
@@ -153,6 +160,9 @@ class Int8Export(ChecksNetworkInput, Callback):
             engine that cannot compute the model exactly on this CPU fails the export.
         min_agreement: the smallest share of samples on which the int8 and the fake-quantized model must agree;
             ``None`` never fails.
+        method: ``"fx"``, ``"dynamic"`` (transformers: int8 ``Linear`` / ``Conv1D`` swapped module by module, no
+            quantizers needed, written with ``torch.save``; load with :func:`load_int8_dynamic`) or ``"auto"``
+            (dynamic for transformers); resolved in ``setup``, so a model that cannot be exported fails there.
 
     Raises:
         ValueError: for an empty ``filename``, a non-positive ``batch_size``, a negative ``eval_batches``, an
@@ -175,6 +185,7 @@ class Int8Export(ChecksNetworkInput, Callback):
         eval_batches: int | None = None,
         engine: str = "auto",
         min_agreement: float | None = 0.99,
+        method: str = "auto",
     ) -> None:
         if not filename:
             raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
@@ -184,7 +195,10 @@ class Int8Export(ChecksNetworkInput, Callback):
             raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1] or None.")
-        self.engine, self.min_agreement = validate_engine(engine), min_agreement
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported; allowed: {METHODS}.")
+        self.engine, self.min_agreement, self.method = validate_engine(engine), min_agreement, method
+        self._resolved = "fx"
         self.output_dir = output_dir
         self.filename = filename
         self.batch_size = batch_size
@@ -203,6 +217,12 @@ class Int8Export(ChecksNetworkInput, Callback):
         from lightning_compress.quantization.qat_callback import QuantizationAwareTraining
 
         if stage != "fit":
+            return
+        self._resolved = resolve_method(compression_target(pl_module), self.method)  # before training, not at the end
+        if self._resolved == "dynamic":
+            if not dynamic_int8_layers(compression_target(pl_module)):
+                raise ValueError("Int8Export(method='dynamic') found no Linear or Conv1D layer to quantize in "
+                                 f"{type(compression_target(pl_module)).__name__}.")
             return
         qat = [c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining)]  # type: ignore[attr-defined]
         if not qat and not quantized_layers(compression_target(pl_module)):
@@ -233,12 +253,14 @@ class Int8Export(ChecksNetworkInput, Callback):
         if self.results is not None or not trainer.is_global_zero:
             return self.model
         target = compression_target(pl_module)
+        if self._resolved == "dynamic":
+            return self._export_dynamic(trainer, target)
         reason = _not_exportable(target)
         if reason is not None:
             rank_zero_warn(f"Int8Export skipped: {reason}. No int8 model was written.")
             self.results = {"skipped": reason}
             return None
-        inputs = collect_inputs(trainer, self.batch_size).cpu()
+        inputs = move_inputs(collect_inputs(trainer, self.batch_size), "cpu")
         model = export_int8(target, inputs, engine=self.engine, min_agreement=None)
         evaluated = self._evaluate(trainer, target, model)
         self.results = {"engine": model.engine, "verification": model.verification,
@@ -250,6 +272,25 @@ class Int8Export(ChecksNetworkInput, Callback):
         self.model = model
         self.results.update(path=str(path), size_bytes=path.stat().st_size, format=f"torchscript ({how})",
                             identical_after_load=self._identical_after_load(model, path, inputs))
+        self._log(trainer)
+        return model
+
+    def _export_dynamic(self, trainer: pl.Trainer, target: nn.Module) -> nn.Module:
+        """The transformer path: int8 Linear swapped module by module, written as a pickled module."""
+        inputs = collect_inputs(trainer, self.batch_size).cpu()
+        model = export_int8_dynamic(target, inputs, engine=self.engine, min_agreement=None)
+        self.results = {"engine": model.engine, "verification": model.verification,
+                        "quantized_layers": model.verification["int8_layers"],
+                        **self._evaluate(trainer, target, model)}
+        self._check_agreement(trainer)
+        path = self.path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_int8_dynamic(model, path)
+        self.model = model
+        with torch.no_grad():
+            identical = torch.equal(logits_of(load_int8_dynamic(path)(inputs)), logits_of(model(inputs)))
+        self.results.update(path=str(path), size_bytes=path.stat().st_size, format="pickle (torch.save)",
+                            identical_after_load=identical)
         self._log(trainer)
         return model
 
@@ -270,7 +311,7 @@ class Int8Export(ChecksNetworkInput, Callback):
     @staticmethod
     def _identical_after_load(model: nn.Module, path: Path, inputs: torch.Tensor) -> bool:
         with torch.no_grad():
-            identical = torch.equal(load_int8(path)(inputs), model(inputs))
+            identical = torch.equal(logits_of(run_model(load_int8(path), inputs)), logits_of(run_model(model, inputs)))
         if not identical:
             rank_zero_warn(f"Int8Export: the model loaded back from {str(path)!r} does not reproduce the int8 model's "
                            "outputs exactly; evaluate the file before shipping it.")
@@ -281,9 +322,9 @@ class Int8Export(ChecksNetworkInput, Callback):
         device = next((p.device for p in target.parameters()), torch.device("cpu"))
         with eval_mode(target), torch.no_grad():
             for batch in _validation_batches(trainer, self.eval_batches):
-                inputs = first_tensor(batch)
-                predicted = first_tensor(int8(inputs.cpu())).argmax(1)
-                fake = first_tensor(target(inputs.to(device))).argmax(1).cpu()
+                inputs = model_inputs(batch)
+                predicted = logits_of(run_model(int8, move_inputs(inputs, "cpu"))).argmax(1)
+                fake = logits_of(run_model(target, move_inputs(inputs, device))).argmax(1).cpu()
                 agree += int((predicted == fake).sum())
                 total += int(predicted.numel())
                 labels = batch_labels(batch)

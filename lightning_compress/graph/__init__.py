@@ -9,7 +9,9 @@
   :mod:`~lightning_compress.graph.channel_ops`;
 - :mod:`~lightning_compress.graph.compact`: physical removal of pruned channels (a smaller dense model with the
   same outputs); :mod:`~lightning_compress.graph.batchnorm`: BatchNorm around pruned filters;
-  :mod:`~lightning_compress.graph.blocks`: residual blocks that become the identity when zeroed.
+  :mod:`~lightning_compress.graph.blocks`: residual blocks that become the identity when zeroed;
+- :mod:`~lightning_compress.graph.heads`: attention heads and FFN neurons of transformers as prunable units, removed
+  by :mod:`~lightning_compress.graph.heads_compact`.
 """
 
 from lightning_compress.graph.blocks import block_scores, removable_blocks, remove_blocks, zero_block
@@ -22,6 +24,15 @@ from lightning_compress.graph.compact import (
     zero_filter_indices,
 )
 from lightning_compress.graph.dependency import ChannelGroup, DependencyGraph, build_graph, filter_groups
+from lightning_compress.graph.heads import (
+    Slice,
+    UnitGroup,
+    find_unit_groups,
+    mask_units,
+    norm_scores,
+    taylor_scores,
+)
+from lightning_compress.graph.heads_compact import CompactMultiheadAttention, compact_units, unit_counts
 from lightning_compress.graph.layers import LAYER_TYPES, check_layer_pattern, resolve_layer_types, select_layers
 from lightning_compress.graph.tracing import Call, Trace, called_through_weights, trace, unexecuted_layers
 
@@ -29,23 +40,32 @@ __all__ = [
     "LAYER_TYPES",
     "Call",
     "ChannelGroup",
+    "CompactMultiheadAttention",
     "CompactionPlan",
     "DependencyGraph",
     "Replacement",
+    "Slice",
     "Trace",
+    "UnitGroup",
     "block_scores",
     "build_graph",
     "called_through_weights",
     "check_layer_pattern",
     "compact",
+    "compact_units",
     "filter_groups",
+    "find_unit_groups",
+    "mask_units",
+    "norm_scores",
     "plan_compaction",
     "removable_blocks",
     "remove_blocks",
     "resolve_layer_types",
     "select_layers",
+    "taylor_scores",
     "trace",
     "unexecuted_layers",
+    "unit_counts",
     "zero_block",
     "zero_bn_for_pruned_filters",
     "zero_filter_indices",

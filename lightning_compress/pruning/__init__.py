@@ -10,7 +10,8 @@ floor below, :mod:`lightning_compress.graph`.
   :mod:`~lightning_compress.pruning.optimizer_state` (training on after a compaction);
 - the callbacks: ``callback_base`` (masks, schedule, resume), ``magnitude_callback``, ``filter_callback`` (with
   ``filter_final``: the final prune and compaction in place, ``filter_state``: options, checkpoint and resume),
-  ``layer_callback``, ``dynamic_callback``.
+  ``layer_callback``, ``dynamic_callback``, ``head_callback`` (attention heads and FFN neurons, with
+  :mod:`~lightning_compress.pruning.head_select`).
 
 ``lightning_compress.pruning.compact`` is the function :func:`lightning_compress.graph.compact`; its module is
 reachable as ``lightning_compress.pruning.compaction``.
@@ -35,6 +36,9 @@ from lightning_compress.pruning.criteria import (
     splicing_thresholds,
     threshold_mask,
 )
+from lightning_compress.pruning.flows import pruned_architecture
+from lightning_compress.pruning.head_callback import HeadPruning
+from lightning_compress.pruning.head_select import select_units, units_to_prune
 from lightning_compress.pruning.masks import (
     FilterNorm,
     Magnitude,
@@ -45,7 +49,15 @@ from lightning_compress.pruning.masks import (
     apply_mask,
 )
 from lightning_compress.pruning.optimizer_state import slice_optimizer_state
-from lightning_compress.pruning.schedules import AGP, Constant, Cosine, Exponential, Linear, Schedule
+from lightning_compress.pruning.schedules import (
+    AGP,
+    Constant,
+    Cosine,
+    Exponential,
+    Linear,
+    Schedule,
+    recovery_schedule,
+)
 from lightning_compress.pruning.structured import (
     channel_norms,
     filter_mask,
@@ -67,6 +79,7 @@ __all__ = [
     "Cosine",
     "Exponential",
     "FilterNorm",
+    "HeadPruning",
     "Linear",
     "Magnitude",
     "PruningMethod",
@@ -88,11 +101,15 @@ __all__ = [
     "kernel_scores",
     "magnitude_mask",
     "plan_compaction",
+    "pruned_architecture",
+    "recovery_schedule",
     "schedules",
+    "select_units",
     "slice_optimizer_state",
     "splicing_mask",
     "splicing_thresholds",
     "threshold_mask",
+    "units_to_prune",
     "vector_mask",
     "vector_scores",
     "zero_bn_for_pruned_filters",

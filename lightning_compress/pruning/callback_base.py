@@ -12,11 +12,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress.graph.layers import select_layers
-from lightning_compress.pruning.schedules import Constant, Schedule, sparsity_at
-from lightning_compress.utils import compression_target, execution_order, first_tensor, log_histogram
+from lightning_compress.pruning.schedules import (
+    AGP,
+    Constant,
+    Schedule,
+    check_recovery_epochs,
+    recovery_schedule,
+    sparsity_at,
+)
+from lightning_compress.utils import compression_target, execution_order, log_histogram
+from lightning_compress.utils.data import explain_forward_failure
+from lightning_compress.utils.outputs import model_inputs, move_inputs
 
 
 class PruningCallback(Callback):
@@ -30,7 +40,14 @@ class PruningCallback(Callback):
         exclude: names or regexes to leave alone.
         prune_classifier: also prune the last layer in execution order (found by tracing one forward).
         log_histograms: write the per-layer sparsity histogram to TensorBoard every epoch.
+        recovery_epochs: for subclasses that recover (``recovers = True``): without a ``schedule``, the default one
+            is AGP from epoch 0 to ``max_epochs - recovery_epochs`` (``None``: a third of the fit), and the masks are
+            fixed when it ends so the last epochs recover; with a ``schedule``, the masks are fixed at its end and a
+            warning says when fewer than ``recovery_epochs`` epochs remain after it.
     """
+
+    #: Whether ``schedule=None`` means the recovering default (:func:`~.schedules.recovery_schedule`).
+    recovers = False
 
     def __init__(
         self,
@@ -41,11 +58,18 @@ class PruningCallback(Callback):
         exclude: str | list[str] | None,
         prune_classifier: bool,
         log_histograms: bool,
+        recovery_epochs: int | None = None,
     ) -> None:
         self.sparsity = sparsity
         self.schedule = schedule if schedule is not None else Constant(start=0)
         if not isinstance(self.schedule, Schedule):
             raise ValueError(f"schedule must be a lightning_compress.pruning.schedules.Schedule, got {schedule!r}.")
+        check_recovery_epochs(recovery_epochs)
+        self.user_schedule = schedule
+        self.recovery_epochs = recovery_epochs
+        #: fix the masks once the schedule ends (the recovery epochs follow)
+        self.fix_at_schedule_end = self.recovers and (schedule is None or recovery_epochs is not None)
+        self.resolved_end: int | None = None  # end of the default schedule, resolved from max_epochs at fit start
         self.layers = layers
         self.types = list(types)
         self.exclude = exclude
@@ -75,12 +99,44 @@ class PruningCallback(Callback):
             )
         self._target = target
         self._ready = False
+        self.resolve_schedule(trainer)
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> None:
+        """The default schedule from ``trainer.max_epochs`` (kept once resolved: a resumed run keeps its own),
+        and a warning when a given schedule leaves no recovery epoch."""
+        if not self.recovers:
+            return
+        max_epochs = trainer.max_epochs
+        known = max_epochs is not None and max_epochs >= 1
+        if self.user_schedule is None:
+            if self.resolved_end is not None:
+                return
+            if not known:
+                rank_zero_warn(f"{type(self).__name__}: the fit has no max_epochs, so the default schedule cannot "
+                               "leave recovery epochs; pruning to the full target from the start (pass a schedule).")
+                self.fix_at_schedule_end = False
+                return
+            self.schedule = recovery_schedule(int(max_epochs), self.recovery_epochs)  # type: ignore[arg-type]
+            self.resolved_end = self.schedule.end
+            return
+        if not known or self.schedule.unit != "epoch":
+            return
+        left = int(max_epochs) - self.schedule.end  # type: ignore[arg-type]
+        wanted = 1 if self.recovery_epochs is None else self.recovery_epochs
+        if left < wanted:
+            rank_zero_warn(
+                f"{type(self).__name__}: the schedule ends at epoch {self.schedule.end} of max_epochs={max_epochs}, "
+                f"leaving {max(left, 0)} recovery epoch(s) with fixed masks (wanted {wanted}); the last pruning "
+                "step then costs accuracy no epoch recovers. End the schedule earlier, or leave schedule unset for "
+                "the default, which ends recovery_epochs before the fit does.")
 
     def _prepare(self, batch: Any, pl_module: pl.LightningModule) -> None:
         """On the first training batch: drop the final classifier (traced), validate, restore or initialise."""
         if not self.prune_classifier:  # the network's last layer, whether or not the patterns chose it
             candidates = select_layers(self._target, None, types=self.types)
-            order = execution_order(self._target, first_tensor(batch).to(pl_module.device), list(candidates))
+            with explain_forward_failure(self._target, batch, type(self).__name__):
+                order = execution_order(self._target, move_inputs(model_inputs(batch), pl_module.device),
+                                        list(candidates))
             if order and order[-1] in self._modules:
                 self._modules.pop(order[-1])
         if not self._modules:
@@ -101,6 +157,8 @@ class PruningCallback(Callback):
     def _update(self, trainer: pl.Trainer, position: int, force: bool = False) -> None:
         if not force and position == self.position:
             return
+        if not force and self.masks_fixed():
+            return
         if not force and self.position is not None and not self.should_update(position):
             return
         self.current_sparsity = self.target_at(position)
@@ -109,6 +167,10 @@ class PruningCallback(Callback):
         self.masks = trainer.strategy.broadcast({k: v.cpu() for k, v in masks.items()}, src=0)
         self.position = position
         self.enforce()
+
+    def masks_fixed(self) -> bool:
+        """Whether the masks are final: the schedule has ended and the recovery epochs train with them."""
+        return self.fix_at_schedule_end and self.position is not None and self.position >= self.schedule.end
 
     def should_update(self, position: int) -> bool:
         """Whether the masks are recomputed at ``position`` (schedule positions from ``start`` every ``frequency``)."""
@@ -226,6 +288,8 @@ class PruningCallback(Callback):
             "position": self.position,
             "current_sparsity": self.current_sparsity,
             "compacted": self.compacted,
+            "resolved_end": self.resolved_end,
+            "fix_at_schedule_end": self.fix_at_schedule_end,
         }
 
     @override
@@ -236,6 +300,10 @@ class PruningCallback(Callback):
         self.position = state_dict["position"]
         self.current_sparsity = state_dict["current_sparsity"]
         self.compacted = state_dict.get("compacted", False)
+        self.fix_at_schedule_end = state_dict.get("fix_at_schedule_end", self.fix_at_schedule_end)
+        self.resolved_end = state_dict.get("resolved_end")
+        if self.user_schedule is None and self.resolved_end is not None:  # the run's own default schedule
+            self.schedule = AGP(start=0, end=self.resolved_end) if self.resolved_end > 0 else Constant(start=0)
 
     def _apply_restored(self, state: dict[str, Any]) -> None:
         unknown = set(self.masks) - set(self._modules)

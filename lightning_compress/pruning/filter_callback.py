@@ -74,7 +74,13 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         mode: ``"soft"`` or ``"hard"``.
         p: the norm scoring filters (1 or 2).
         granularity: ``"filter"`` or ``"channel"``.
-        schedule: progress towards the rates (default: the full rate from the start, updated every epoch).
+        schedule: progress towards the rates. Default: AGP (Zhu & Gupta 2017) from epoch 0 to ``recovery_epochs``
+            before the end of the fit, after which the selection is made permanent (the final prune below; soft mode
+            stops re-selecting) and the remaining epochs recover.
+        recovery_epochs: epochs trained with the final selection at the end of the fit (``None``: a third of
+            ``max_epochs``, rounded up). With a ``schedule`` given, the selection is made permanent when it ends
+            (without one, soft mode re-selects at every update to the end of ``fit``); either way a warning says
+            when the schedule leaves fewer recovery epochs.
         recalibration_batches: training batches to re-estimate BatchNorm statistics after the final prune.
         compact_on_fit_end: at the end of ``fit`` replace the compression target inside the LightningModule by its
             compacted copy (fewer filters and channels, same outputs); a later ``fit`` (fine-tuning) builds its
@@ -119,11 +125,12 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         exclude: str | list[str] | None = None,
         prune_classifier: bool = False,
         log_histograms: bool = True,
+        recovery_epochs: int | None = None,
     ) -> None:
         rates = check_options(sparsity, mode, p, granularity, recalibration_batches, compact_every_epoch,
                               compact_at_schedule_end)
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
-                         log_histograms)
+                         log_histograms, recovery_epochs)
         self.sparsity = sparsity  # type: ignore[assignment]
         self.rates = rates
         self.mode, self.p, self.granularity = mode, p, granularity
@@ -171,15 +178,6 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             self._target = compression_target(pl_module)
         self._replay_before_loading(pl_module)
 
-    def _check_rate_patterns(self) -> None:
-        """Every pattern of a ``sparsity`` mapping must name at least one selected layer."""
-        if not isinstance(self.sparsity, dict):
-            return
-        for pattern in self.rates:
-            if not any(name == pattern or re.fullmatch(pattern, name) for name in self._modules):
-                raise ValueError(f"FilterPruning: the sparsity pattern {pattern!r} matches no selected layer; "
-                                 f"selected: {sorted(self._modules)}.")
-
     def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
         """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse. Called
         by ``QuantizationAwareTraining.setup`` before it attaches anything, whichever callback comes first. With a
@@ -187,6 +185,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         only a start at epoch 0 is known to come first."""
         from lightning_compress.quantization.qat_callback import QuantizationAwareTraining
 
+        self.resolve_schedule(trainer)  # the default schedule, if QuantizationAwareTraining's setup runs first
         if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):
             return
         epoch = self._compaction_epoch(steps_per_epoch)

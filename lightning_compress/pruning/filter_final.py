@@ -99,6 +99,7 @@ class FinalPruneSteps:
     compact_on_fit_end: bool
     compact_every_epoch: bool
     compact_at_schedule_end: bool
+    fix_at_schedule_end: bool
     recalibration_batches: int
     compaction: dict[str, Any]
     events: list[dict[str, list[int]]]
@@ -131,7 +132,8 @@ class FinalPruneSteps:
     def _epoch_end_update(self, trainer: pl.Trainer) -> None:
         super()._epoch_end_update(trainer)  # type: ignore[misc]
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if (last_epoch or trainer.should_stop or self._compaction_due(trainer)) and not self.finalized:
+        fix = self.fix_at_schedule_end and self.schedule_ended(trainer)  # the recovery epochs follow
+        if (last_epoch or trainer.should_stop or fix or self._compaction_due(trainer)) and not self.finalized:
             self.finalize(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

@@ -3,10 +3,12 @@ network back, and the sparsities it logs: a mixin of :class:`~lightning_compress
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress.graph.layers import check_layer_pattern
@@ -48,8 +50,12 @@ def check_options(sparsity: float | dict[str, float], mode: str, p: int, granula
 class FilterState(PruningCallback):
     """Checkpoint state, resume replay and sparsity bookkeeping of :class:`~lightning_compress.FilterPruning`."""
 
+    recovers = True
     finalized: bool
     revived_filters: int
+    rates: dict[str, float]
+    mode: str
+    compact_at_schedule_end: bool
     events: list[dict[str, list[int]]]
     original_sizes: dict[str, int]
     original_filters: dict[str, int]
@@ -62,6 +68,23 @@ class FilterState(PruningCallback):
 
         def replay_compactions(self, events: list[dict[str, list[int]]], example: torch.Tensor) -> None: ...
         def _group_keep(self, group: Any) -> torch.Tensor | None: ...
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> None:
+        super().resolve_schedule(trainer)
+        if self.mode == "soft" and not self.fix_at_schedule_end and not self.compact_at_schedule_end:
+            rank_zero_warn("FilterPruning(mode='soft') with a schedule and no recovery_epochs re-selects filters at "
+                           "every update up to the end of fit, so no epoch trains with the final selection (a "
+                           "zeroed filter regrows within an epoch, with Adam). Pass recovery_epochs=N to make the "
+                           "selection permanent when the schedule ends, or leave schedule unset for the default.")
+
+    def _check_rate_patterns(self) -> None:
+        """Every pattern of a ``sparsity`` mapping must name at least one selected layer."""
+        if not isinstance(self.sparsity, dict):
+            return
+        for pattern in self.rates:
+            if not any(name == pattern or re.fullmatch(pattern, name) for name in self._modules):
+                raise ValueError(f"FilterPruning: the sparsity pattern {pattern!r} matches no selected layer; "
+                                 f"selected: {sorted(self._modules)}.")
 
     def _replay_before_loading(self, pl_module: pl.LightningModule) -> None:
         """Lightning calls the module's ``on_load_checkpoint`` right before its strict ``load_state_dict``: shrink

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_compress.graph.compact import compact, zero_bn_for_pruned_filters, zero_filter_indices
+from lightning_compress.pruning.groups import prune_filter_groups
 
 
 def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
@@ -57,3 +58,18 @@ def rewind(pruned: nn.Module, early_state: Mapping[str, torch.Tensor], example_i
                 modules[name].bias[rows] = 0
     zero_bn_for_pruned_filters(model, example_inputs)
     return cast(nn.Module, compact(model, example_inputs))
+
+
+def pruned_architecture(model: nn.Module, sparsity: float, example_inputs: Any, seed: int | None = None) -> nn.Module:
+    """The compact architecture ``FilterPruning(sparsity)`` leaves of ``model`` (the same channel counts: every free
+    dependency group but the output's loses ``round(sparsity * n)`` channels), freshly initialised: the reference
+    a pruned network is measured against (Liu et al. 2019, "train from scratch"). ``model`` is left untouched.
+
+    >>> from lightning_compress.demo import PlainCNN
+    >>> small = pruned_architecture(PlainCNN(width=10), 0.4, torch.randn(2, 1, 8, 8))
+    >>> [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    [6, 12, 12]
+    """
+    copy_ = copy.deepcopy(model)
+    prune_filter_groups(copy_, example_inputs, sparsity)
+    return reinitialize(cast(nn.Module, compact(copy_, example_inputs)), seed)

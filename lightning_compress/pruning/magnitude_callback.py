@@ -22,6 +22,7 @@ from lightning_compress.pruning.criteria import (
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import check_p, kernel_mask, vector_mask
+from lightning_compress.pruning.transformer_layers import check_exclude_matches, transformer_aware_layers
 
 METHODS = ("magnitude", "threshold", "splicing")
 GRANULARITIES = ("element", "vector", "kernel")
@@ -45,7 +46,9 @@ class MagnitudePruning(PruningCallback):
       values live in this callback's checkpoint state (one extra copy per layer); the model holds the masked ones.
 
     BatchNorm layers and biases are never pruned; the final classifier (last layer in execution order) is skipped
-    unless ``prune_classifier``.
+    unless ``prune_classifier``; embeddings (:func:`~.transformer_layers.is_embedding`: tied to an ``nn.Embedding`` or
+    named ``*embed*``) unless ``prune_embeddings``. The fused Q/K/V weight of each ``nn.MultiheadAttention`` is pruned
+    as ``<name>.in_proj`` (its ``out_proj`` is a Linear). An ``exclude`` pattern matching no module is an error.
 
     Args:
         sparsity: target fraction of weights pruned, in [0, 1).
@@ -60,17 +63,23 @@ class MagnitudePruning(PruningCallback):
         gamma: splicing update probability decay.
         power: splicing update probability exponent.
         seed: seeds the splicing update draws (the same on every rank, reproducible on resume).
-        schedule: progress towards ``sparsity`` (magnitude method).
+        schedule: progress towards ``sparsity`` (magnitude method). Default: AGP (Zhu & Gupta 2017) from epoch 0 to
+            ``recovery_epochs`` before the end of the fit; then the masks are fixed and the remaining epochs recover.
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip.
         prune_classifier: also prune the last layer.
         log_histograms: per-layer sparsity histogram in TensorBoard.
+        recovery_epochs: epochs trained with the final masks at the end of the fit (magnitude method; ``None``: a
+            third of ``max_epochs``, rounded up); with a ``schedule`` given, the masks are fixed when it ends, and a
+            warning says when it leaves fewer recovery epochs.
+        prune_embeddings: also prune embedding layers.
 
     Raises:
         ValueError: for a sparsity outside [0, 1), an unknown method, granularity or scope, ``p`` not in {1, 2},
             a negative threshold, ``a >= b``, only one of ``a`` and ``b``, a negative or non-finite ``gamma`` or
-            ``power``, or a schedule with the threshold method.
+            ``power``, a schedule with the threshold method, or ``recovery_epochs`` that is not an integer >= 0
+            or comes with another method than magnitude.
 
     Example (YAML)::
 
@@ -101,8 +110,13 @@ class MagnitudePruning(PruningCallback):
         exclude: str | list[str] | None = None,
         prune_classifier: bool = False,
         log_histograms: bool = True,
+        recovery_epochs: int | None = None,
+        prune_embeddings: bool = False,
     ) -> None:
         check_sparsity(sparsity)
+        if method != "magnitude" and recovery_epochs is not None:
+            raise ValueError(f"recovery_epochs paces the magnitude method's schedule; method={method!r} has none, "
+                             f"got recovery_epochs={recovery_epochs!r}.")
         for name, value, allowed in (("method", method, METHODS), ("granularity", granularity, GRANULARITIES),
                                      ("scope", scope, SCOPES)):
             if value not in allowed:
@@ -122,14 +136,29 @@ class MagnitudePruning(PruningCallback):
             raise ValueError(f"scope='global' ranks single weights; use granularity='element', got {granularity!r}.")
         if method != "magnitude" and granularity != "element":
             raise ValueError(f"granularity={granularity!r} needs method='magnitude', got method={method!r}.")
+        self.recovers = method == "magnitude"  # threshold and splicing prune from the start
         super().__init__(sparsity, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude,
-                         prune_classifier, log_histograms)
+                         prune_classifier, log_histograms, recovery_epochs)
         self.method, self.granularity, self.scope = method, granularity, scope
         self.threshold, self.p = threshold, p
         self.a, self.b, self.c, self.gamma, self.power, self.seed = a, b, c, gamma, power, seed
         self.dense: dict[str, torch.Tensor] = {}  # splicing: the unmasked weights
         self.thresholds: dict[str, tuple[float, float]] = {}
         self.revived = 0
+        self.prune_embeddings = prune_embeddings
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the layers (base class), then apply the transformer rules of :mod:`~.transformer_layers`."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        check_exclude_matches(self._target, self.exclude, type(self).__name__)
+        self._modules = transformer_aware_layers(self._target, self._modules, self.layers, self.exclude,
+                                                 self.prune_embeddings)
+        if not self._modules:
+            raise ValueError(f"{type(self).__name__} found nothing to prune in {type(self._target).__name__} but "
+                             "embeddings; set prune_embeddings=True to prune them.")
 
     def validate_layers(self, modules: dict[str, Any]) -> None:
         if self.granularity in ("vector", "kernel"):

@@ -26,6 +26,8 @@ __all__ = [
     "Linear",
     "Schedule",
     "compounding_amounts",
+    "default_recovery_epochs",
+    "recovery_schedule",
     "sparsity_at",
 ]
 
@@ -209,3 +211,43 @@ def compounding_amounts(sparsities: Sequence[float]) -> list[float]:
         amounts.append((sparsity - previous) / (1.0 - previous))
         previous = sparsity
     return amounts
+
+
+def default_recovery_epochs(max_epochs: int) -> int:
+    """Epochs trained with fixed masks after the default schedule: a third of the fit, rounded up.
+
+    >>> [default_recovery_epochs(n) for n in (1, 2, 10, 30)]
+    [1, 1, 4, 10]
+    """
+    return math.ceil(max_epochs / 3)
+
+
+def recovery_schedule(max_epochs: int, recovery_epochs: int | None = None) -> Schedule:
+    """The default pruning schedule of a fit of ``max_epochs``: AGP (Zhu & Gupta 2017) from epoch 0 to
+    ``max_epochs - recovery_epochs``, so the last ``recovery_epochs`` epochs train with the final masks
+    (``None``: :func:`default_recovery_epochs`). A fit too short for a ramp prunes in one shot at the start.
+
+    Raises:
+        ValueError: for ``max_epochs`` below 1 or ``recovery_epochs`` that is not an integer >= 0.
+
+    >>> recovery_schedule(30)
+    AGP(start=0, end=20, frequency=1, unit='epoch')
+    >>> recovery_schedule(10, recovery_epochs=10)
+    Constant(start=0, end=0, frequency=1, unit='epoch')
+    """
+    check_recovery_epochs(recovery_epochs)
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, numbers.Integral) or max_epochs < 1:
+        raise ValueError(f"The default pruning schedule needs a fit of max_epochs >= 1 epochs, got {max_epochs!r}; "
+                         "pass a schedule for a fit limited by steps.")
+    recovery = default_recovery_epochs(max_epochs) if recovery_epochs is None else recovery_epochs
+    end = max_epochs - recovery
+    return AGP(start=0, end=end) if end > 0 else Constant(start=0)
+
+
+def check_recovery_epochs(recovery_epochs: int | None) -> None:
+    """``None`` or an integer >= 0, else a ``ValueError`` naming the value."""
+    if recovery_epochs is None:
+        return
+    if isinstance(recovery_epochs, bool) or not isinstance(recovery_epochs, numbers.Integral) or recovery_epochs < 0:
+        raise ValueError(f"recovery_epochs must be an integer >= 0 or None (a third of the fit), "
+                         f"got {recovery_epochs!r}.")

@@ -8,6 +8,8 @@
 - :mod:`~lightning_compress.quantization.nonlinear` and :mod:`~lightning_compress.quantization.packed`: power-of-two
   and k-means levels, weight-only packed storage;
 - :mod:`~lightning_compress.quantization.ptq`: ``quantize_model`` (post-training, any network);
+- :mod:`~lightning_compress.quantization.qat_ranges`: input ranges that track a training network (moving-average
+  min / max), the ``ranges="auto"`` choice;
 - :mod:`~lightning_compress.quantization.qat_callback` / :mod:`~lightning_compress.quantization.ptq_callback`: the
   Lightning callbacks (exported at the package top level).
 
@@ -59,6 +61,7 @@ from lightning_compress.quantization.packed import (
     unpack_bits,
 )
 from lightning_compress.quantization.ptq import classification_accuracy, quantize_model
+from lightning_compress.quantization.qat_ranges import RANGES, RangeTracker, looks_untrained
 from lightning_compress.quantization.quantizers import (
     QuantConv1d,
     QuantConv2d,
@@ -74,6 +77,7 @@ from lightning_compress.quantization.quantizers import (
 __all__ = [
     "METHODS",
     "PACKED_METHODS",
+    "RANGES",
     "HistogramCalibrator",
     "Int8MismatchError",
     "Int8Model",
@@ -85,6 +89,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantSpec",
+    "RangeTracker",
     "TensorQuantizer",
     "affine_qparams",
     "amax_entropy",
@@ -104,6 +109,7 @@ __all__ = [
     "float_state_dict",
     "host_summary",
     "kmeans_codebook",
+    "looks_untrained",
     "lsq_fake_quantize",
     "lsq_grad_scale",
     "lsq_init_step",

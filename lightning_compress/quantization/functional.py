@@ -108,13 +108,15 @@ def fake_quantize_affine(
         qmin: lowest integer level.
         qmax: highest integer level.
         axis: channel axis of a per-channel ``scale``.
-        fused: allow torch's fused kernels.
+        fused: allow torch's fused kernels (never while ``torch.export`` / ``torch.compile`` trace: the same
+            arithmetic through the plain path).
 
     >>> fake_quantize_affine(torch.tensor([-1.0, 0.26, 3.0]), torch.tensor(0.1), torch.tensor(10), 0, 255)
     tensor([-1.0000,  0.3000,  3.0000])
     """
     if axis is not None:
         axis = axis % x.dim()
+    fused = fused and not torch.compiler.is_compiling()  # the fused kernels have no meta kernel (torch.export)
     if fused and scale.numel() == 1 and axis is None:
         zp = zero_point.reshape(()).round().to(torch.int32)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp, qmin, qmax)
@@ -173,8 +175,10 @@ def fake_quantize(
     valid = amax_t > 0
     scale = torch.where(valid, amax_t, torch.ones_like(amax_t)) / qmax
     out = fake_quantize_affine(x, scale, torch.zeros_like(scale), qmin, qmax, axis=axis, fused=fused)
-    if x.device.type == "cpu" and bool(valid.all()):  # on an accelerator, mask without a host sync
+    if not isinstance(amax, Tensor) and float(amax) > 0:  # known on the host: no mask, no data-dependent branch
         return out
+    # a tensor amax: always mask (multiplying by 1 changes nothing), so the graph has no branch on the data
+    # (``torch.export``) and no host sync on an accelerator
     mask = _channel_view(valid, x.dim(), axis % x.dim()) if axis is not None and valid.numel() > 1 else valid
     return out * mask.to(out.dtype)
 

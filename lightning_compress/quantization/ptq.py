@@ -33,9 +33,9 @@ from lightning_compress.quantization.quantizers import (
     validate_reduce_range,
 )
 from lightning_compress.quantization.uncalled import release_uncalled
-from lightning_compress.utils import first_tensor
 from lightning_compress.utils.data import batch_labels
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import model_inputs, model_logits, move_inputs, run_model
 
 __all__ = ["CALIBRATIONS", "PTQ_MODES", "classification_accuracy", "quantize_model", "resolve_specs"]
 
@@ -216,12 +216,12 @@ def _set_weight_amax(layers: Mapping[str, Any]) -> None:
 
 def _calibration_pass(model: nn.Module, data: Any, max_batches: int | None, device: torch.device) -> int:
     seen = 0
-    batches = [data] if isinstance(data, Tensor) else data
+    batches = [data] if isinstance(data, (Tensor, Mapping)) else data
     with eval_mode(model), torch.no_grad():
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 break
-            model(first_tensor(batch).to(device))
+            run_model(model, move_inputs(model_inputs(batch), device))
             seen += 1
     return seen
 
@@ -392,8 +392,8 @@ def classification_accuracy(model: nn.Module, loader: Iterable[Any], device: tor
             targets = batch_labels(batch)
             if targets is None:
                 continue
-            inputs, targets = first_tensor(batch).to(device), targets.to(device)
-            correct += int((model(inputs).argmax(dim=1) == targets).sum())
+            inputs, targets = move_inputs(model_inputs(batch), device), targets.to(device)
+            correct += int((model_logits(model, inputs).argmax(dim=1) == targets).sum())
             total += int(targets.numel())
     return correct / max(total, 1)
 

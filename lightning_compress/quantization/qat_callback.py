@@ -26,6 +26,15 @@ from lightning_compress.quantization.ptq import (
     resolve_specs,
 )
 from lightning_compress.quantization.ptq_callback import PostTrainingQuantization
+from lightning_compress.quantization.qat_ranges import (
+    AVERAGING_CONSTANT,
+    RangeTracker,
+    connect_trackers,
+    looks_untrained,
+    signs_from_data,
+    start_tracking,
+    validate_ranges,
+)
 from lightning_compress.quantization.qat_resume import PHASES, QATResume
 from lightning_compress.quantization.qat_start import add_to_optimizers, learned_parameters, validate_start_epoch
 from lightning_compress.quantization.quantizers import QuantSpec, is_quantized, validate_flag, validate_learn
@@ -46,10 +55,9 @@ class QuantizationAwareTraining(QATResume):
     quantized layer in place, so parameter keys stay the user's (quantizer buffers are added and re-created on
     resume). The input activations are calibrated over ``calibration_batches`` batches, then training runs with
     fake quantization (weights per output channel by default, inputs per tensor); at ``freeze_epoch`` the weight
-    observers and BatchNorm statistics freeze.
-    Phase, calibrator state (histograms), scales and progress are checkpointed in this callback's state and a
-    resumed run continues where it stopped. Under DDP the per-batch histogram range and, at the end, the counts /
-    running max are all-reduced before any ``amax`` is computed, so every rank holds the same scales.
+    observers, tracked input ranges and BatchNorm statistics freeze. Phase, calibrator state (histograms), tracked
+    ranges, scales and progress are checkpointed and a resumed run continues where it stopped. Under DDP per-batch
+    ranges and final counts / maxima are all-reduced before any ``amax`` is computed: every rank has the same scales.
 
     A checkpoint of such a run loads into a fresh model of the user's class given a callback configured alike
     (``setup`` re-creates the quantizer buffers before the strict load; ``trainer.test(ckpt_path=...)`` works), or
@@ -59,10 +67,12 @@ class QuantizationAwareTraining(QATResume):
     the float weights back (Lightning loads the workers' state non-strictly into a module never quantized there):
     load a checkpoint with ``trainer.test(ckpt_path=...)`` (one process) for the quantized model.
 
-    QAT starts from a trained float model (Jacob et al. 2018): the input ranges are calibrated once and then fixed
-    (unless learned). On a network trained from scratch the activations outgrow ranges calibrated on its first
-    batches and get clipped (in a test here a 4-bit student lost 9-33 points that way); there use ``learn="lsq"``
-    or ``"pact"``, or train in float first and add this callback for the fine-tuning.
+    Input ranges (``ranges``, :mod:`~lightning_compress.quantization.qat_ranges`): calibrated once and then
+    ``"fixed"`` (fine-tuning a trained network, Jacob et al. 2018), or ``"track"``: from the calibrated start they
+    follow a moving average of every training batch's min / max (torch.ao / TF-MOT) until ``freeze_epoch``, as a
+    network trained from scratch needs (its activations outgrow ranges calibrated on its first batches); inputs
+    calibration saw non-negative become unsigned. ``"auto"``: track if attached to an untrained network (weights
+    within PyTorch's default initialisation) at the start of a fit, else fixed.
 
     ``start_epoch > 0`` starts all this in the middle of ``fit``, e.g. after a student was distilled and pruned
     (and compacted in place, see ``FilterPruning(compact_every_epoch=True)``) in the same run: ``setup`` only
@@ -78,10 +88,8 @@ class QuantizationAwareTraining(QATResume):
     learned parameters are moved to their own group again before the optimizer state is loaded. Quantized layers
     must not be compacted afterwards: finish pruning before ``start_epoch``.
 
-    Logged every epoch: ``quant/phase`` (-1 not started yet (before ``start_epoch``), 0 calibrating, 1 training,
-    2 frozen; before the start nothing else is logged), ``quant/amax/<layer>`` (input),
-    ``quant/weight_amax/<layer>`` (mean over channels) and ``quant/error/<layer>`` (MSE between the layer's float
-    and fake-quantized output on the last training batch of the epoch).
+    Logged every epoch: ``quant/phase`` (-1 before ``start_epoch``, then nothing else; 0 calibrating, 1 training, 2
+    frozen), ``quant/amax/<layer>``, ``quant/weight_amax/<layer>`` (mean) and ``quant/error/<layer>`` (output MSE).
 
     Args:
         num_bits: bits of weights and inputs, 2 to 16.
@@ -90,20 +98,18 @@ class QuantizationAwareTraining(QATResume):
         amax: the threshold for ``"global"``: a number, or ``{layer pattern: number}`` covering every layer.
         layers: names or regexes of layers inside the compression target; default every Conv1d/Conv2d/Linear.
         exclude: names or regexes to leave in float.
-        skip_first_and_last: leave the first and the last chosen layer (definition order) in float (needs at least
-            3 chosen layers).
+        skip_first_and_last: leave the first and last chosen layer (definition order) in float (needs 3 or more).
         bit_widths: mixed precision, ``{layer pattern: bits}`` overriding ``num_bits``.
         per_channel: one weight ``amax`` per output channel.
         unsigned: inputs are non-negative (``[0, 2^b - 1]``); negative calibration data raise.
-        calibration_batches: batches to calibrate on (with ``"steps"`` they may span epochs; the phase and the
-            histograms so far are checkpointed).
+        calibration_batches: batches to calibrate on (with ``"steps"`` they may span epochs; checkpointed).
         calibration_data: ``"steps"`` (the first training batches; the model trains in float meanwhile),
             ``"train"`` or ``"val"`` (a no-grad pass over that loader before the first training step).
         learn: ``"none"``, ``"lsq"`` (learned step sizes, Esser et al. 2019) or ``"pact"`` (learned input clipping
             of non-negative inputs, Choi et al. 2018). Under DDP with ``"lsq"`` / ``"pact"`` use a strategy that
             finds unused parameters (the learned steps get no gradient while calibrating).
-        freeze_epoch: epoch from which weight ``amax`` and BatchNorm statistics are frozen; ``None`` never; not
-            before ``start_epoch``.
+        freeze_epoch: epoch from which weight ``amax``, tracked ranges and BatchNorm statistics freeze (not before
+            ``start_epoch``); ``None`` never.
         percentile: for ``"percentile"``, in ``(0, 100]``.
         num_bins: histogram bins.
         start_bin: first candidate bin of the mse / entropy searches.
@@ -111,9 +117,11 @@ class QuantizationAwareTraining(QATResume):
         start_epoch: the epoch at whose start the quantizers are attached (0: in ``setup``, before training).
         reduce_range: inputs one bit narrower (``[-63, 63]`` / ``[0, 127]`` at 8 bits, as torch.ao's x86
             default), so that ``export_int8`` / ``Int8Export`` run the model exactly under the fast ``x86``
-            kernels on every x86 CPU; without it a model with signed inputs exports exactly under ``x86`` only on
-            CPUs with VNNI and falls back to ``qnnpack`` elsewhere (see
-            :mod:`~lightning_compress.export.engines`).
+            kernels on every x86 CPU; without it signed inputs export exactly under ``x86`` only with VNNI
+            (:mod:`~lightning_compress.export.engines`).
+        ranges: ``"auto"``, ``"track"`` (moving average of every batch's min / max until ``freeze_epoch``; not
+            with ``learn``) or ``"fixed"`` (calibrated once); see above. The choice is checkpointed.
+        averaging_constant: weight of a batch in the tracked range (torch.ao's 0.01), in ``(0, 1]``.
 
     Raises:
         ValueError: bits outside 2..16, an unknown method / learn / calibration data, percentile outside
@@ -146,10 +154,13 @@ class QuantizationAwareTraining(QATResume):
         log_error: bool = True,
         start_epoch: int = 0,
         reduce_range: bool = False,
+        ranges: str = "auto",
+        averaging_constant: float = AVERAGING_CONSTANT,
     ) -> None:
         _validate_bit_widths(num_bits, bit_widths, reduce_range)
         self.settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
         validate_learn(learn)
+        validate_ranges(ranges, averaging_constant, learn)
         if calibration_data not in CALIBRATION_DATA:
             allowed = ", ".join(map(repr, CALIBRATION_DATA))
             raise ValueError(f"calibration_data={calibration_data!r} is not supported; allowed: {allowed}")
@@ -167,10 +178,12 @@ class QuantizationAwareTraining(QATResume):
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data
         self.learn, self.freeze_epoch, self.log_error = learn, freeze_epoch, log_error
         self.start_epoch, self.reduce_range = start_epoch, reduce_range
+        self.ranges, self.averaging_constant = ranges, averaging_constant
+        #: ``"track"`` or ``"fixed"`` once chosen (checkpointed), with the trackers of the input ranges
+        self.ranges_in_use: str | None = None
+        self.trackers: dict[str, RangeTracker] = {}
         #: whether the quantizers are attached to the compression target (from ``start_epoch`` on)
-        self.attached = False
-        self.phase = "calibrating"
-        self.calibrated_batches = 0
+        self.attached, self.phase, self.calibrated_batches, self._untrained = False, "calibrating", 0, False
         self.calibrators: dict[str, Any] = {}
         self._layers: dict[str, Any] = {}
         self.specs: dict[str, QuantSpec] = {}  # how each layer is quantized (checkpointed: load_compressed reads it)
@@ -221,6 +234,7 @@ class QuantizationAwareTraining(QATResume):
         # start_epoch > 0: attached at that epoch, or (resume, test from a checkpoint) by the hook installed below
         if self.start_epoch == 0 or self.attached or in_memory:
             self._attach(pl_module, stage)
+            self._untrained = stage == "fit" and self.ranges_in_use is None and looks_untrained(self._layers)
         else:
             self._layers = {}
         if self.start_epoch > 0:
@@ -238,6 +252,7 @@ class QuantizationAwareTraining(QATResume):
             self.calibrators = _start_calibration(self._layers, self.settings)
         if not self.attached:
             return
+        self.ranges_in_use = self.ranges_in_use or self._choose_ranges(trainer, self._untrained)
         if self.phase == "calibrating":  # (re)connect calibrators, e.g. restored mid-calibration
             for name, layer in self._layers.items():
                 layer.input_quantizer.calibrator = self.calibrators.get(name)
@@ -254,6 +269,7 @@ class QuantizationAwareTraining(QATResume):
         parameters, let DDP know them."""
         self.phase, self.calibrated_batches = "calibrating", 0
         self._attach(pl_module, "fit")
+        self.ranges_in_use = self._choose_ranges(trainer, False)  # the network trained in float until now
         self.calibrators = _start_calibration(self._layers, self.settings)
         _set_modes(self._layers, self.phase, self.learn)
         self._learned_into_optimizers(trainer)
@@ -262,13 +278,6 @@ class QuantizationAwareTraining(QATResume):
             self._calibrate_now(trainer, pl_module)
 
     # -- calibration ----------------------------------------------------------------------------------------
-    def _range_reducer(self, trainer: pl.Trainer) -> Any:
-        if trainer.world_size <= 1:
-            return None
-        device = trainer.strategy.root_device
-        return lambda value: float(trainer.strategy.reduce(torch.tensor(float(value), device=device),
-                                                           reduce_op="max"))
-
     def _calibrating(self, trainer: pl.Trainer, on: bool) -> None:
         reducer = self._range_reducer(trainer) if on else None
         for layer in self._layers.values():
@@ -277,9 +286,13 @@ class QuantizationAwareTraining(QATResume):
 
     def _finish(self, trainer: pl.Trainer) -> None:
         with torch.no_grad():
+            if self.ranges_in_use == "track":  # non-negative inputs (after a ReLU) become unsigned, as in torch.ao
+                signs_from_data(self._layers)
             _finish_calibration(self._layers, self.calibrators, self.settings, trainer.strategy)
         self.phase = "training"
         _set_modes(self._layers, self.phase, self.learn)
+        if self.ranges_in_use == "track":
+            self.trackers = start_tracking(self._layers, self.averaging_constant, self._range_reducer(trainer, "min"))
         self._maybe_freeze(trainer)
 
     def _loader(self, trainer: pl.Trainer) -> Any:
@@ -321,6 +334,8 @@ class QuantizationAwareTraining(QATResume):
                 self._calibrating(trainer, True)
         elif self.phase == "frozen":
             self._freeze_batchnorm()
+        if self.phase == "training" and self.trackers:
+            connect_trackers(self._layers, self.trackers, self._bounds_reducer(trainer))
         if self.phase != "calibrating" and self.log_error and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             for layer in self._layers.values():
                 layer.measure_error = True
@@ -330,6 +345,7 @@ class QuantizationAwareTraining(QATResume):
                            batch_idx: int) -> None:
         for layer in self._layers.values():
             layer.measure_error = False
+        connect_trackers(self._layers, {})  # only training steps move the ranges
         if self.attached and self.phase == "calibrating":
             self._calibrating(trainer, False)
             self.calibrated_batches += 1
@@ -382,17 +398,3 @@ class QuantizationAwareTraining(QATResume):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.attached:
-            return
-        if self.phase == "frozen":  # leave BatchNorm as Lightning expects it; the next batch start freezes it again
-            for module in self._target.modules():  # type: ignore[union-attr]
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train()
-        if self.phase != "calibrating":  # buffers hold the thresholds in use (export, float-free inspection)
-            with torch.no_grad():
-                for layer in self._layers.values():
-                    layer.input_quantizer.sync_amax()
-                    layer.weight_quantizer.sync_amax(layer.weight)

@@ -1,6 +1,7 @@
 """What QuantizationAwareTraining checkpoints and how a resumed run, or a test from a checkpoint, gets its quantized
-network back: the callback state (phase, calibrator histograms, scales, input signs), the quantizers attached right
-before Lightning's strict model load, and the phase a model evaluates in outside ``fit``."""
+network back: the callback state (phase, calibrator histograms, scales, input signs, tracked ranges), the quantizers
+attached right before Lightning's strict model load, and the phase a model evaluates in outside ``fit``; the choices
+every DDP rank must make alike (reduced ranges, tracked or fixed), and the thresholds written back at the end."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress.quantization.ptq import _Calibration, _set_modes
+from lightning_compress.quantization.qat_ranges import RangeTracker, choose_ranges
 from lightning_compress.quantization.quantizers import _detach
 from lightning_compress.utils.load_hook import ModelLoadHook
 
@@ -37,7 +40,11 @@ class QATResume(Callback):
     calibrators: dict[str, Any]
     learn: str
     settings: _Calibration
+    ranges_in_use: str | None
+    trackers: dict[str, RangeTracker]
     _layers: dict[str, Any]
+    _target: nn.Module | None
+    ranges: str
     specs: dict[str, Any]
     _restored: dict[str, Any] | None
     _load_hook: ModelLoadHook | None
@@ -115,7 +122,10 @@ class QATResume(Callback):
             "amax": {n: m.input_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
             "weight_amax": {n: m.weight_quantizer.amax.detach().cpu().clone() for n, m in self._layers.items()},
             "unsigned": {n: m.input_quantizer.unsigned for n, m in self._layers.items()},
+            "min_seen": {n: m.input_quantizer.min_seen for n, m in self._layers.items()},
             "specs": {n: dataclasses.asdict(spec) for n, spec in self.specs.items() if n in self._layers},
+            "ranges": self.ranges_in_use,
+            "trackers": {n: t.state_dict() for n, t in self.trackers.items()},
         }
 
     @override
@@ -127,6 +137,8 @@ class QATResume(Callback):
             raise ValueError(f"checkpointed phase {state.get('phase')!r} is not one of {PHASES}")
         self.phase, self.calibrated_batches = state["phase"], int(state["calibrated_batches"])
         self.calibrators = {}
+        self.ranges_in_use = state.get("ranges", "fixed")  # a checkpoint from before tracking existed: fixed
+        self.trackers = {n: RangeTracker.from_state(t) for n, t in state.get("trackers", {}).items()}
         if not state.get("attached", True):  # saved before start_epoch: nothing started yet
             return
         for name in self._layers:
@@ -135,8 +147,46 @@ class QATResume(Callback):
                 calibrator.load_state_dict(state["calibrators"][name])
             self.calibrators[name] = calibrator
         _restore_signs(self._layers, state)
+        for name, low in state.get("min_seen", {}).items():
+            if name in self._layers:
+                self._layers[name].input_quantizer.min_seen = float(low)
         with torch.no_grad():
             for name, layer in self._layers.items():
                 if name in state["amax"]:
                     layer.input_quantizer.amax.copy_(state["amax"][name])
                     layer.weight_quantizer.amax.copy_(state["weight_amax"][name])
+
+    # -- decisions every rank makes alike, and the end of training ----------------------------------------
+    def _range_reducer(self, trainer: pl.Trainer, op: str = "max") -> Any:
+        if trainer.world_size <= 1:
+            return None
+        device = trainer.strategy.root_device
+        return lambda value: float(trainer.strategy.reduce(torch.tensor(float(value), dtype=torch.float64,
+                                                                        device=device), reduce_op=op))
+
+    def _choose_ranges(self, trainer: pl.Trainer, untrained: bool) -> str:
+        """``"track"`` or ``"fixed"``, the same on every rank (an untrained network only if it is so on all)."""
+        if self.ranges == "auto" and trainer.world_size > 1:
+            flag = torch.tensor(float(untrained), device=trainer.strategy.root_device)
+            untrained = bool(float(trainer.strategy.reduce(flag, reduce_op="min")) > 0.5)
+        return choose_ranges(self.ranges, learn=self.learn, method=self.settings.method, untrained=untrained)
+
+    def _bounds_reducer(self, trainer: pl.Trainer) -> Any:
+        if trainer.world_size <= 1:
+            return None
+        device = trainer.strategy.root_device
+        return lambda bounds: trainer.strategy.reduce(bounds.to(device), reduce_op="max")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.attached:
+            return
+        if self.phase == "frozen":  # leave BatchNorm as Lightning expects it; the next batch start freezes it again
+            for module in self._target.modules():  # type: ignore[union-attr]
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
+        if self.phase != "calibrating":  # buffers hold the thresholds in use (export, float-free inspection)
+            with torch.no_grad():
+                for layer in self._layers.values():
+                    layer.input_quantizer.sync_amax()
+                    layer.weight_quantizer.sync_amax(layer.weight)

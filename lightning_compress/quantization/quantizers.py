@@ -168,6 +168,7 @@ class TensorQuantizer(nn.Module):
         #: maps a batch's max |x| to the range all ranks agree on (DDP: an all-reduce MAX); set while calibrating
         self.range_reducer: Callable[[float], float] | None = None
         self.min_seen = float("inf")
+        self.tracker: Any = None  # a qat_ranges.RangeTracker moving ``amax`` at every call while set (QAT steps)
 
     @property
     def qmax(self) -> int:
@@ -237,6 +238,9 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.tracker is not None:
+            with torch.no_grad():
+                self.amax.copy_(self.tracker.update(x).reshape(self.amax.shape).to(self.amax))
         if self.learn == "lsq":
             return lsq_fake_quantize(x, self._step_view(x), num_bits=self.num_bits, unsigned=self.unsigned)
         if self.learn == "pact":
@@ -330,7 +334,8 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     unsigned = spec.unsigned or spec.learn == "pact"
     if is_quantized(module):
         inp, wq = module.input_quantizer, module.weight_quantizer
-        same = (inp.learn == spec.learn and inp.unsigned == unsigned and wq.num_bits == spec.num_bits
+        signs = inp.unsigned == unsigned or (inp.sign_from_data and not unsigned)  # unsigned from its data: same
+        same = (inp.learn == spec.learn and signs and wq.num_bits == spec.num_bits
                 and inp.num_bits == spec.input_bits and (wq.axis == 0) == spec.per_channel)
         if same:
             return module

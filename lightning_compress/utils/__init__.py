@@ -16,6 +16,7 @@ from lightning_compress.utils.logging import (
     run_directory,
     tensorboard_writers,
 )
+from lightning_compress.utils.outputs import logits_of, model_inputs, run_model
 from lightning_compress.utils.target import compression_target, replace_compression_target
 
 __all__ = [
@@ -28,9 +29,12 @@ __all__ = [
     "log_image",
     "log_scalars",
     "log_text",
+    "logits_of",
+    "model_inputs",
     "replace_compression_target",
     "rewrap_ddp",
     "run_directory",
+    "run_model",
     "tensorboard_writers",
 ]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,6 +13,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import (
+    LABEL_KEYS,
+    accepts_keywords,
+    batch_size_of,
+    concat_inputs,
+    first_tensor_of,
+    map_inputs,
+    model_inputs,
+    move_inputs,
+    run_model,
+)
 
 
 def first_tensor(batch: Any) -> torch.Tensor:
@@ -31,30 +42,49 @@ def first_tensor(batch: Any) -> torch.Tensor:
 
 
 def check_network_input(network: nn.Module, batch: Any, who: str) -> None:
-    """Run ``network`` once (eval mode, no gradients) on ``first_tensor(batch)``, the input every callback of this
-    library gives it, and turn a failure into a ``ValueError`` that says what was fed and how to fix it: a
-    LightningModule whose ``forward`` takes the whole batch (a dictionary, several inputs) needs a
-    ``compression_target`` property returning the network that takes that tensor."""
+    """Run ``network`` once (eval mode, no gradients) on ``model_inputs(batch)``, the input every callback of this
+    library gives it (:mod:`~lightning_compress.utils.outputs`: a tensor, or a dictionary batch without its labels
+    as keyword arguments), and turn a failure into a ``ValueError`` that says what was fed and how to fix it: a
+    LightningModule whose ``forward`` does not take that input needs a ``compression_target`` property returning
+    the network that does."""
     try:
-        inputs = first_tensor(batch)
+        inputs = model_inputs(batch)
+        if first_tensor_of(inputs) is None:
+            raise TypeError(f"no tensor in its inputs {type(inputs).__name__}")
     except TypeError as error:
         raise ValueError(f"{who} cannot find the network's input in a batch of type {type(batch).__name__}: {error}") \
             from error
+    device = next(network.parameters(), torch.zeros(())).device
+    with explain_forward_failure(network, batch, who):
+        probe_forward(network, move_inputs(inputs, device))
+
+
+def describe_inputs(network: nn.Module, batch: Any) -> str:
+    """What :func:`~lightning_compress.utils.outputs.run_model` gives ``network`` from ``batch``, in words."""
+    inputs = model_inputs(batch)
     layout = f"a dict with keys {list(batch)}" if isinstance(batch, dict) else type(batch).__name__
+    if isinstance(inputs, dict):
+        if accepts_keywords(network, list(inputs)):
+            return f"the keyword arguments {list(inputs)} of each batch (from {layout})"
+        return f"each batch without its labels, a dict with keys {list(inputs)} (from {layout}), as one argument"
+    shape = f" (shape {tuple(inputs.shape)})" if isinstance(inputs, torch.Tensor) else ""
+    return f"the input tensor of each batch{shape}, from {layout}"
+
+
+@contextmanager
+def explain_forward_failure(network: nn.Module, batch: Any, who: str) -> Iterator[None]:
+    """Turn an error raised inside the block (a forward of ``network`` on ``batch``'s inputs) into a ``ValueError``
+    naming what was fed and the fix: a ``compression_target`` property returning the network that takes it."""
     try:
-        probe_forward(network, inputs.to(next(network.parameters(), inputs).device))
+        yield
     except Exception as error:
         cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         raise ValueError(
-            f"{who} gives {type(network).__name__} the first tensor of each batch (shape {tuple(inputs.shape)}, from "
-            f"{layout}), and its forward fails on it ({cause}). "
-            "If your LightningModule's forward takes the whole batch or several inputs, define a "
-            "`compression_target` property that returns the network taking that tensor."
+            f"{who} gives {type(network).__name__} {describe_inputs(network, batch)}, and its forward fails on it "
+            f"({cause}). "
+            "If your LightningModule's forward takes the whole batch or other inputs, define a "
+            "`compression_target` property that returns the network taking them (README, 'Transformers')."
         ) from error
-
-
-#: Dictionary keys read as the labels of a batch, in this order.
-LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 def batch_labels(batch: Any) -> torch.Tensor | None:
@@ -109,7 +139,7 @@ def probe_forward(model: nn.Module, example_inputs: Any, handles: Iterable[Remov
     training flags are restored and the hooks removed afterwards, even on error. Returns the output."""
     try:
         with eval_mode(model), torch.no_grad():
-            return model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+            return run_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -166,26 +196,27 @@ def _loader(trainer: Any, kind: str) -> Any:
         return None
 
 
-def collect_inputs(trainer: Any, count: int) -> torch.Tensor:
-    """``count`` model inputs from the validation loader (else the training loader: the data module's, the one
+def collect_inputs(trainer: Any, count: int) -> Any:
+    """``count`` model inputs (:func:`~lightning_compress.utils.outputs.model_inputs`: a tensor, or a dictionary of
+    tensors for dict batches) from the validation loader (else the training loader: the data module's, the one
     given to ``fit`` or the module's own), repeated when there are fewer; on the loader's device (CPU for a plain
     loader).
 
     Raises:
         RuntimeError: when neither loader gives a batch.
     """
-    chunks: list[torch.Tensor] = []
+    chunks: list[Any] = []
     for kind in ("val", "train"):
         loader = _loader(trainer, kind)
         for batch in loader if loader is not None else ():
-            chunks.append(first_tensor(batch))
-            if sum(len(c) for c in chunks) >= count:
+            chunks.append(model_inputs(batch))
+            if sum(batch_size_of(c) for c in chunks) >= count:
                 break
         if chunks:
             break
     if not chunks:
         raise RuntimeError("Found no validation or training batch to take example inputs from; give the Trainer "
                            "data, or override CompressionReport.example_inputs.")
-    inputs = torch.cat(chunks)
-    repeats = math.ceil(count / len(inputs))
-    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:count]
+    inputs = concat_inputs(chunks)
+    index = torch.arange(count) % batch_size_of(inputs)
+    return map_inputs(inputs, lambda tensor: tensor[index.to(tensor.device)])

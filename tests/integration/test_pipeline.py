@@ -20,6 +20,7 @@ def report(pipeline_run):
 def test_report_compares_the_int8_student_with_teacher_and_student_alone(report):
     teacher, alone = report["references"]["teacher"], report["references"]["student_alone"]
     assert report["accuracy_metric"] == "export/acc" and report["int8_export"]["agreement"] >= 0.99
+    assert report["onnx"]["agreement"] >= 0.995 and report["onnx"]["quantized_layers"] > 0  # model.onnx, QDQ
     assert report["accuracy"] >= 0.97 and teacher["accuracy"] >= 0.97 and alone["accuracy"] >= 0.97
     assert report["accuracy"] >= alone["accuracy"] - 0.02  # at most 2 points (7 of 359 images) below
     assert teacher["ratios"]["parameters"] >= 8 and teacher["ratios"]["size_bytes"] >= 8

@@ -33,6 +33,9 @@ CALLBACKS = {
     "splicing": lambda: MagnitudePruning(method="splicing", c=0.3, gamma=1e-3),
     "soft-filter": lambda: FilterPruning(sparsity=0.5, mode="soft", schedule=AGP(start=0, end=EPOCHS)),
     "hard-filter": lambda: FilterPruning(sparsity=0.5, mode="hard", schedule=AGP(start=0, end=EPOCHS)),
+    # the defaults: AGP(0, 2) resolved from max_epochs, the selection fixed at the end of epoch 1 (the checkpoint)
+    "soft-filter-default": lambda: FilterPruning(sparsity=0.5),
+    "magnitude-default": lambda: MagnitudePruning(sparsity=0.8),
 }
 
 

@@ -164,7 +164,7 @@ def test_phases_logging_and_freeze(trainer_factory, digits_dm, tmp_path) -> None
 
 def test_training_phase_observes_weights_and_fakequantizes(trainer_factory, digits_dm) -> None:
     module = _module()
-    callback = QuantizationAwareTraining(num_bits=4, calibration_batches=2)
+    callback = QuantizationAwareTraining(num_bits=4, calibration_batches=2, ranges="fixed")  # signed, as calibrated
     trainer_factory(callbacks=[callback], limit_train_batches=4, limit_val_batches=1).fit(module, digits_dm)
     layer = module.backbone.classifier
     assert torch.allclose(layer.weight_quantizer.amax, layer.weight.detach().abs().amax(dim=1))
@@ -379,7 +379,8 @@ def test_ddp_reduces_statistics_before_amax(tmp_path) -> None:
     data = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     data[5] *= 4.0  # one wide sample on one rank: the histogram range must be all-reduced
     loader = DataLoader(TensorDataset(data, torch.randint(0, 10, (64,))), batch_size=8)
-    callback = QuantizationAwareTraining(calibration="entropy", calibration_batches=3, num_bins=128, start_bin=16)
+    callback = QuantizationAwareTraining(calibration="entropy", calibration_batches=3, num_bins=128, start_bin=16,
+                                         ranges="fixed")  # the calibrated amax, not tracked on from there
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[callback, _SaveScales(tmp_path)], limit_train_batches=4)

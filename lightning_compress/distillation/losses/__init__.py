@@ -6,7 +6,8 @@ Response: :func:`soft_target_loss`, :func:`hard_target_loss`, :func:`multi_teach
 :func:`similarity_preserving_loss`, :func:`rkd_distance_loss`, :func:`rkd_angle_loss`,
 :func:`pairwise_similarity_loss`. Online and self: :func:`mutual_learning_loss`, :func:`be_your_own_teacher_loss`,
 :func:`be_your_own_teacher_terms`. Adversarial: :func:`discriminator_loss`, :func:`generator_loss`,
-:func:`gradient_penalty`, :func:`discriminator_accuracy`.
+:func:`gradient_penalty`, :func:`discriminator_accuracy`. Transformers: :func:`hidden_state_loss` with
+:class:`HiddenProjection`, :func:`attention_distribution_loss`, :func:`value_relation_loss`, :func:`layer_mapping`.
 """
 
 from lightning_compress.distillation.losses.adversarial import (
@@ -43,9 +44,19 @@ from lightning_compress.distillation.losses.response import (
     multi_teacher_soft_target_loss,
     soft_target_loss,
 )
+from lightning_compress.distillation.losses.transformer import (
+    HiddenProjection,
+    attention_distribution_loss,
+    hidden_state_loss,
+    layer_mapping,
+    value_relation,
+    value_relation_loss,
+)
 
 __all__ = [
+    "HiddenProjection",
     "HintRegressor",
+    "attention_distribution_loss",
     "attention_loss",
     "attention_map",
     "batch_similarity",
@@ -59,8 +70,10 @@ __all__ = [
     "generator_loss",
     "gradient_penalty",
     "hard_target_loss",
+    "hidden_state_loss",
     "hint_loss",
     "hint_regressors_from_state",
+    "layer_mapping",
     "multi_teacher_soft_target_loss",
     "mutual_learning_loss",
     "pairwise_similarity_loss",
@@ -69,4 +82,6 @@ __all__ = [
     "similarity_preserving_loss",
     "soft_target_loss",
     "spatial_similarity",
+    "value_relation",
+    "value_relation_loss",
 ]

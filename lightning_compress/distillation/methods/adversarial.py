@@ -191,7 +191,7 @@ class AdversarialDistillationModule(DistillationModule):
                 self.adversarial_adapter = nn.Linear(student_width, width)
         else:
             with torch.no_grad():
-                width = int(self.teacher(example_input).shape[1])
+                width = int(self.logits(self.teacher, example_input).shape[1])
         self.discriminator = self.build_discriminator(width + condition_width)
 
     def _condition_width(self, example_input: Any) -> int:
@@ -291,7 +291,7 @@ class AdversarialDistillationModule(DistillationModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.split_batch(batch)
-        student_logits = self.student(inputs)
+        student_logits = self.student_forward(inputs)
         teacher_logits = self.teacher_forward(inputs)
         terms = self.compute_terms(student_logits, teacher_logits, targets)
         teacher_view, student_view = self.discriminator_inputs(inputs, student_logits, teacher_logits[0])

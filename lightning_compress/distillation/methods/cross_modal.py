@@ -208,7 +208,7 @@ class CrossModalDistillationModule(DistillationModule):
 
     def forward(self, x: Any) -> torch.Tensor:
         """The student's prediction on ``x`` seen through the student's view."""
-        return self.student(self.student_view(x))
+        return self.logits(self.student, self.student_view(x))
 
     # ------------------------------------------------------------------ checks and parts
 
@@ -219,9 +219,9 @@ class CrossModalDistillationModule(DistillationModule):
         if not isinstance(example_input, ModalInputs):
             example_input = ModalInputs(example_input, example_input)
         with eval_mode(self.student, *self.teachers), torch.no_grad():
-            student_logits = self.student(example_input.student)
+            student_logits = self.logits(self.student, example_input.student)
             for index, teacher in enumerate(self.teachers):
-                teacher_logits = teacher(example_input.teacher)
+                teacher_logits = self.logits(teacher, example_input.teacher)
                 if teacher_logits.shape[1:] != student_logits.shape[1:]:
                     raise ValueError(
                         f"Teacher {index} predicts {tuple(teacher_logits.shape[1:])} classes, the student "
@@ -286,7 +286,7 @@ class CrossModalDistillationModule(DistillationModule):
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         student_in = self.split_batch(batch)[0] if not torch.is_tensor(batch) else self.student_view(batch)
-        return self.student(student_in).argmax(dim=1)
+        return self.logits(self.student, student_in).argmax(dim=1)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -274,7 +274,7 @@ class LwFModule(DistillationBase):
             terms["new"] = F.cross_entropy(new_logits, targets)
         if self.old_weight > 0:
             with torch.no_grad():
-                recorded = self.old_model(inputs)
+                recorded = self.logits(self.old_model, inputs)
             terms["old"] = lwf_loss(old_logits, recorded, self.temperature)
         return terms, new_logits
 

@@ -76,7 +76,7 @@ class MutualLearningModule(DistillationBase):
 
     def _check_classes(self, example_input: Any) -> None:
         with eval_mode(self.peers), torch.no_grad():
-            shapes = [tuple(peer(example_input).shape[1:]) for peer in self.peers]
+            shapes = [tuple(self.logits(peer, example_input).shape[1:]) for peer in self.peers]
         if len(set(shapes)) != 1:
             raise ValueError(f"Peers must predict the same number of classes, got output shapes {shapes}.")
         self._checked = True
@@ -86,7 +86,7 @@ class MutualLearningModule(DistillationBase):
         return self.peers
 
     def forward(self, x: Any) -> torch.Tensor:
-        return self.peers[0](x)
+        return self.logits(self.peers[0], x)
 
     @override
     def trainable_modules(self) -> Iterable[nn.Module]:
@@ -100,7 +100,7 @@ class MutualLearningModule(DistillationBase):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets = self.split_batch(batch)
-        logits = [peer(inputs) for peer in self.peers]
+        logits = [self.logits(peer, inputs) for peer in self.peers]
         peer_losses = losses.mutual_learning_loss(logits, targets, self.temperature)
         total = peer_losses.sum()
         batch_size = len(targets)
@@ -112,7 +112,7 @@ class MutualLearningModule(DistillationBase):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         inputs, targets = self.split_batch(batch)
-        logits = [peer(inputs) for peer in self.peers]
+        logits = [self.logits(peer, inputs) for peer in self.peers]
         batch_size = len(targets)
         for k, peer_logits in enumerate(logits):
             self.log_epoch(f"{stage}/acc/peer{k}", self.accuracy(peer_logits, targets), batch_size)

@@ -126,7 +126,7 @@ class SelfDistillationModule(DistillationBase):
 
     def _build_heads(self, example_input: Any) -> None:
         with FeatureTaps(self.backbone, self.tapped_layers) as taps, eval_mode(self.backbone), torch.no_grad():
-            num_classes = self.backbone(example_input).shape[1]
+            num_classes = self.logits(self.backbone, example_input).shape[1]
             outputs = {name: taps[name] for name in self.tapped_layers}
         feature_channels = outputs[self.feature_layer].shape[1] if self.feature_layer else None
         for name in self.exit_layers:
@@ -138,7 +138,7 @@ class SelfDistillationModule(DistillationBase):
         return self.backbone
 
     def forward(self, x: Any) -> torch.Tensor:
-        return self.backbone(x)
+        return self.logits(self.backbone, x)
 
     @override
     def trainable_modules(self) -> Iterable[nn.Module]:
@@ -160,7 +160,7 @@ class SelfDistillationModule(DistillationBase):
     def exits(self, inputs: Any) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Logits of every exit (deepest last) and, with ``feature_layer``, their features."""
         assert self._taps is not None, "call setup() first"
-        final = self.backbone(inputs)
+        final = self.logits(self.backbone, inputs)
         outputs = [head(self._taps[name]) for head, name in zip(self.heads, self.exit_layers, strict=True)]
         features = None
         if self.feature_layer is not None:
