@@ -79,7 +79,7 @@ class DistillationModule(OfflineCheckpoints):
         teacher: a trained network, or a list of them.
         soft_weight: weight of the soft-target term.
         hard_weight: weight of the hard-target (label) term.
-        temperature: softmax temperature of the soft term, ``> 0``.
+        temperature: softmax temperature of the soft term, ``> 0`` (default 2, README "Default weights").
         teacher_weights: weight per teacher for the averaged probabilities (default equal).
         student_layers: qualified names of tapped student layers.
         teacher_layers: qualified names of the teacher layers paired with them.
@@ -119,7 +119,7 @@ class DistillationModule(OfflineCheckpoints):
         teacher: nn.Module | list[nn.Module],
         soft_weight: float = 0.9,
         hard_weight: float = 0.1,
-        temperature: float = 4.0,
+        temperature: float = 2.0,
         teacher_weights: list[float] | None = None,
         student_layers: list[str] | None = None,
         teacher_layers: list[str] | None = None,
