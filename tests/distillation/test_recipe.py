@@ -46,7 +46,7 @@ def test_distillation_trains_with_the_users_recipe_and_steps_its_schedule(traine
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 2)  # stepped after each of 2 epochs
     student = {id(p) for p in module.student.parameters()}
     assert student <= {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert "optimizer" not in module.hparams and module.hparams["temperature"] == 4.0
+    assert "optimizer" not in module.hparams and module.hparams["temperature"] == 2.0
 
 
 def test_mutual_learning_and_the_classifier_take_the_same_recipe(trainer_factory):
