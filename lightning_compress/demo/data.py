@@ -52,7 +52,45 @@ def _stratified_split(
     return tuple(np.sort(np.concatenate(part)) for part in parts)  # type: ignore[return-value]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validation and test fractions each in (0, 1) and leaving a training split."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must lie in (0, 1), got {value!r}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction!r} + {test_fraction!r}.")
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """The loaders of an in-memory data set split into ``train_set`` / ``val_set`` / ``test_set`` (set by ``setup``):
+    the training order fixed by ``(seed, epoch)`` (:class:`EpochSeededSampler`), predict on the test split."""
+
+    batch_size: int
+    seed: int
+    shuffle: bool
+    num_workers: int
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
+
+    def _loader(self, dataset: TensorDataset, sampler: Sampler[int] | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.train_set), self.seed) if self.shuffle else None
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+
+class DigitsDataModule(SplitDataModule):
     """Handwritten digits (8x8, 10 classes) as ``(B, 1, 8, 8)`` float images and integer labels.
 
     Args:
@@ -83,13 +121,7 @@ class DigitsDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must lie in (0, 1), got {value!r}.")
-        if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction must be below 1, got {val_fraction!r} + {test_fraction!r}."
-            )
+        check_split_fractions(val_fraction, test_fraction)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
         self.save_hyperparameters()
@@ -123,19 +155,3 @@ class DigitsDataModule(pl.LightningDataModule):
         if self.normalization == "unit":
             return images / 16.0
         return images
-
-    def _loader(self, dataset: TensorDataset, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_set), self.seed) if self.shuffle else None
-        return self._loader(self.train_set, sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_compress.demo.data import EpochSeededSampler, _stratified_split
+from lightning_compress.demo.data import SplitDataModule, _stratified_split, check_split_fractions
 
 _SQRT3 = float(np.sqrt(3.0))
 
@@ -104,7 +103,7 @@ def _strokes(n: int, size: int, count: int, rng: np.random.Generator) -> np.ndar
 
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class ShapesDataModule(SplitDataModule):
     """Ten classes of noisy geometric shapes as ``(B, 1, image_size, image_size)`` float images and integer labels.
 
     A workload where compression can cost accuracy: ``PlainCNN(width=16, image_size=16)`` with Adam reaches about
@@ -148,13 +147,7 @@ class ShapesDataModule(pl.LightningDataModule):
             raise ValueError(f"image_size must be at least 8 pixels, got {image_size!r}.")
         if noise < 0 or clutter < 0:
             raise ValueError(f"noise and clutter must be non-negative, got noise={noise!r}, clutter={clutter!r}.")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must lie in (0, 1), got {value!r}.")
-        if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction must be below 1, got {val_fraction!r} + {test_fraction!r}."
-            )
+        check_split_fractions(val_fraction, test_fraction)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.seed = seed
@@ -182,19 +175,3 @@ class ShapesDataModule(pl.LightningDataModule):
         self.train_set, self.val_set, self.test_set = (
             TensorDataset(tensors[0][idx], tensors[1][idx]) for idx in self.split_indices
         )
-
-    def _loader(self, dataset: TensorDataset, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_set), self.seed) if self.shuffle else None
-        return self._loader(self.train_set, sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)

@@ -36,7 +36,7 @@ from lightning_compress.export.int8_dynamic import (
     load_int8_dynamic,
     save_int8_dynamic,
 )
-from lightning_compress.export.verify import Int8MismatchError
+from lightning_compress.export.verify import Int8MismatchError, check_export_settings
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.utils import compression_target, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, batch_labels, collect_inputs, stage_loader
@@ -187,12 +187,7 @@ class Int8Export(ChecksNetworkInput, Callback):
         min_agreement: float | None = 0.99,
         method: str = "auto",
     ) -> None:
-        if not filename:
-            raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if eval_batches is not None and eval_batches < 0:
-            raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
+        check_export_settings(filename, batch_size, eval_batches)
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1] or None.")
         if method not in METHODS:

@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_compress.export.int8_callback import _validation_batches
 from lightning_compress.export.onnx import DEFAULT_OPSET, OnnxMismatchError, _validate, export_onnx
 from lightning_compress.export.qdq import _check_static
+from lightning_compress.export.verify import check_export_settings
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.utils import compression_target, first_tensor, log_scalars, run_directory
 from lightning_compress.utils.data import ChecksNetworkInput, collect_inputs
@@ -68,12 +69,7 @@ class OnnxExport(ChecksNetworkInput, Callback):
         max_abs_diff: float | None = None,
         integer_kernels: bool | None = None,
     ) -> None:
-        if not filename:
-            raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if eval_batches is not None and eval_batches < 0:
-            raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
+        check_export_settings(filename, batch_size, eval_batches)
         _validate(opset, min_agreement, max_abs_diff)
         self.output_dir, self.filename, self.batch_size = output_dir, filename, batch_size
         self.eval_batches = eval_batches

@@ -107,3 +107,18 @@ def check_agreement(reference: nn.Module, exported: nn.Module, args: tuple[Any, 
             f"{torch.backends.cpu.get_cpu_capability()} CPU. Pass a more representative example batch, or "
             "min_agreement=None to keep the model anyway")
     return result
+
+
+def check_export_settings(filename: str, batch_size: int, eval_batches: int | None) -> None:
+    """The file and evaluation settings an export callback takes, checked at construction.
+
+    >>> check_export_settings("model", 0, None)
+    Traceback (most recent call last):
+    ValueError: batch_size must be a positive integer, got 0.
+    """
+    if not filename:
+        raise ValueError(f"filename must be a non-empty file name, got {filename!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if eval_batches is not None and eval_batches < 0:
+        raise ValueError(f"eval_batches must be >= 0 or None, got {eval_batches!r}.")
