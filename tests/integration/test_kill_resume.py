@@ -44,8 +44,9 @@ def assert_same(a, b, path="final"):
 # Phases by epoch (4 steps each): epoch 0 calibrating + distilling + AGP start; epoch 1 calibration ends (6 steps)
 # and the pruning schedule is mid-way; epoch 2 QAT training; epoch 3 frozen observers and BatchNorm. A kill in
 # epoch 0 leaves nothing to resume from, so every kill comes after the first epoch's checkpoint.
-PHASES = {"distill-prune-qat": [(1, 2), (2, 3), (3, 4)], "compact-every-epoch": [(1, 2), (2, 3)],
-          "splicing": [(1, 3)]}
+# (The pipeline's own resume tests kill inside every phase with SIGINT and SIGKILL; these keep one kill per phase
+# the pipeline does not cover, or two for the three-family run, to stay within the CI budget.)
+PHASES = {"distill-prune-qat": [(1, 2), (3, 4)], "compact-every-epoch": [(2, 3)], "splicing": [(1, 3)]}
 
 
 def starts(directory: Path) -> list[dict[str, int]]:
