@@ -12,7 +12,7 @@ from lightning_compress.pruning.schedules import AGP
 
 
 def _callbacks():
-    return [FilterPruning(sparsity=0.5, schedule=AGP(start=0, end=2), compact_at_schedule_end=True,
+    return [FilterPruning(sparsity=0.5, mode="soft", schedule=AGP(start=0, end=2), compact_at_schedule_end=True,
                           recalibration_batches=2),
             QuantizationAwareTraining(calibration_batches=2, start_epoch=3)]
 

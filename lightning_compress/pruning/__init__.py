@@ -2,6 +2,7 @@
 floor below, :mod:`lightning_compress.graph`.
 
 - the math (no Lightning import): :mod:`~lightning_compress.pruning.criteria` (magnitude, threshold, splicing),
+  :mod:`~lightning_compress.pruning.distributions` (a sparsity shared among layers: ERK),
   :mod:`~lightning_compress.pruning.structured` (vector, kernel, filter, channel norms),
   :mod:`~lightning_compress.pruning.masks` (strategy objects), :mod:`~lightning_compress.pruning.schedules`,
   :mod:`~lightning_compress.pruning.groups` (filter groups scored and pruned together),
@@ -36,6 +37,7 @@ from lightning_compress.pruning.criteria import (
     splicing_thresholds,
     threshold_mask,
 )
+from lightning_compress.pruning.distributions import erk_sparsities
 from lightning_compress.pruning.flows import pruned_architecture
 from lightning_compress.pruning.head_callback import HeadPruning
 from lightning_compress.pruning.head_select import select_units, units_to_prune
@@ -93,6 +95,7 @@ __all__ = [
     "channel_norms",
     "compact",
     "compaction",
+    "erk_sparsities",
     "filter_groups",
     "filter_mask",
     "filter_norms",

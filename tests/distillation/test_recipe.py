@@ -73,6 +73,7 @@ def test_a_yaml_recipe_reaches_the_module_and_the_reference_runs(tmp_path):
         "seed_everything": 0,
         "references": {"directory": str(tmp_path / "refs"), "teacher_epochs": 0, "alone_epochs": 1},
         "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
+                    "default_root_dir": str(tmp_path / "run"),
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
                     "callbacks": [{"class_path": "lightning_compress.CompressionReport",
                                    "init_args": {"latency_runs": 1, "warmup": 0, "batch_size": 8}}]},
@@ -83,7 +84,7 @@ def test_a_yaml_recipe_reaches_the_module_and_the_reference_runs(tmp_path):
             "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}},
         "data": {"class_path": "lightning_compress.demo.DigitsDataModule", "init_args": {"batch_size": 32}},
     }
-    path = tmp_path / "config.yaml"
+    path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["fit", "--config", str(path)])
     optimizer = cli.trainer.optimizers[0]
@@ -91,6 +92,7 @@ def test_a_yaml_recipe_reaches_the_module_and_the_reference_runs(tmp_path):
     reference = json.loads((tmp_path / "refs" / "student_alone" / "reference.json").read_text())
     assert reference["settings"]["optimizer"].startswith("torch.optim.sgd.SGD(")
     assert "lr=0.05" in reference["settings"]["optimizer"] and "StepLR" in reference["settings"]["lr_scheduler"]
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "compression_report.json").exists()
 
 
 def test_a_feature_term_that_drowns_the_task_warns_with_the_weight_to_use(trainer_factory):

@@ -47,7 +47,7 @@ def build(variant: str) -> tuple[pl.LightningModule, list[pl.Callback]]:
     if variant == "distill-prune-qat":
         teacher = ResidualCNN(width=8).eval()
         module = DistillationModule(ResidualCNN(width=4), teacher, lr=3e-3)
-        callbacks = [FilterPruning(sparsity=0.25, schedule=AGP(start=0, end=3), recalibration_batches=2),
+        callbacks = [FilterPruning(sparsity=0.25, mode="soft", schedule=AGP(start=0, end=3), recalibration_batches=2),
                      QuantizationAwareTraining(num_bits=8, calibration="entropy", calibration_batches=6,
                                                freeze_epoch=3)]
     elif variant == "compact-every-epoch":

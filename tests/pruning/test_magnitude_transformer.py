@@ -44,7 +44,7 @@ def classifier() -> ClassifierModule:
 
 def test_embeddings_stay_dense_and_qkv_is_pruned(trainer_factory):
     module = classifier()
-    pruning = MagnitudePruning(sparsity=0.5)
+    pruning = MagnitudePruning(sparsity=0.5, scope="layer")
     trainer_factory(callbacks=[pruning], max_epochs=1, logger=False).fit(module, loader())
     network = module.compression_target
     attention = network.encoder.layers[0].self_attn

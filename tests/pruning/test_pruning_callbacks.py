@@ -26,7 +26,7 @@ def zero_fraction(tensor):
 
 
 def test_layer_magnitude_pruning_hits_the_target_in_every_layer_but_the_classifier(trainer_factory):
-    _, model = fit(trainer_factory, MagnitudePruning(sparsity=0.7))
+    _, model = fit(trainer_factory, MagnitudePruning(sparsity=0.7, scope="layer"))
     for name in ("block1.conv", "block2.conv", "block3.conv"):
         weight = model.get_submodule(name).weight
         assert abs(zero_fraction(weight) - 0.7) <= 1 / weight.numel()
@@ -88,7 +88,7 @@ def test_threshold_method_prunes_below_the_threshold(trainer_factory):
 
 @pytest.mark.parametrize("granularity", ["vector", "kernel"])
 def test_vector_and_kernel_granularity_zero_whole_units(trainer_factory, granularity):
-    _, model = fit(trainer_factory, MagnitudePruning(sparsity=0.5, granularity=granularity), epochs=1)
+    _, model = fit(trainer_factory, MagnitudePruning(sparsity=0.5, granularity=granularity, scope="layer"), epochs=1)
     weight = model.block2.conv.weight
     units = weight.flatten(0, 2) if granularity == "vector" else weight.flatten(0, 1).flatten(1)
     zero_units = (units == 0).all(dim=1)
@@ -249,7 +249,7 @@ def test_compact_on_fit_end_replaces_the_network_and_fine_tuning_goes_on(trainer
 
 def test_chosen_layers_keep_their_last_one_when_it_is_not_the_classifier(trainer_factory):
     """prune_classifier=False leaves out the network's last layer, not the last of the chosen ones."""
-    callback = MagnitudePruning(sparsity=0.5, layers=["block1.conv", "block2.conv"])
+    callback = MagnitudePruning(sparsity=0.5, layers=["block1.conv", "block2.conv"], scope="layer")
     _, model = fit(trainer_factory, callback)
     for name in ("block1.conv", "block2.conv"):
         assert float((model.get_submodule(name).weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name

@@ -1,6 +1,7 @@
 """Pruning defaults that recover: an AGP schedule that ends ``recovery_epochs`` before the fit, masks fixed after it,
 the warning for a schedule that leaves no recovery epoch, and the resolved schedule kept in the checkpoint state."""
 
+import itertools
 import warnings
 
 import lightning.pytorch as pl
@@ -56,8 +57,19 @@ def test_the_default_schedule_leaves_recovery_epochs():
         recovery_schedule(0)
 
 
-def test_soft_filter_pruning_by_default_ramps_then_fixes_the_selection(trainer_factory):
-    pruning = FilterPruning(sparsity=0.5)  # soft, nothing else named: 5 epochs -> AGP(0, 3), 2 recovery epochs
+def test_filter_pruning_by_default_is_hard_ramps_and_keeps_what_it_pruned(trainer_factory):
+    pruning = FilterPruning(sparsity=0.5)  # hard, nothing else named: 5 epochs -> AGP(0, 3), 2 recovery epochs
+    probe = fit(trainer_factory, pruning, epochs=5)
+    assert pruning.mode == "hard" and pruning.schedule == AGP(start=0, end=3) and pruning.finalized
+    alive = [int(m["block2.conv"].sum()) for m in probe.masks]
+    assert alive[0] > alive[1] and alive[2:] == [8, 8, 8]
+    for before, after in itertools.pairwise(probe.masks):  # a pruned filter never comes back
+        assert not bool((after["block2.conv"] & ~before["block2.conv"]).any())
+    assert all(probe.zero_after_steps)  # pruned filters are zero after every step, also while ramping
+
+
+def test_soft_filter_pruning_ramps_then_fixes_the_selection(trainer_factory):
+    pruning = FilterPruning(sparsity=0.5, mode="soft")  # 5 epochs -> AGP(0, 3), 2 recovery epochs
     probe = fit(trainer_factory, pruning, epochs=5)
     assert pruning.schedule == AGP(start=0, end=3) and pruning.finalized
     alive = [int(m["block2.conv"].sum()) for m in probe.masks]
@@ -69,7 +81,7 @@ def test_soft_filter_pruning_by_default_ramps_then_fixes_the_selection(trainer_f
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_magnitude_pruning_by_default_fixes_its_masks_when_the_schedule_ends(trainer_factory, optimizer):
-    pruning = MagnitudePruning(sparsity=0.8, recovery_epochs=1)  # 3 epochs -> AGP(0, 2)
+    pruning = MagnitudePruning(sparsity=0.8, recovery_epochs=1, scope="layer")  # 3 epochs -> AGP(0, 2)
     probe = fit(trainer_factory, pruning, epochs=3, optimizer=optimizer)
     assert pruning.schedule == AGP(start=0, end=2)
     kept = [float(m["block2.conv"].float().mean()) for m in probe.masks]
@@ -81,7 +93,7 @@ def test_a_schedule_without_recovery_epochs_warns(trainer_factory):
     with pytest.warns(UserWarning, match="leaving 0 recovery epoch"):
         fit(trainer_factory, MagnitudePruning(sparsity=0.5, schedule=AGP(start=0, end=2)), epochs=2)
     with pytest.warns(UserWarning, match="re-selects filters at every update"):
-        fit(trainer_factory, FilterPruning(sparsity=0.5, schedule=Constant(start=0)), epochs=1)
+        fit(trainer_factory, FilterPruning(sparsity=0.5, mode="soft", schedule=Constant(start=0)), epochs=1)
 
 
 def test_a_schedule_with_recovery_epochs_fixes_the_masks_silently(trainer_factory):

@@ -247,7 +247,8 @@ def test_without_compaction_a_layer_forward_never_runs_is_left_unpruned_with_a_w
 def test_magnitude_pruning_prunes_a_layer_forward_never_runs(trainer_factory):
     """Unstructured masks need no trace: the auxiliary head is pruned like the others and keeps its shape."""
     module = AuxHead()
-    trainer_factory(max_epochs=1, callbacks=[MagnitudePruning(0.5)], limit_val_batches=0).fit(module, _loader())
+    pruning = MagnitudePruning(0.5, scope="layer")
+    trainer_factory(max_epochs=1, callbacks=[pruning], limit_val_batches=0).fit(module, _loader())
     assert float(module.aux.weight.eq(0).float().mean()) == pytest.approx(0.5)
     module.training_step(next(iter(_loader())), 0)
 
