@@ -190,7 +190,8 @@ def export_onnx(
             ``(inputs, labels)`` pairs (a DataLoader).
         min_agreement: the smallest share of samples whose argmax agrees with the PyTorch model; ``None`` never fails.
         max_abs_diff: the largest allowed absolute output difference; ``None`` (default) never fails on it.
-        fold_bn: fold batch norm after a quantized convolution into its dequantization scale.
+        fold_bn: fold batch norm that reads only a quantized convolution's output into its dequantization scale
+            (in an ``nn.Sequential``, or anywhere in the forward traced on ``example_inputs``).
         integer_kernels: lay quantized Linear layers out for onnxruntime's integer kernels (``True``), its float
             kernels over int8 weights (``False``), or integer kernels where they are exact on every x86 CPU
             (``None``: inputs quantized to 7 bits, ``reduce_range=True``; without AVX-512 VNNI onnxruntime's int8
@@ -211,8 +212,8 @@ def export_onnx(
     """
     _validate(opset, min_agreement, max_abs_diff)
     layers = quantized_layers(model)
-    deployable = (qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels, embeddings=int8_embeddings)
-                  if layers or int8_embeddings else _eval_copy(model)).cpu()
+    deployable = (qdq_model(model, fold_bn=fold_bn, integer_kernels=integer_kernels, embeddings=int8_embeddings,
+                            example_inputs=example_inputs) if layers or int8_embeddings else _eval_copy(model)).cpu()
     example_inputs = _to_cpu(example_inputs)
     proto = _to_onnx(deployable, example_inputs, opset, dynamic_batch)
     fused_convs = quantize_conv_outputs(proto) if layers and integer_kernels is not False else 0

@@ -14,25 +14,29 @@ compute exactly what :func:`~lightning_compress.quantization.fake_quantize` comp
   ``amax`` is the type's own saturation;
 - weight: an integer initializer and ``DequantizeLinear`` (per output channel).
 
-Batch norm right after a quantized convolution in an ``nn.Sequential`` is folded into the dequantization scale and
-the bias, which is exact for the quantized weight (``q * s * g = q * (s g)``; a negative factor negates the
-integers, exact in a symmetric narrow range). Jacob et al. 2018 (integer-arithmetic-only inference); ONNX operators
+Batch norm that reads a quantized convolution's output and nothing else (right after it in an ``nn.Sequential``,
+or found by tracing the forward) is folded into the dequantization scale and the bias, which is exact for the
+quantized weight (``q * s * g = q * (s g)``; a negative factor negates the integers, exact in a symmetric narrow
+range). Jacob et al. 2018 (integer-arithmetic-only inference); ONNX operators
 QuantizeLinear / DequantizeLinear.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.graph.batchnorm import batchnorm_links
 from lightning_compress.quantization.functional import qrange
 from lightning_compress.quantization.quantizers import TensorQuantizer, is_quantized
 
-__all__ = ["Int8Embedding", "QDQLayer", "exact_everywhere", "qdq_model", "quantized_weight", "register_symbolics"]
+__all__ = ["Int8Embedding", "QDQLayer", "batchnorm_folds", "exact_everywhere", "qdq_model", "quantized_weight",
+           "register_symbolics"]
 
 _SCALE_FLOOR = 1e-30
 
@@ -229,19 +233,36 @@ def _fold_bn(q: Tensor, scale: Tensor, bias: Tensor | None,
     return q * sign, (scale * factor.abs()).clamp_min(_SCALE_FLOOR), (base - mean) * factor + beta
 
 
-def _foldable_bn(parent: nn.Module, name: str, names: list[str]) -> Any:
-    """The batch norm following child ``name`` in a ``Sequential`` (eval statistics, matching channels)."""
-    if not isinstance(parent, nn.Sequential):
-        return None
-    index = names.index(name)
-    if index + 1 >= len(names):
-        return None
-    nxt = parent._modules[names[index + 1]]
-    layer: Any = parent._modules[name]
-    if (isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)) and nxt.track_running_stats
-            and nxt.running_var is not None and layer is not None and nxt.num_features == layer.weight.shape[0]):
-        return nxt
-    return None
+def _usable_bn(layer: Any, bn: Any) -> bool:
+    """Eval statistics and one channel per output channel of ``layer``: foldable."""
+    return (isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats
+            and bn.running_var is not None and bn.num_features == layer.weight.shape[0])
+
+
+def batchnorm_folds(model: nn.Module, example_inputs: Any = None) -> dict[str, str]:
+    """``{quantized convolution: batch norm}`` pairs that fold exactly: the batch norm right after the convolution
+    in an ``nn.Sequential``, and, traced on ``example_inputs`` (a tensor or a tuple of them), one anywhere in the
+    forward (a residual block's ``self.bn1(self.conv1(x))``) that reads the convolution's output, is called once and
+    is that output's only reader (:func:`~lightning_compress.graph.batchnorm.batchnorm_links`).
+    """
+    convs = {name: m for name, m in model.named_modules() if is_quantized(m) and m.weight.dim() > 2}
+    folds: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for name, following in itertools.pairwise(names):
+                full = f"{parent_name}.{name}" if parent_name else name
+                if full in convs and _usable_bn(convs[full], parent._modules[following]):
+                    folds[full] = f"{parent_name}.{following}" if parent_name else following
+    if isinstance(example_inputs, Tensor) or (isinstance(example_inputs, tuple)
+                                              and all(isinstance(x, Tensor) for x in example_inputs)):
+        device = next(model.parameters()).device
+        inputs = example_inputs.to(device) if isinstance(example_inputs, Tensor) else tuple(
+            x.to(device) for x in example_inputs)
+        for conv, (bn, sole) in batchnorm_links(model, inputs, list(convs)).items():
+            if sole and _usable_bn(convs[conv], model.get_submodule(bn)):
+                folds.setdefault(conv, bn)
+    return folds
 
 
 class Int8Embedding(nn.Module):
@@ -265,9 +286,10 @@ class Int8Embedding(nn.Module):
 
 
 def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | None = None,
-              embeddings: bool = False) -> nn.Module:
-    """An eval-mode copy of ``model`` with every quantized layer replaced by a :class:`QDQLayer` (batch norm
-    following a quantized convolution in a ``Sequential`` folded into it when ``fold_bn``).
+              embeddings: bool = False, example_inputs: Any = None) -> nn.Module:
+    """An eval-mode copy of ``model`` with every quantized layer replaced by a :class:`QDQLayer` (with ``fold_bn``,
+    the batch norms of :func:`batchnorm_folds` folded into their convolutions and replaced by ``nn.Identity``;
+    ``example_inputs`` finds those outside an ``nn.Sequential``).
 
     ``integer_kernels``: lay out Linear layers so that onnxruntime runs them with integer kernels (``True``), float
     kernels over the int8 weights (``False``), or integer kernels only where they are exact on every x86 CPU
@@ -279,16 +301,17 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
             ``"zeros"``.
     """
     copied = copy.deepcopy(model).eval()
-    for parent in list(copied.modules()):
-        names = list(parent._modules)
-        for name in names:
+    folds = batchnorm_folds(copied, example_inputs) if fold_bn else {}
+    for parent_name, parent in list(copied.named_modules()):
+        for name in list(parent._modules):
             child: Any = parent._modules[name]
             if embeddings and type(child) is nn.Embedding:
                 parent._modules[name] = Int8Embedding(child)
             if child is None or not is_quantized(child):
                 continue
-            bn = _foldable_bn(parent, name, names) if fold_bn and child.weight.dim() > 2 else None
-            parent._modules[name] = QDQLayer(child, bn, integer_kernels)
-            if bn is not None:
-                parent._modules[names[names.index(name) + 1]] = nn.Identity()
+            bn = folds.get(f"{parent_name}.{name}" if parent_name else name)
+            norm: Any = copied.get_submodule(bn) if bn else None
+            parent._modules[name] = QDQLayer(child, norm, integer_kernels)
+    for bn in folds.values():
+        copied.set_submodule(bn, nn.Identity())
     return copied

@@ -13,9 +13,10 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
 from lightning_compress import CompressionReport, OnnxExport, export_onnx, export_program  # noqa: E402
-from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN  # noqa: E402
+from lightning_compress.demo import ClassifierModule, DigitsDataModule, PlainCNN, ResidualCNN  # noqa: E402
 from lightning_compress.export import onnx as onnx_module  # noqa: E402
 from lightning_compress.export.onnx import OnnxMismatchError, onnx_metadata, ort_session, run_session  # noqa: E402
+from lightning_compress.export.qdq import batchnorm_folds, qdq_model  # noqa: E402
 from lightning_compress.pruning import compact  # noqa: E402
 from lightning_compress.quantization import quantize_model  # noqa: E402
 
@@ -100,6 +101,44 @@ def test_qdq_cnn_carries_our_scales_and_int8_weights(tmp_path):
     conv = init["block2.conv.weight_q"]
     assert conv.dtype == torch.int8 and int(conv.min()) >= -127
     assert init["block2.conv.weight_scale"].min() > 0  # folded batch norm, negative factors in the integers
+
+
+class SharedOutput(nn.Module):
+    """The convolution's output is read by its batch norm and by the skip connection: folding would change the
+    skip, so the batch norm must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.bn(y) + y).flatten(1))
+
+
+def test_batch_norm_outside_a_sequential_is_folded_where_it_alone_reads_the_convolution(tmp_path):
+    """ResidualCNN calls ``self.bn1(self.conv1(x))`` in its forward: traced, every batch norm folds, the ONNX graph has
+    none and the QDQ copy computes what the fake-quantized model computes."""
+    torch.manual_seed(0)
+    x = _inputs(64, 1, 8, 8)
+    fq = quantize_model(_bn_stats(ResidualCNN(width=8)), "static", x, reduce_range=True)
+    norms = {name for name, m in fq.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert len(norms) == 9
+    folds = batchnorm_folds(fq, x)
+    assert set(folds.values()) == norms and folds["stage1.0.conv1"] == "stage1.0.bn1"
+    assert set(batchnorm_folds(fq).values()) == {"stem.bn", "stage2.0.shortcut.1", "stage3.0.shortcut.1"}  # Sequential
+    deployable = qdq_model(fq, example_inputs=x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployable.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(deployable(x), fq(x), atol=1e-4, rtol=0)
+    result = export_onnx(fq, x, tmp_path / "residual.onnx")
+    assert result["agreement"] >= 0.995
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "residual.onnx")).graph.node]
+    assert "BatchNormalization" not in ops
+    shared = quantize_model(_bn_stats(SharedOutput()), "static", x)
+    assert batchnorm_folds(shared, x) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(qdq_model(shared, example_inputs=x)(x), shared(x), atol=1e-4, rtol=0)
 
 
 def test_narrow_range_is_mapped_exactly(tmp_path):
