@@ -190,8 +190,12 @@ def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(OnnxMismatchError, match="agrees with the PyTorch model on"):
         export_onnx(model, x, tmp_path / "bad.onnx", min_agreement=0.99)
     assert not (tmp_path / "bad.onnx").exists()
-    with pytest.raises(OnnxMismatchError, match=r"max_abs_diff=0\.001"):
+    with pytest.raises(OnnxMismatchError, match=r"max_abs_diff=0\.001") as raised:
         export_onnx(model, x, tmp_path / "bad.onnx", min_agreement=None, max_abs_diff=1e-3)
+    assert "integer_kernels=False" not in str(raised.value)  # a float model: no integer convolution to blame
+    fake_quantized = quantize_model(PlainCNN(width=8).eval(), "static", x, reduce_range=True)
+    with pytest.raises(OnnxMismatchError, match=r"QLinearConv.*integer_kernels=False"):
+        export_onnx(fake_quantized, x, tmp_path / "bad.onnx", min_agreement=None, max_abs_diff=1e-9)
 
 
 def test_torch_export_of_a_fake_quantized_model():
