@@ -254,12 +254,10 @@ def batchnorm_folds(model: nn.Module, example_inputs: Any = None) -> dict[str, s
                 full = f"{parent_name}.{name}" if parent_name else name
                 if full in convs and _usable_bn(convs[full], parent._modules[following]):
                     folds[full] = f"{parent_name}.{following}" if parent_name else following
-    if isinstance(example_inputs, Tensor) or (isinstance(example_inputs, tuple)
-                                              and all(isinstance(x, Tensor) for x in example_inputs)):
+    tensors = (example_inputs,) if isinstance(example_inputs, Tensor) else example_inputs
+    if isinstance(tensors, tuple) and tensors and all(isinstance(x, Tensor) for x in tensors):
         device = next(model.parameters()).device
-        inputs = example_inputs.to(device) if isinstance(example_inputs, Tensor) else tuple(
-            x.to(device) for x in example_inputs)
-        for conv, (bn, sole) in batchnorm_links(model, inputs, list(convs)).items():
+        for conv, (bn, sole) in batchnorm_links(model, tuple(x.to(device) for x in tensors), list(convs)).items():
             if sole and _usable_bn(convs[conv], model.get_submodule(bn)):
                 folds.setdefault(conv, bn)
     return folds

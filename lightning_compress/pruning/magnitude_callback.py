@@ -35,8 +35,8 @@ class MagnitudePruning(PruningCallback):
 
     Methods:
 
-    - ``"magnitude"``: the smallest ``|w|`` of each layer, ``round(s * n)`` of a layer's ``n`` weights. ``scope``
-      says how ``sparsity`` is shared: ``"erk"`` (the default) gives each layer the Erdős-Rényi-Kernel share
+    - ``"magnitude"``: the smallest ``|w|``, ``round(s * n)`` of a layer's ``n`` weights for its share ``s``.
+      ``scope`` says how ``sparsity`` is shared: ``"erk"`` (the default) gives each layer the Erdős-Rényi-Kernel share
       (Evci et al., ICML 2020; :func:`~.distributions.erk_sparsities`): small layers such as a first or depthwise
       convolution keep more, large ones give up more, the chosen layers together reach ``sparsity``, and no layer
       is emptied; ``"layer"`` prunes every layer by ``sparsity`` (Zhu & Gupta 2017); ``"global"`` ranks all chosen
@@ -61,9 +61,9 @@ class MagnitudePruning(PruningCallback):
         sparsity: target fraction of weights pruned, in [0, 1).
         method: ``"magnitude"``, ``"threshold"`` or ``"splicing"``.
         granularity: ``"element"``, ``"vector"`` or ``"kernel"`` (magnitude method).
-        scope: ``"erk"``, ``"layer"`` or ``"global"`` (element granularity). The default ``"erk"`` met "within 1
-            point of dense" for 80% sparsity on the shapes workload where ``"layer"`` lost up to 1.4 points on average
-            (README "Pruning defaults on the shapes workload").
+        scope: ``"erk"``, ``"layer"`` or ``"global"`` (``"global"`` needs element granularity). The default
+            ``"erk"`` met "within 1 point of dense" for 80% sparsity on the shapes workload where ``"layer"`` lost up
+            to 1.4 points on average (README "Pruning defaults on the shapes workload").
         threshold: ``|w|`` below which weights are pruned (threshold method).
         p: norm for vector and kernel scores (1 or 2).
         a: lower splicing threshold (with ``b``), or ``None`` for the statistics rule.
