@@ -8,6 +8,8 @@ BERT-style classifier (Hugging Face BertForSequenceClassification from a small c
 128 tokens; untrained, random tokens: agreement only). Our int8 models are quantized post-training (max
 calibration, 7-bit activations with reduce_range=True: exact in onnxruntime's x86 integer kernels on every CPU);
 for BERT also with ``int8_embeddings=True`` (embedding tables as int8 rows, which the PyTorch model keeps float).
+The "VNNI" rows: 8-bit activations, unsigned where calibration saw no negative input (``unsigned="auto"``), with
+``integer_kernels=True``: onnxruntime chains QLinearConv layers, exact only on CPUs with VNNI (the agreement shows it).
 "agreement": argmax agreement with the PyTorch model the file comes from (fp32 for fp32 / onnxruntime's
 quantization, the fake-quantized model for ours). Latency: median of interleaved runs, milliseconds.
 """
@@ -46,6 +48,9 @@ def _bert() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     batches = [{"input_ids": torch.randint(0, VOCAB, (16, TOKENS), generator=generator),
                 "attention_mask": torch.ones(16, TOKENS, dtype=torch.long)} for _ in range(4)]
     return model, batches
+
+
+VNNI_LABEL = "ours 8-bit QDQ, unsigned='auto', integer_kernels=True (VNNI)"
 
 
 def _calibration_reader(batches: list[Any], names: list[str]) -> Any:
@@ -92,6 +97,11 @@ def _rows_for(name: str, model: torch.nn.Module, calibration: list[Any], test: l
     files = {"fp32 ONNX": (model, work / f"{name}_fp32.onnx"), "ours int8 QDQ": (quantized, work / f"{name}_qdq.onnx")}
     for source, path in files.values():
         export_onnx(source, example, path, check_inputs=test, min_agreement=None)
+    # 8 bits, unsigned after ReLUs, integer kernels everywhere: onnxruntime chains QLinearConv (exact with VNNI)
+    full_range = quantize_model(model, "static", calibration, calibration="max", unsigned="auto")
+    files[VNNI_LABEL] = (full_range, work / f"{name}_qdq8.onnx")
+    export_onnx(full_range, example, files[VNNI_LABEL][1], check_inputs=test, min_agreement=None,
+                integer_kernels=True)
     if embeddings:
         files["ours int8 QDQ + int8_embeddings"] = (quantized, work / f"{name}_qdq_emb.onnx")
         export_onnx(quantized, example, files["ours int8 QDQ + int8_embeddings"][1], check_inputs=test,

@@ -196,6 +196,9 @@ def export_onnx(
             kernels over int8 weights (``False``), or integer kernels where they are exact on every x86 CPU
             (``None``: inputs quantized to 7 bits, ``reduce_range=True``; without AVX-512 VNNI onnxruntime's int8
             MatMul / Conv saturate on 8-bit activations, see :func:`~lightning_compress.export.qdq.exact_everywhere`).
+            ``True`` with 8-bit inputs that are unsigned after ReLUs (``quantize_model(..., unsigned="auto")``)
+            gives the layout onnxruntime chains into ``QLinearConv`` layers, as its own ``quantize_static``: for
+            CPUs with AVX-512 VNNI (the verification on the exporting host tells whether it is exact there).
         int8_embeddings: store ``nn.Embedding`` tables as int8 rows with per-row scales (weight-only; the PyTorch
             model keeps them float, so this changes the numbers: the verification measures by how much).
         dynamic_batch: make the first dimension of every input dynamic.
@@ -216,7 +219,8 @@ def export_onnx(
                             example_inputs=example_inputs) if layers or int8_embeddings else _eval_copy(model)).cpu()
     example_inputs = _to_cpu(example_inputs)
     proto = _to_onnx(deployable, example_inputs, opset, dynamic_batch)
-    fused_convs = quantize_conv_outputs(proto) if layers and integer_kernels is not False else 0
+    fused_convs = (quantize_conv_outputs(proto, full_range=integer_kernels is True)
+                   if layers and integer_kernels is not False else 0)
     ops = [node.op_type for node in proto.graph.node]
     result: dict[str, Any] = {"path": str(path), "opset": opset,
                               "exporter": f"torch.onnx TorchScript (torch {torch.__version__})",

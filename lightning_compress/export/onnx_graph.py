@@ -8,7 +8,9 @@ network the convolution's output is float and reaches the next layer's ``Quantiz
 monotone and maps points of the grid ``k * scale`` to points of it (the clips are at multiples of the scale), so
 rounding to the grid first changes nothing the second rounding would not; the copy saturates at the stored type's
 range, which holds the quantizer's narrower one. Only inputs stored as ``uint8`` in ``[0, 127]`` are handled (the
-range onnxruntime's x86 kernels compute exactly on every CPU).
+range onnxruntime's x86 kernels compute exactly on every CPU), and with ``full_range`` also full 8-bit ``uint8``
+inputs with zero point 0 (an unsigned 8-bit quantizer after a ReLU; exact on VNNI hosts only), where onnxruntime
+then chains ``QLinearConv`` -> ``QLinearConv`` with the ReLU folded into the output's saturation.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ _GRID_PRESERVING = {"Relu", "MaxPool", "Max", "Min", "Flatten", "Reshape", "Iden
                     "Transpose"}
 
 
-def _zero_point(graph: Any, node: Any) -> Any:
-    """The ``uint8`` zero-point tensor of a QuantizeLinear stored in ``[0, 127]``, else ``None``."""
+def _zero_point(graph: Any, node: Any, full_range: bool = False) -> Any:
+    """The ``uint8`` zero-point tensor of a QuantizeLinear stored in ``[0, 127]`` (or, with ``full_range``, in
+    ``[0, 255]`` with zero point 0), else ``None``."""
     from onnx import TensorProto, numpy_helper
 
     if len(node.input) < 3:
@@ -36,12 +39,13 @@ def _zero_point(graph: Any, node: Any) -> Any:
         return None
     zero = int(numpy_helper.to_array(tensor))
     clipped = any(n.op_type == "Min" and n.output[0] == node.input[0] for n in graph.node)
-    return tensor if zero == 64 or (zero == 0 and clipped) else None
+    return tensor if zero == 64 or (zero == 0 and (clipped or full_range)) else None
 
 
-def quantize_conv_outputs(model: Any) -> int:
+def quantize_conv_outputs(model: Any, full_range: bool = False) -> int:
     """Insert a copy of the next ``QuantizeLinear -> DequantizeLinear`` after each convolution that reaches it only
-    through grid-preserving operators (in place); returns how many were inserted."""
+    through grid-preserving operators (in place); returns how many were inserted. ``full_range``: also before
+    full 8-bit unsigned inputs (for hosts with VNNI)."""
     from onnx import helper
 
     graph = model.graph
@@ -52,7 +56,7 @@ def quantize_conv_outputs(model: Any) -> int:
             consumers[name] = consumers.get(name, 0) + 1
     inserted = 0
     for node in list(graph.node):
-        zero = _zero_point(graph, node) if node.op_type == "QuantizeLinear" else None
+        zero = _zero_point(graph, node, full_range) if node.op_type == "QuantizeLinear" else None
         if zero is None:
             continue
         current = producers.get(node.input[0])

@@ -14,6 +14,11 @@ compute exactly what :func:`~lightning_compress.quantization.fake_quantize` comp
   ``amax`` is the type's own saturation;
 - weight: an integer initializer and ``DequantizeLinear`` (per output channel).
 
+A full 8-bit unsigned input (``unsigned="auto"`` / ``True`` after a ReLU) is a ``uint8`` QuantizeLinear only in the
+integer layout (``integer_kernels=True``, for VNNI hosts); otherwise it is rounded with float operators and cast to
+``uint8`` before its DequantizeLinear, so that onnxruntime does not fuse integer kernels that saturate on 8-bit
+inputs without VNNI.
+
 Batch norm that reads a quantized convolution's output and nothing else (right after it in an ``nn.Sequential``,
 or found by tracing the forward) is folded into the dequantization scale and the bias, which is exact for the
 quantized weight (``q * s * g = q * (s g)``; a negative factor negates the integers, exact in a symmetric narrow
@@ -200,7 +205,14 @@ class QDQLayer(nn.Module):
                 x, reshaped = x.unsqueeze(1), True
             elif not self.integer_kernels and x.dim() > 2:
                 x, reshaped = x.reshape(-1, shape[-1]), True
-        if self.input_enabled:
+        if self.input_enabled and self.qmax - self.qmin > 127 and self.qmin >= 0 and not self.integer_kernels:
+            # a uint8 QuantizeLinear here would let onnxruntime fuse integer kernels, which saturate on 8-bit
+            # inputs without VNNI; rounding in float operators, cast, then DequantizeLinear computes the same
+            levels = torch.clamp(torch.round(x * (1.0 / self.input_scale)), self.qmin, self.qmax)
+            x = dequantize_weight(levels.to(torch.uint8), self.input_scale.reshape(()), 0)
+            if self.input_zero:
+                x = x * 0.0
+        elif self.input_enabled:
             x = qdq(x, self.input_scale, self.qmin, self.qmax)
             if self.input_zero:
                 x = x * 0.0

@@ -31,6 +31,7 @@ from lightning_compress.quantization.quantizers import (
     check_quantizable,
     validate_flag,
     validate_reduce_range,
+    validate_unsigned,
 )
 from lightning_compress.quantization.uncalled import release_uncalled
 from lightning_compress.utils.data import batch_labels
@@ -162,7 +163,7 @@ def resolve_specs(
     num_bits: int,
     bit_widths: Mapping[str, int] | None,
     per_channel: bool,
-    unsigned: bool,
+    unsigned: bool | str,
     learn: str,
     skip_first_and_last: bool = False,
     reduce_range: bool = False,
@@ -300,7 +301,7 @@ def quantize_model(
     exclude: str | list[str] | None = None,
     bit_widths: dict[str, int] | None = None,
     per_channel: bool = True,
-    unsigned: bool = False,
+    unsigned: bool | str = False,
     calibration_batches: int | None = None,
     percentile: float = 99.99,
     num_bins: int = 2048,
@@ -327,7 +328,7 @@ def quantize_model(
         exclude: names or regexes to leave float.
         bit_widths: ``{pattern: bits}`` overriding ``num_bits``.
         per_channel: per-output-channel weight ``amax``.
-        unsigned: non-negative inputs.
+        unsigned: non-negative inputs; ``"auto"``: unsigned where the calibration data were non-negative.
         calibration_batches: at most this many batches of ``calibration_data`` (a positive integer; ``None``: all).
         percentile: for ``"percentile"``, in ``(0, 100]``.
         num_bins: histogram bins (>= 2).
@@ -350,8 +351,9 @@ def quantize_model(
     _validate_bit_widths(num_bits, bit_widths, reduce_range)
     settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
     _validate_calibration_batches(calibration_batches)
-    for flag, value in (("per_channel", per_channel), ("unsigned", unsigned), ("inplace", inplace)):
+    for flag, value in (("per_channel", per_channel), ("inplace", inplace)):
         validate_flag(flag, value)
+    validate_unsigned(unsigned)
     if mode == "static" and calibration_data is None and calibration != "global":
         raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
     qmodel = model if inplace else copy.deepcopy(model)

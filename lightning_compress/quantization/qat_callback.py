@@ -37,7 +37,13 @@ from lightning_compress.quantization.qat_ranges import (
 )
 from lightning_compress.quantization.qat_resume import PHASES, QATResume
 from lightning_compress.quantization.qat_start import add_to_optimizers, learned_parameters, validate_start_epoch
-from lightning_compress.quantization.quantizers import QuantSpec, is_quantized, validate_flag, validate_learn
+from lightning_compress.quantization.quantizers import (
+    QuantSpec,
+    is_quantized,
+    validate_flag,
+    validate_learn,
+    validate_unsigned,
+)
 from lightning_compress.quantization.uncalled import UNCALLED_REASON, uncalled_layers
 from lightning_compress.utils import compression_target, rewrap_ddp
 from lightning_compress.utils.data import stage_loader
@@ -101,7 +107,8 @@ class QuantizationAwareTraining(QATResume):
         skip_first_and_last: leave the first and last chosen layer (definition order) in float (needs 3 or more).
         bit_widths: mixed precision, ``{layer pattern: bits}`` overriding ``num_bits``.
         per_channel: one weight ``amax`` per output channel.
-        unsigned: inputs are non-negative (``[0, 2^b - 1]``); negative calibration data raise.
+        unsigned: inputs are non-negative (``[0, 2^b - 1]``); negative calibration data raise. ``"auto"``: inputs
+            whose calibration data were non-negative (after a ReLU) become unsigned, the others stay signed.
         calibration_batches: batches to calibrate on (with ``"steps"`` they may span epochs; checkpointed).
         calibration_data: ``"steps"`` (the first training batches; the model trains in float meanwhile),
             ``"train"`` or ``"val"`` (a no-grad pass over that loader before the first training step).
@@ -143,7 +150,7 @@ class QuantizationAwareTraining(QATResume):
         skip_first_and_last: bool = False,
         bit_widths: dict[str, int] | None = None,
         per_channel: bool = True,
-        unsigned: bool = False,
+        unsigned: bool | str = False,
         calibration_batches: int = 8,
         calibration_data: str = "steps",
         learn: str = "none",
@@ -170,9 +177,10 @@ class QuantizationAwareTraining(QATResume):
                                          or freeze_epoch < 0):
             raise ValueError(f"freeze_epoch={freeze_epoch!r} must be a non-negative integer or None")
         validate_start_epoch(start_epoch, freeze_epoch)
-        for flag, value in (("per_channel", per_channel), ("unsigned", unsigned),
-                            ("skip_first_and_last", skip_first_and_last), ("log_error", log_error)):
+        for flag, value in (("per_channel", per_channel), ("skip_first_and_last", skip_first_and_last),
+                            ("log_error", log_error)):
             validate_flag(flag, value)
+        validate_unsigned(unsigned)
         self.num_bits, self.layers, self.exclude, self.bit_widths = num_bits, layers, exclude, bit_widths
         self.skip_first_and_last, self.per_channel, self.unsigned = skip_first_and_last, per_channel, unsigned
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data

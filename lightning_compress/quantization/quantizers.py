@@ -67,6 +67,13 @@ def validate_flag(name: str, value: Any) -> bool:
     return value
 
 
+def validate_unsigned(value: Any) -> bool | str:
+    """``unsigned`` is ``True``, ``False`` or ``"auto"`` (unsigned where calibration sees no negative input)."""
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"unsigned={value!r} must be True, False or 'auto'")
+    return value
+
+
 def validate_reduce_range(num_bits: int) -> None:
     """``reduce_range`` takes a bit from the input activation, which needs at least 2 left."""
     if num_bits < 3:
@@ -92,7 +99,10 @@ class QuantSpec:
     Args:
         num_bits: bits of the weight and of the input activation (2 to 16).
         per_channel: one weight amax per output channel (axis 0) instead of one per tensor.
-        unsigned: the input activation is non-negative and uses ``[0, 2^b - 1]`` (e.g. after a ReLU).
+        unsigned: the input activation is non-negative and uses ``[0, 2^b - 1]`` (e.g. after a ReLU); ``"auto"``:
+            an input whose calibration data were all non-negative becomes unsigned, the others stay signed (the
+            layout of torch.ao's ``quint8`` activations, which onnxruntime chains into ``QLinearConv`` layers,
+            see :func:`~lightning_compress.export.onnx.export_onnx`).
         learn: ``"none"``; ``"lsq"`` (learned step sizes for weight and input, Esser et al. 2019); ``"pact"``
             (learned clipping level of the input, Choi et al. 2018; implies ``unsigned``).
         reduce_range: the input activation uses one bit less (``[-63, 63]`` signed, ``[0, 127]`` unsigned at 8
@@ -104,14 +114,14 @@ class QuantSpec:
 
     num_bits: int = 8
     per_channel: bool = True
-    unsigned: bool = False
+    unsigned: bool | str = False
     learn: str = "none"
     reduce_range: bool = False
 
     def __post_init__(self) -> None:
         validate_num_bits(self.num_bits)
         validate_flag("per_channel", self.per_channel)
-        validate_flag("unsigned", self.unsigned)
+        validate_unsigned(self.unsigned)
         validate_learn(self.learn)
         validate_flag("reduce_range", self.reduce_range)
         if self.reduce_range:
@@ -331,7 +341,7 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     ('QuantLinear', ['bias', 'input_quantizer.amax', 'weight', 'weight_quantizer.amax'])
     """
     check_quantizable({"": module})
-    unsigned = spec.unsigned or spec.learn == "pact"
+    unsigned = spec.unsigned is True or spec.learn == "pact"
     if is_quantized(module):
         inp, wq = module.input_quantizer, module.weight_quantizer
         signs = inp.unsigned == unsigned or (inp.sign_from_data and not unsigned)  # unsigned from its data: same
@@ -345,7 +355,7 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     weight_learn = "lsq" if spec.learn == "lsq" else "none"
     module.__class__ = QUANT_CLASSES[type(module)]
     module.add_module("input_quantizer", TensorQuantizer(spec.input_bits, unsigned=unsigned, learn=spec.learn))
-    module.input_quantizer.sign_from_data = spec.reduce_range and not unsigned
+    module.input_quantizer.sign_from_data = (spec.reduce_range or spec.unsigned == "auto") and not unsigned
     module.add_module("weight_quantizer", TensorQuantizer(
         spec.num_bits, axis=0 if spec.per_channel else None, channels=channels, learn=weight_learn))
     module.input_quantizer.to(device)

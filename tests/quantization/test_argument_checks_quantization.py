@@ -107,7 +107,8 @@ def test_quantize_model_rejects_non_bool_flags(flag) -> None:
     model = _two_layer_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     options = {"inplace": True, flag: "no"}
-    with pytest.raises(ValueError, match=rf"{flag}='no' must be True or False"):
+    allowed = "True, False or 'auto'" if flag == "unsigned" else "True or False"
+    with pytest.raises(ValueError, match=rf"{flag}='no' must be {allowed}"):
         quantize_model(model, "weight_only", **options)
     assert not quantized_layers(model) and model.state_dict().keys() == before.keys()
 
@@ -167,7 +168,7 @@ def test_skip_first_and_last_keeps_the_middle_of_three() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"per_channel": "no"}, r"per_channel='no' must be True or False"),
-    ({"unsigned": 1}, r"unsigned=1 must be True or False"),
+    ({"unsigned": 1}, r"unsigned=1 must be True, False or 'auto'"),
     ({"skip_first_and_last": "yes"}, r"skip_first_and_last='yes' must be True or False"),
     ({"log_error": None}, r"log_error=None must be True or False"),
     ({"freeze_epoch": True}, r"freeze_epoch=True must be a non-negative integer or None"),

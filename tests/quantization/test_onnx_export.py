@@ -247,3 +247,40 @@ def test_hugging_face_bert_exports_with_keyword_inputs(tmp_path):
     assert result["quantized_layers"] == 8 and result["agreement"] == 1.0 and result["max_abs_diff"] < 1e-4
     session = ort_session(tmp_path / "bert.onnx")
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+
+
+def _fused_ops(path) -> list[str]:  # type: ignore[no-untyped-def]
+    """The operators onnxruntime runs after its graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized"
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(str(path) + ".optimized").graph.node]
+
+
+def test_unsigned_auto_gives_8_bit_inputs_that_onnxruntime_chains_into_qlinearconv(tmp_path):
+    from lightning_compress.export.engines import has_vnni
+
+    images = _inputs(64, 1, 8, 8).abs()  # non-negative like pixels: the first layer becomes unsigned too
+    model = PlainCNN(width=8).eval()
+    quantized = quantize_model(model, "static", images, unsigned="auto")
+    signs = {name: (layer.input_quantizer.unsigned, layer.input_quantizer.num_bits)
+             for name, layer in quantized.named_modules() if hasattr(layer, "input_quantizer")}
+    assert set(signs.values()) == {(True, 8)}, signs  # every input is after a ReLU or a pixel
+    signed = quantize_model(model, "static", _inputs(64, 1, 8, 8), unsigned="auto")
+    assert not signed.block1.conv.input_quantizer.unsigned and signed.block2.conv.input_quantizer.unsigned
+    with pytest.raises(ValueError, match=r"unsigned='yes' must be True, False or 'auto'"):
+        quantize_model(model, "static", images, unsigned="yes")
+
+    chained = export_onnx(quantized, images, tmp_path / "vnni.onnx", integer_kernels=True, min_agreement=None)
+    ops = _fused_ops(tmp_path / "vnni.onnx")
+    assert chained["quantized_conv_outputs"] == 3 and ops.count("QLinearConv") == 3, ops
+    assert ops.count("Relu") == 1  # two folded into the uint8 outputs' saturation at zero; the last one before
+    # the classifier's Flatten stays float
+    if has_vnni():  # without VNNI the integer kernels saturate on 8-bit inputs: the portable layout is below
+        assert chained["agreement"] == 1.0 and chained["relative_error"] < 1e-4, chained
+    portable = export_onnx(quantized, images, tmp_path / "portable.onnx", min_agreement=None)
+    assert "QLinearConv" not in _fused_ops(tmp_path / "portable.onnx")  # float kernels: exact on every CPU
+    assert portable["agreement"] == 1.0 and portable["relative_error"] < 1e-5, portable

@@ -112,6 +112,11 @@ def test_auto_tracks_from_scratch_fixes_when_fine_tuning() -> None:
     forced = QuantizationAwareTraining(ranges="track", calibration_batches=1)
     _trainer([forced], max_epochs=1).fit(module, train_dataloaders=loader)
     assert forced.ranges_in_use == "track"
+    remove_quantizers(module.backbone)
+    signs = QuantizationAwareTraining(calibration_batches=1, ranges="fixed", unsigned="auto")
+    _trainer([signs], max_epochs=1).fit(module, train_dataloaders=loader)
+    inputs = {name: layer.input_quantizer.unsigned for name, layer in signs.quantized_layers.items()}
+    assert inputs == {"layers.fc1": False, "classifier": True}  # signed data stay signed; after a ReLU: unsigned
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -119,6 +124,7 @@ def test_auto_tracks_from_scratch_fixes_when_fine_tuning() -> None:
     ({"ranges": "track", "learn": "pact"}, "learn='pact'"),
     ({"averaging_constant": 0.0}, "averaging_constant=0.0"),
     ({"averaging_constant": True}, "averaging_constant=True"),
+    ({"unsigned": "yes"}, "unsigned='yes' must be True, False or 'auto'"),
 ])
 def test_bad_ranges_arguments(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
