@@ -29,6 +29,7 @@ from lightning_compress.export.counting import quantized_counts
 from lightning_compress.export.engines import choose_engine, host_summary, quantized_engine
 from lightning_compress.export.int8_graph import (
     contiguous_before_clips,
+    explicit_padding,
     insert_clips,
     output_layers,
     pack_output_layers,
@@ -158,7 +159,8 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
 
     Raises:
         ValueError: if ``model`` has no quantized layer, or one with a dynamic / uncalibrated input or > 8 bits; an
-            unknown engine or one that cannot compute the model exactly on this host.
+            unknown engine or one that cannot compute the model exactly on this host; a model FX cannot trace
+            (Python on sizes or values in its forward), or a convolution with uneven ``padding="same"``.
         Int8MismatchError: (a ``ValueError``) if the agreement is below ``min_agreement``.
     """
     if min_agreement is not None and not 0 <= min_agreement <= 1:
@@ -173,7 +175,17 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     float_model = copy.deepcopy(model).cpu().eval()
     scales = _layer_scales(float_model)
     remove_quantizers(float_model)
-    float_model = insert_clips(float_model, scales)
+    uneven = explicit_padding(float_model)
+    if uneven:
+        raise ValueError(f"convolutions {uneven} use padding='same' with an even kernel (unequal padding), which "
+                         "torch.ao's int8 convolutions cannot run; use export_onnx, or pad explicitly")
+    try:
+        float_model = insert_clips(float_model, scales)
+    except Exception as error:  # symbolic tracing of data-dependent Python (int(size), branches on values)
+        raise ValueError(
+            f"torch.ao FX cannot trace {type(model).__name__} for the int8 model ({type(error).__name__}: "
+            f"{error}); export_onnx exports it with the same scales, or method='dynamic' makes its Linear layers "
+            "int8") from error
     args = tuple(a.detach().cpu() if isinstance(a, Tensor) else a for a in _as_args(example_inputs))
     mapping = qconfig_mapping(float_model, scales)
     with deterministic_off(), warnings.catch_warnings(), torch.no_grad():

@@ -245,3 +245,23 @@ def contiguous_before_clips(converted: torch.fx.GraphModule) -> None:
                 contiguous = converted.graph.call_method("contiguous", (node.args[0],))
             node.args = (contiguous, *node.args[1:])
     converted.recompile()
+
+
+def explicit_padding(model: nn.Module) -> list[str]:
+    """Give every convolution with ``padding="valid"`` / ``"same"`` (Hugging Face's EfficientNet, MobileNetV2) the
+    equal integer padding it stands for, in place: torch.ao's quantized convolutions take integers only. A
+    ``"same"`` that needs unequal padding (an even effective kernel) is left and named in the returned list."""
+    uneven = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.conv._ConvNd) or not isinstance(module.padding, str):
+            continue
+        if module.padding == "valid":
+            module.padding = (0,) * len(module.kernel_size)
+            continue
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            uneven.append(name)
+            continue
+        module.padding = tuple(t // 2 for t in total)
+        module._reversed_padding_repeated_twice = [p for t in reversed(total) for p in (t // 2, t // 2)]
+    return uneven

@@ -168,6 +168,9 @@ class QDQLayer(nn.Module):
                 raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported; only 'zeros'")
             self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
                                                                      layer.groups)
+            # read by models that pad in their forward (Hugging Face MobileNetV2's TensorFlow "same" padding)
+            self.kernel_size, self.in_channels, self.out_channels = (layer.kernel_size, layer.in_channels,
+                                                                     layer.out_channels)
         if wq.enabled and not wq.calibrating:  # a calibrating weight quantizer passes the float weight through
             q, scale = quantized_weight(layer.weight, wq.current_amax(layer.weight), wq.num_bits)
         else:
@@ -191,6 +194,13 @@ class QDQLayer(nn.Module):
         self.register_buffer("input_scale", (torch.ones(()) if self.input_zero else amax) / self.qmax)
         exact = exact_everywhere(self.qmin, self.qmax) and inp.num_bits <= 8
         self.integer_kernels = (exact if integer_kernels is None else integer_kernels) and self.input_enabled
+
+    @property
+    def weight(self) -> Tensor:
+        """The float weight the layer computes with, in the original layout (models read ``layer.weight.dtype``)."""
+        weight = self.weight_q if self.weight_scale is None else dequantize_weight(self.weight_q, self.weight_scale,
+                                                                                   self.axis)
+        return weight.t() if self.kind == "linear" else weight
 
     def extra_repr(self) -> str:
         weight = f"weight {tuple(self.weight_q.shape)} {self.weight_q.dtype}"

@@ -6,8 +6,11 @@ producers that share at least one channel form one group (a residual stage, a co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from lightning_compress.graph.channel_ties import ChannelTies
 
 __all__ = ["ChannelGroup", "ChannelInfo", "collect_groups"]
 
@@ -40,6 +43,8 @@ class ChannelGroup:
             name, sliced along their first dimension.
         segments: for a group through a grouped convolution, ``(conv group, position in it)`` per channel: the
             same positions must go from every conv group (as Torch-Pruning does); ``None`` otherwise.
+        ties: for a group through a channel shuffle or an equal split (``chunk``), the channels that go together
+            and the pieces that lose equally many (grouped convolutions' positions included); ``None`` otherwise.
     """
 
     producers: dict[str, list[int | None]]
@@ -50,6 +55,7 @@ class ChannelGroup:
     roots: list[int]
     parameters: dict[str, list[int | None]] = field(default_factory=dict)
     segments: list[tuple[int, int]] | None = None
+    ties: ChannelTies | None = None
 
     @property
     def size(self) -> int:
@@ -57,8 +63,9 @@ class ChannelGroup:
         return len(self.roots)
 
 
-def collect_groups(merged: dict[int, ChannelInfo]) -> list[ChannelGroup]:
-    """Channel groups: connected sets of producers (and what they tie), in order of first appearance."""
+def collect_groups(merged: dict[int, ChannelInfo], links: Iterable[list[int]] = ()) -> list[ChannelGroup]:
+    """Channel groups: connected sets of producers (and what they tie), in order of first appearance; the roots of
+    each of ``links`` (channels constrained together, e.g. by a shuffle or a split) join one group."""
     producer_roots: dict[str, list[tuple[int, int]]] = {}
     for root, meta in merged.items():
         for module, role, index in meta.members:
@@ -78,6 +85,11 @@ def collect_groups(merged: dict[int, ChannelInfo]) -> list[ChannelGroup]:
             if root in owner and top(owner[root]) != top(module):
                 link[top(module)] = top(owner[root])
             owner.setdefault(root, module)
+    for roots_together in links:
+        owners = [top(owner[root]) for root in roots_together if root in owner]
+        for other in owners[1:]:
+            if top(other) != top(owners[0]):
+                link[top(other)] = top(owners[0])
     order = list(producer_roots)
     components: dict[str, list[str]] = {}
     for module in order:

@@ -33,6 +33,8 @@ class ChannelVariables:
         self.parent: list[int] = []
         self.vars: list[ChannelInfo] = []
         self.tensors: dict[int, TracedChannels] = {}
+        self.ties: set[tuple[int, int]] = set()  # distinct variables pruned together (the groups of a shuffle)
+        self.balances: list[tuple[list[int], list[int]]] = []  # pieces of an equal split: lose equally many
 
     # union-find ---------------------------------------------------------------------------------------------
     def find(self, v: int) -> int:

@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.graph.channel_ties import tied_removal
 from lightning_compress.graph.dependency import ChannelGroup, DependencyGraph, build_graph
 
 __all__ = [
@@ -167,6 +168,9 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
             for name, (count, _) in graph.grouped.items():
                 if name in group.producers:
                     _same_positions_per_group(group.producers[name], count, removable, kept_reasons)
+        if group.ties is not None:  # shuffles and equal splits: whole units, every split balanced
+            for reason, positions in tied_removal(removable, group.ties).items():
+                kept_reasons.setdefault(reason, []).extend(positions)
         plan.removable.append(removable)
         plan.skipped += [(g, positions, reason) for reason, positions in kept_reasons.items()]
     return plan

@@ -6,9 +6,12 @@ Producers (conv, linear, ``F.linear`` on a ``Linear``'s own parameters) create f
 activations, pooling, stochastic depth, depthwise convolutions and pure moves (view, reshape, permute, flatten, ...,
 see :mod:`~lightning_compress.graph.channel_moves`) carry them; elementwise ops of traced tensors (residual
 additions, squeeze-excitation products) unite them position by position; a grouped convolution with as many inputs as
-outputs ties input ``i`` to output ``i``; equal chunks and the groups of a shuffle tie their positions; concatenation
-along channels appends. Stateless modules are followed call by call (a ReLU reused across a ResNet block); a
-module with state called twice ties its calls and is blocked. A union-find turns united variables into one channel.
+outputs ties input ``i`` to output ``i``; concatenation along channels appends. Distinct channels that may only go
+together (the same position in every group of a channel shuffle's ``view``) and the pieces of an equal ``chunk`` or
+``split`` (which must lose equally many channels) are constraints beside the union, kept per group in
+:class:`~lightning_compress.graph.channel_ties.ChannelTies`. Stateless modules are followed call by call (a ReLU
+reused across a ResNet block); a module with state called twice ties its calls and is blocked. A union-find turns
+united variables into one channel.
 
 Alongside, each tensor channel carries its *value* when it is provably constant over batch and positions
 (``nan`` otherwise): a zero filter gives its bias, eval-mode BatchNorm gives ``beta - gamma * mu / sigma`` for a
@@ -55,6 +58,7 @@ from lightning_compress.graph.channel_ops import (
     nan_values,
     unpadded,
 )
+from lightning_compress.graph.channel_ties import group_ties
 from lightning_compress.graph.channel_vars import ChannelVariables
 from lightning_compress.graph.tracing import Call, Trace, eval_mode, tensors_in, trace
 
@@ -84,7 +88,10 @@ class DependencyGraph(ChannelVariables):
     def groups(self, merged: dict[int, ChannelInfo] | None = None) -> list[ChannelGroup]:
         """Channel groups: connected sets of producers (and what they tie), in order of first appearance
         (``merged``: :meth:`merged`, when the caller has it already)."""
-        groups = collect_groups(self.merged() if merged is None else merged)
+        ties = {(a, b) for a, b in ((self.find(a), self.find(b)) for a, b in self.ties) if a != b}
+        balances = [([self.find(v) for v in first], [self.find(v) for v in second]) for first, second in self.balances]
+        links = [list(pair) for pair in ties] + [first + second for first, second in balances]
+        groups = collect_groups(self.merged() if merged is None else merged, links)
         for group in groups:
             convs = [name for name in group.producers if name in self.grouped]
             if convs:
@@ -93,6 +100,7 @@ class DependencyGraph(ChannelVariables):
                 indices = [i for i in group.producers[convs[0]] if i is not None]
                 if len(indices) == group.size:
                     group.segments = [(i // width, i % width) for i in indices]
+            group.ties = group_ties(group, ties, balances, self.grouped)
         return groups
 
     def _opaque(self, call: Call, reason: str) -> None:
@@ -143,6 +151,8 @@ class DependencyGraph(ChannelVariables):
             return self._conv(call, module)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return self._batchnorm(call, module)
+        if op == "pad" or (module is not None and op.endswith(("Pad1d", "Pad2d", "Pad3d"))):
+            return self._pad(call)
         if "pool" in op.lower() or op in ("interpolate", "upsample", "Upsample"):
             return self._pool(call)
         if op in REDUCTIONS:
@@ -177,9 +187,8 @@ class DependencyGraph(ChannelVariables):
             if sorted(q for p in pieces for q in p) != list(range(len(t.vars))) or len({len(p) for p in pieces}) > 1:
                 return self._opaque(call, f"{call.op} selects channels by position (the positions shift when "
                                           "channels are removed)")
-            for k in range(len(pieces[0])):  # equal pieces stay equal: position k goes from every piece together
-                for p in pieces[1:]:
-                    self._union(t.vars[pieces[0][k]], t.vars[p[k]])
+            for p in pieces[1:]:  # the compacted tensor is cut at its new middle: every piece loses equally many
+                self.balances.append(([t.vars[q] for q in pieces[0]], [t.vars[q] for q in p]))
         for y, (dims, positions) in zip(tensors_in(call.output), layouts, strict=True):
             if len(dims) > 1:  # channels split into (groups, per group): the same position goes from every group
                 self._tie_split(y, dims, [t.vars[p] for p in positions])
@@ -187,13 +196,14 @@ class DependencyGraph(ChannelVariables):
 
     def _tie_split(self, y: Tensor, dims: tuple[int, ...], variables: list[int]) -> None:
         """A view of the channels as ``(groups, per group)`` (a channel shuffle): the smaller dimension is taken for
-        the fixed number of groups, and the channels at one position of the others are tied across it."""
+        the fixed number of groups, and the channels at one position of the others are tied across it: distinct
+        channels, pruned together (a unit of :class:`~lightning_compress.graph.channel_ties.ChannelTies`)."""
         sizes = [y.shape[d] for d in dims]
         fixed = sizes.index(min(sizes))
         grid = torch.arange(len(variables)).view(sizes).movedim(fixed, 0).reshape(sizes[fixed], -1)
         for row in grid[1:]:
             for a, b in zip(grid[0].tolist(), row.tolist(), strict=True):
-                self._union(variables[a], variables[b])
+                self.ties.add((variables[a], variables[b]))
 
     def _conv(self, call: Call, conv: nn.modules.conv._ConvNd) -> None:
         x, y = call.args[0], call.output
@@ -324,6 +334,25 @@ class DependencyGraph(ChannelVariables):
         exact = not (("avg" in call.op.lower() and "adaptive" not in call.op.lower() and has_padding(padding))
                      or "lp" in call.op.lower())
         value = t.value if exact else torch.where(t.value == 0, t.value, torch.nan)
+        self._set(y, list(t.vars), value)
+
+    def _pad(self, call: Call) -> None:
+        """Spatial padding (``F.pad``, ``nn.ZeroPad2d``, Hugging Face's TensorFlow "same" padding) keeps channels; a
+        constant channel stays constant where the border takes its value (or copies it: reflect, replicate)."""
+        x, y = call.args[0], call.output
+        t = self._get(x)
+        if t is None or y.dim() != x.dim() or y.shape[:2] != x.shape[:2]:
+            return self._opaque(call, f"padding {call.name!r} over the batch or channel dimension")
+        module = call.module
+        if module is not None:
+            constant = isinstance(module, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                                           nn.ConstantPad2d, nn.ConstantPad3d))
+            border = float(getattr(module, "value", 0.0))
+        else:
+            mode = call.args[2] if len(call.args) > 2 else call.kwargs.get("mode", "constant")
+            value = call.args[3] if len(call.args) > 3 else call.kwargs.get("value")
+            constant, border = mode == "constant", float(value or 0.0)
+        value = torch.where(t.value == border, t.value, torch.nan) if constant else t.value
         self._set(y, list(t.vars), value)
 
     def _reshape(self, call: Call) -> None:

@@ -358,9 +358,16 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         return min(max(target - (original - group.size), 0), group.size - 1)
 
     def _group_keep(self, group: PrunableGroup) -> torch.Tensor | None:
-        name, index = next(iter(group.producers.items()))
-        mask = self.masks.get(name)
-        return None if mask is None else mask.cpu()[index.clamp(min=0)]
+        """The group's current selection, read from every producer (a shuffle stage's or a concatenation's
+        producers each carry their own channels of the group)."""
+        keep = torch.ones(group.size, dtype=torch.bool)
+        for name, index in group.producers.items():
+            mask = self.masks.get(name)
+            if mask is None:
+                return None
+            valid = index >= 0
+            keep[valid] = mask.cpu()[index[valid]]
+        return keep
 
     def _producer_masks(self, group: PrunableGroup, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         masks = {}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.graph.channel_ties import ChannelTies, tied_keep_mask
 from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 
@@ -31,7 +32,8 @@ class PrunableGroup:
     depthwise: dict[str, torch.Tensor] = field(default_factory=dict)
     batchnorms: dict[str, torch.Tensor] = field(default_factory=dict)
     consumers: dict[str, list[list[int]]] = field(default_factory=dict)
-    segments: list[tuple[int, int]] | None = None  # (conv group, position) through a grouped convolution
+    segments: list[tuple[int, int]] | ChannelTies | None = None  # (conv group, position) through a grouped
+    # convolution; the channels that go together and the pieces that lose equally many through a shuffle or chunk
 
     @property
     def size(self) -> int:
@@ -54,17 +56,22 @@ def from_dependency_group(group: object) -> PrunableGroup:
         depthwise=_indices(group.depthwise),  # type: ignore[attr-defined]
         batchnorms=_indices(group.batchnorms),  # type: ignore[attr-defined]
         consumers=dict(group.consumers),  # type: ignore[attr-defined]
-        segments=getattr(group, "segments", None),
+        segments=getattr(group, "ties", None) or getattr(group, "segments", None),
     )
 
 
-def group_keep_mask(scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+def group_keep_mask(scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | ChannelTies | None = None
+                    ) -> torch.Tensor:
     """Keep-mask pruning the ``k`` lowest-scoring channels; through a grouped convolution (``segments``), the
-    ``round(k / groups)`` positions of lowest summed score go from every conv group (Torch-Pruning's rule).
+    ``round(k / groups)`` positions of lowest summed score go from every conv group (Torch-Pruning's rule); through
+    a channel shuffle or an equal split (a :class:`~lightning_compress.graph.channel_ties.ChannelTies`), about
+    ``k`` channels in whole units, balanced across the pieces of every split (``tied_keep_mask``).
 
     >>> group_keep_mask(torch.tensor([1.0, 5.0, 2.0, 0.5]), 2, [(0, 0), (0, 1), (1, 0), (1, 1)]).tolist()
     [False, True, False, True]
     """
+    if isinstance(segments, ChannelTies):
+        return tied_keep_mask(scores, k, segments)
     if not segments:
         return lowest_k_mask(scores, k)
     position = torch.tensor([p for _, p in segments])

@@ -320,13 +320,26 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module) in _FLOAT_CLASSES
 
 
+def float_base(module: nn.Module) -> type[nn.Module] | None:
+    """The Conv1d / Conv2d / Linear class whose computation ``module`` runs: its own type, or the base of a subclass
+    that only adds construction (Hugging Face's ``EfficientNetDepthwiseConv2d``: same ``forward``); else ``None``."""
+    if type(module) in QUANT_CLASSES:
+        return type(module)
+    for base in QUANT_CLASSES:
+        if isinstance(module, base) and all(getattr(type(module), method, None) is getattr(base, method, None)
+                                            for method in ("forward", "_conv_forward")):
+            return base
+    return None
+
+
 def check_quantizable(layers: Mapping[str, nn.Module]) -> None:
-    """Raise a ``ValueError`` naming every layer that is not exactly a Conv1d, Conv2d or Linear (or quantized)."""
-    bad = {n: type(m).__name__ for n, m in layers.items() if type(m) not in QUANT_CLASSES and not is_quantized(m)}
+    """Raise a ``ValueError`` naming every layer that does not compute as a Conv1d, Conv2d or Linear (a subclass
+    with its own ``forward``), unless already quantized."""
+    bad = {n: type(m).__name__ for n, m in layers.items() if float_base(m) is None and not is_quantized(m)}
     if bad:
         raise ValueError(
-            f"cannot quantize layers {bad}: only exact nn.Conv1d, nn.Conv2d and nn.Linear are supported; "
-            "exclude them with exclude=[...]"
+            f"cannot quantize layers {bad}: only nn.Conv1d, nn.Conv2d and nn.Linear (or subclasses that keep their "
+            "forward) are supported; exclude them with exclude=[...]"
         )
 
 
@@ -353,7 +366,11 @@ def attach_quantizer(module: Any, spec: QuantSpec) -> Any:
     device = module.weight.device
     channels = module.weight.shape[0]
     weight_learn = "lsq" if spec.learn == "lsq" else "none"
-    module.__class__ = QUANT_CLASSES[type(module)]
+    base = float_base(module)
+    assert base is not None
+    if type(module) is not base:  # a subclass that only adds construction: restored by _detach
+        module.__dict__["_float_class"] = type(module)
+    module.__class__ = QUANT_CLASSES[base]
     module.add_module("input_quantizer", TensorQuantizer(spec.input_bits, unsigned=unsigned, learn=spec.learn))
     module.input_quantizer.sign_from_data = (spec.reduce_range or spec.unsigned == "auto") and not unsigned
     module.add_module("weight_quantizer", TensorQuantizer(
@@ -370,7 +387,7 @@ def _detach(module: Any) -> None:
             del module._modules[name]
     for attr in ("measure_error", "last_error"):
         module.__dict__.pop(attr, None)
-    module.__class__ = _FLOAT_CLASSES[type(module)]
+    module.__class__ = module.__dict__.pop("_float_class", None) or _FLOAT_CLASSES[type(module)]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, Any]:

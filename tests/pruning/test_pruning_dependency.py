@@ -75,7 +75,8 @@ def test_unsupported_operations_block_their_channels() -> None:
     assert any("channels in dimensions [(2,)]" in reason for reason in groups[("seq",)])  # Linear on the last dim
     assert ("shared",) not in groups  # opaque calls produce no filters
     chunked = next(g for g in filter_groups(Blocked(), torch.randn(2, 2, 3, 3)) if "b" in g.producers)
-    assert chunked.size == 2  # equal chunks tie channel k of each piece: they shrink together
+    assert chunked.size == 4 and chunked.ties is not None  # equal chunks lose equally many channels
+    assert chunked.ties.balances == [([0, 1], [2, 3])]
 
 
 def test_a_channel_tied_by_multiplication_and_mean_over_channels_blocks() -> None:

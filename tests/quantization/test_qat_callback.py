@@ -99,8 +99,9 @@ def test_bad_model_or_data_fails_before_first_step(trainer_factory, digits_dm, c
 
 
 def test_unsupported_layer_type_is_named() -> None:
-    class MyLinear(nn.Linear):
-        pass
+    class MyLinear(nn.Linear):  # its own forward: not a plain Linear (a construction-only subclass would do)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).relu()
 
     model = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 2))
     with pytest.raises(ValueError, match=r"\{'1': 'MyLinear'\}"):

@@ -152,9 +152,11 @@ class Shuffle(nn.Module):
 def test_channel_shuffle_and_chunks_tie_positions_and_compact_exactly() -> None:
     groups = filter_groups(Shuffle(), torch.randn(2, 3, 4, 4))
     tied = next(g for g in groups if "stem" in g.producers)
-    assert set(tied.producers) == {"stem", "branch"} and tied.blocked == [] and tied.size == 4
+    assert set(tied.producers) == {"stem", "branch"} and tied.blocked == [] and tied.size == 12
+    assert tied.ties is not None and tied.ties.num_units == 8  # stem p and branch p go together: the shuffle's rows
+    assert tied.ties.balances == [([0, 1, 2, 3], [4, 5, 6, 7])]  # the chunks of stem lose equally many
     model = Shuffle().eval()
-    with torch.no_grad():  # channel 0 of each half and of the branch: one tied channel
+    with torch.no_grad():  # channel 0 of each half and of the branch: one unit and one channel to balance it
         model.stem.weight[[0, 4]] = 0
         model.stem.bias[[0, 4]] = 0
         model.branch.weight[0] = 0
@@ -179,3 +181,33 @@ def test_f_linear_on_a_layers_own_weight_is_that_layer() -> None:
     assert group.producers == {"fc1": list(range(8))} and group.blocked == []
     small, zeroed = prune_and_compact(FunctionalLinear(), torch.randn(3, 4))
     assert zeroed == 4 and small.fc1.out_features == small.fc2.in_features == 4
+
+
+class PaddedConvs(nn.Module):
+    """Padding outside the convolution: Hugging Face MobileNetV2's F.pad ("same" as in TensorFlow) and
+    EfficientNet's nn.ZeroPad2d, and a constant border of 1 (a pruned channel's value 0 is not kept there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn_a(self.a(F.pad(x, (1, 1, 1, 1)))))
+        x = F.relu(self.bn_b(self.b(self.pad(x))))
+        x = self.c(F.pad(x, (1, 1, 1, 1), value=1.0))
+        return self.head(x.mean((2, 3)))
+
+
+def test_spatial_padding_keeps_channels_and_compacts_exactly() -> None:
+    torch.manual_seed(0)
+    model, x = PaddedConvs(), torch.randn(2, 3, 12, 12)
+    groups = filter_groups(model.eval(), x)
+    assert [g.blocked for g in groups if g.producers.keys() != {"head"}] == [[], [], []]
+    small, zeroed = prune_and_compact(model, x)
+    assert zeroed == 12 and small.a.out_channels == 4 and small.c.out_channels == 4  # 50% of the three groups
+    # b's zeroed filters still output relu(bias of bn_b), which the border of 1 makes non-constant: kept back
+    assert small.b.out_channels == 8

@@ -66,3 +66,61 @@ def classifier(name: str, num_classes: int = 10) -> torch.nn.Module:
     if vision is None:
         raise RuntimeError("torchvision is not importable; run .ci/run or install it into .cache/zoo/torchvision.")
     return vision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+class HuggingFaceLogits(torch.nn.Module):
+    """A Hugging Face image classifier called on pixels, returning its logits tensor (as a user's module would)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _hf_configs() -> dict[str, tuple[str, str, dict]]:
+    """``name: (model class, config class, config arguments)``: small versions of each family, 10 classes."""
+    return {
+        "hf_resnet": ("ResNetForImageClassification", "ResNetConfig", dict(
+            depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512], embedding_size=32, layer_type="bottleneck")),
+        "hf_convnext": ("ConvNextForImageClassification", "ConvNextConfig", dict(
+            depths=[1, 1, 2, 1], hidden_sizes=[32, 64, 128, 256])),
+        "hf_mobilenet_v2": ("MobileNetV2ForImageClassification", "MobileNetV2Config", dict(image_size=64)),
+        "hf_efficientnet": ("EfficientNetForImageClassification", "EfficientNetConfig", dict(
+            image_size=64, width_coefficient=1.0, depth_coefficient=0.5, hidden_dim=1280)),  # top_bn = hidden_dim
+        "hf_regnet": ("RegNetForImageClassification", "RegNetConfig", dict(
+            depths=[1, 1, 2, 1], hidden_sizes=[32, 64, 128, 256], groups_width=16)),
+        "hf_swin": ("SwinForImageClassification", "SwinConfig", dict(
+            image_size=64, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4)),
+        "hf_vit": ("ViTForImageClassification", "ViTConfig", dict(
+            image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=256)),
+    }
+
+
+def hf_classifier(name: str, num_classes: int = 10) -> torch.nn.Module:
+    """A small Hugging Face vision classifier built from its config (random weights, nothing downloaded), wrapped in
+    :class:`HuggingFaceLogits`; ``name`` is one of ``hf_resnet``, ``hf_convnext``, ``hf_mobilenet_v2``,
+    ``hf_efficientnet``, ``hf_regnet``, ``hf_swin``, ``hf_vit``."""
+    import transformers
+
+    model_class, config_class, arguments = _hf_configs()[name]
+    config = getattr(transformers, config_class)(num_labels=num_classes, **arguments)
+    return HuggingFaceLogits(getattr(transformers, model_class)(config))
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random batch norm statistics and affine parameters, and a random classifier where it was initialised to zero
+    (Hugging Face zeroes some heads), so that pruned and compacted outputs are compared on non-trivial values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                if module.affine:
+                    module.bias.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.in_features ** 0.5)
