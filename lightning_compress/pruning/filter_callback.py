@@ -22,6 +22,8 @@ from lightning_compress.pruning.groups import (
     from_dependency_group,
     group_keep_mask,
     group_scores,
+    group_selection,
+    producer_masks,
     pruned_channel_masks,
 )
 from lightning_compress.pruning.schedules import Schedule
@@ -346,7 +348,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             keep = group_keep_mask(scores, k, group.segments)
             if previous is not None and self.mode == "soft":
                 self.revived_filters += int((keep & ~previous).sum())
-            masks.update(self._producer_masks(group, keep))
+            masks.update(producer_masks(group, keep, self._all_modules))
         return masks
 
     def _to_prune(self, group: PrunableGroup, scores: torch.Tensor, rate: float) -> int:
@@ -358,25 +360,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         return min(max(target - (original - group.size), 0), group.size - 1)
 
     def _group_keep(self, group: PrunableGroup) -> torch.Tensor | None:
-        """The group's current selection, read from every producer (a shuffle stage's or a concatenation's
-        producers each carry their own channels of the group)."""
-        keep = torch.ones(group.size, dtype=torch.bool)
-        for name, index in group.producers.items():
-            mask = self.masks.get(name)
-            if mask is None:
-                return None
-            valid = index >= 0
-            keep[valid] = mask.cpu()[index[valid]]
-        return keep
-
-    def _producer_masks(self, group: PrunableGroup, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        masks = {}
-        for name, index in group.producers.items():
-            mask = torch.ones(self._all_modules[name].weight.shape[0], dtype=torch.bool)
-            valid = index >= 0
-            mask[index[valid]] = keep[valid]
-            masks[name] = mask
-        return masks
+        return group_selection(group, self.masks)
 
     def enforce(self) -> None:
         if not self.masks:

@@ -159,6 +159,30 @@ def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: tor
             tensor.masked_fill_(pruned, 0)
 
 
+def group_selection(group: PrunableGroup, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The group's current keep mask, read from every producer's filter mask (a shuffle stage's or a
+    concatenation's producers each carry their own channels of the group); ``None`` before any mask."""
+    keep = torch.ones(group.size, dtype=torch.bool)
+    for name, index in group.producers.items():
+        mask = masks.get(name)
+        if mask is None:
+            return None
+        valid = index >= 0
+        keep[valid] = mask.cpu()[index[valid]]
+    return keep
+
+
+def producer_masks(group: PrunableGroup, keep: torch.Tensor, modules: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Each producer's filter mask for the group's keep mask (filters outside the group stay)."""
+    masks = {}
+    for name, index in group.producers.items():
+        mask = torch.ones(modules[name].weight.shape[0], dtype=torch.bool)
+        valid = index >= 0
+        mask[index[valid]] = keep[valid]
+        masks[name] = mask
+    return masks
+
+
 def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
     """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
     output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm scale and

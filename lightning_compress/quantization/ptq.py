@@ -24,15 +24,8 @@ from lightning_compress.quantization.calibrators import (
     validate_percentile,
 )
 from lightning_compress.quantization.functional import validate_num_bits
-from lightning_compress.quantization.quantizers import (
-    QuantSpec,
-    absmax,
-    attach_quantizer,
-    check_quantizable,
-    validate_flag,
-    validate_reduce_range,
-    validate_unsigned,
-)
+from lightning_compress.quantization.quantizers import QuantSpec, absmax, attach_quantizer, check_quantizable
+from lightning_compress.quantization.spec import validate_flag, validate_options, validate_reduce_range
 from lightning_compress.quantization.uncalled import release_uncalled
 from lightning_compress.utils.data import batch_labels
 from lightning_compress.utils.modes import eval_mode
@@ -351,9 +344,7 @@ def quantize_model(
     _validate_bit_widths(num_bits, bit_widths, reduce_range)
     settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
     _validate_calibration_batches(calibration_batches)
-    for flag, value in (("per_channel", per_channel), ("inplace", inplace)):
-        validate_flag(flag, value)
-    validate_unsigned(unsigned)
+    validate_options(unsigned, per_channel=per_channel, inplace=inplace)
     if mode == "static" and calibration_data is None and calibration != "global":
         raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
     qmodel = model if inplace else copy.deepcopy(model)

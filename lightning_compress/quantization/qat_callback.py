@@ -37,13 +37,8 @@ from lightning_compress.quantization.qat_ranges import (
 )
 from lightning_compress.quantization.qat_resume import PHASES, QATResume
 from lightning_compress.quantization.qat_start import add_to_optimizers, learned_parameters, validate_start_epoch
-from lightning_compress.quantization.quantizers import (
-    QuantSpec,
-    is_quantized,
-    validate_flag,
-    validate_learn,
-    validate_unsigned,
-)
+from lightning_compress.quantization.quantizers import QuantSpec, is_quantized
+from lightning_compress.quantization.spec import validate_learn, validate_options
 from lightning_compress.quantization.uncalled import UNCALLED_REASON, uncalled_layers
 from lightning_compress.utils import compression_target, rewrap_ddp
 from lightning_compress.utils.data import stage_loader
@@ -177,10 +172,8 @@ class QuantizationAwareTraining(QATResume):
                                          or freeze_epoch < 0):
             raise ValueError(f"freeze_epoch={freeze_epoch!r} must be a non-negative integer or None")
         validate_start_epoch(start_epoch, freeze_epoch)
-        for flag, value in (("per_channel", per_channel), ("skip_first_and_last", skip_first_and_last),
-                            ("log_error", log_error)):
-            validate_flag(flag, value)
-        validate_unsigned(unsigned)
+        validate_options(unsigned, per_channel=per_channel, skip_first_and_last=skip_first_and_last,
+                         log_error=log_error)
         self.num_bits, self.layers, self.exclude, self.bit_widths = num_bits, layers, exclude, bit_widths
         self.skip_first_and_last, self.per_channel, self.unsigned = skip_first_and_last, per_channel, unsigned
         self.calibration_batches, self.calibration_data = calibration_batches, calibration_data
@@ -193,7 +186,7 @@ class QuantizationAwareTraining(QATResume):
         #: whether the quantizers are attached to the compression target (from ``start_epoch`` on)
         self.attached, self.phase, self.calibrated_batches, self._untrained = False, "calibrating", 0, False
         self.calibrators: dict[str, Any] = {}
-        self._layers: dict[str, Any] = {}
+        self._layers: dict[str, Any] = {}  # the quantized layers by name (``quantized_layers``)
         self.specs: dict[str, QuantSpec] = {}  # how each layer is quantized (checkpointed: load_compressed reads it)
         self._target: nn.Module | None = None
         self._restored: dict[str, Any] | None = None
@@ -201,8 +194,7 @@ class QuantizationAwareTraining(QATResume):
 
     @property
     def quantized_layers(self) -> dict[str, Any]:
-        """The quantized layers, by name inside the compression target (after ``setup``; empty before
-        ``start_epoch``)."""
+        """The quantized layers by name in the compression target (after ``setup``; none before ``start_epoch``)."""
         return dict(self._layers)
 
     # -- setup and state --------------------------------------------------------------------------------
