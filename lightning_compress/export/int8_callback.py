@@ -272,7 +272,7 @@ class Int8Export(ChecksNetworkInput, Callback):
 
     def _export_dynamic(self, trainer: pl.Trainer, target: nn.Module) -> nn.Module:
         """The transformer path: int8 Linear swapped module by module, written as a pickled module."""
-        inputs = collect_inputs(trainer, self.batch_size).cpu()
+        inputs = move_inputs(collect_inputs(trainer, self.batch_size), "cpu")  # a tensor or a dict of them
         model = export_int8_dynamic(target, inputs, engine=self.engine, min_agreement=None)
         self.results = {"engine": model.engine, "verification": model.verification,
                         "quantized_layers": model.verification["int8_layers"],
@@ -283,7 +283,8 @@ class Int8Export(ChecksNetworkInput, Callback):
         save_int8_dynamic(model, path)
         self.model = model
         with torch.no_grad():
-            identical = torch.equal(logits_of(load_int8_dynamic(path)(inputs)), logits_of(model(inputs)))
+            identical = torch.equal(logits_of(run_model(load_int8_dynamic(path), inputs)),
+                                    logits_of(run_model(model, inputs)))
         self.results.update(path=str(path), size_bytes=path.stat().st_size, format="pickle (torch.save)",
                             identical_after_load=identical)
         self._log(trainer)

@@ -118,6 +118,22 @@ def quantize_linears_dynamic(model: nn.Module, exclude: str | Sequence[str] | No
     return list(swapped)
 
 
+def _drop_run_hooks(model: nn.Module) -> None:
+    """Remove from ``model`` (a copy) the forward hooks that are local functions: those of the training run
+    (distillation taps; Hugging Face's output-capturing hooks, which transformers 5 reinstalls when outputs are
+    asked for again). They would run on the int8 copy for nothing, and ``torch.save`` cannot pickle them."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if "<locals>" in getattr(hook, "__qualname__", ""):
+                    del hooks[key]
+                    for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                  "_forward_pre_hooks_with_kwargs"):
+                        getattr(module, extra, {}).pop(key, None)
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False  # type: ignore[assignment]  # transformers reinstalls
+
+
 def export_int8_dynamic(model: nn.Module, example_inputs: Any, *, engine: str = "auto",
                         min_agreement: float | None = 0.99, check_inputs: Any = None,
                         exclude: str | Sequence[str] | None = None) -> Int8Model:
@@ -147,6 +163,7 @@ def export_int8_dynamic(model: nn.Module, example_inputs: Any, *, engine: str = 
     """
     chosen_engine = choose_engine(SAFE_ACTIVATION_CODE, engine)
     copied = copy.deepcopy(model).cpu().float().eval()
+    _drop_run_hooks(copied)
     if not dynamic_int8_layers(copied, exclude):
         raise ValueError(f"export_int8_dynamic found no Linear or Conv1D layer to quantize in {type(model).__name__} "
                          f"(exclude={exclude!r})")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.utils.modes import eval_mode
+from lightning_compress.utils.outputs import model_inputs, move_inputs, run_model
 
 __all__ = ["Int8MismatchError", "check_agreement", "output_agreement", "output_tensor"]
 
@@ -76,8 +77,10 @@ def _batches(check_inputs: Any) -> Iterable[tuple[Any, ...]]:
         return [(check_inputs,)]
     if isinstance(check_inputs, tuple):
         return [check_inputs]
-    return ((batch,) if isinstance(batch, Tensor) else (batch[0],) if isinstance(batch, (tuple, list)) else
-            (next(iter(batch.values())),) for batch in check_inputs)
+    if isinstance(check_inputs, dict):  # one keyword batch (input_ids, attention_mask, ...)
+        return [(model_inputs(check_inputs),)]
+    # a tensor is the input; (inputs, labels) gives inputs; a dict batch keeps every entry but its labels
+    return ((batch if isinstance(batch, Tensor) else model_inputs(batch),) for batch in check_inputs)
 
 
 def check_agreement(reference: nn.Module, exported: nn.Module, args: tuple[Any, ...], check_inputs: Any = None,
@@ -94,9 +97,10 @@ def check_agreement(reference: nn.Module, exported: nn.Module, args: tuple[Any, 
     references, outputs = [], []
     with eval_mode(reference), torch.no_grad():
         for batch in [args, *_batches(check_inputs)]:
-            moved = tuple(a.to(device) if isinstance(a, Tensor) else a for a in batch)
-            references.append(output_tensor(reference(*moved)).cpu())
-            outputs.append(output_tensor(exported(*(a.cpu() if isinstance(a, Tensor) else a for a in batch))))
+            single = len(batch) == 1 and not isinstance(batch[0], tuple)
+            inputs = batch[0] if single else tuple(batch)  # a dict batch goes in as keywords (run_model)
+            references.append(output_tensor(run_model(reference, move_inputs(inputs, device))).cpu())
+            outputs.append(output_tensor(run_model(exported, move_inputs(inputs, "cpu"))))
     result: dict[str, Any] = {**output_agreement(torch.cat(references), torch.cat(outputs)),
                               "min_agreement": min_agreement}
     if min_agreement is not None and result["agreement"] < min_agreement:

@@ -195,6 +195,10 @@ def test_disagreement_raises_and_writes_nothing(tmp_path, monkeypatch):
     assert "integer_kernels=False" not in str(raised.value)  # a float model: no integer convolution to blame
     fake_quantized = quantize_model(PlainCNN(width=8).eval(), "static", x, reduce_range=True)
     with pytest.raises(OnnxMismatchError, match=r"QLinearConv.*integer_kernels=False"):
+        export_onnx(fake_quantized, x, tmp_path / "bad.onnx", min_agreement=None, max_abs_diff=1e-9,
+                    integer_kernels=True)
+    # the default layout tries float kernels after the integer one before it gives up
+    with pytest.raises(OnnxMismatchError, match=r"float kernels .* after the integer layout \(agreement 100\.00%\)"):
         export_onnx(fake_quantized, x, tmp_path / "bad.onnx", min_agreement=None, max_abs_diff=1e-9)
 
 

@@ -57,6 +57,8 @@ def test_resnet18_int8_follows_its_fake_quantized_model(tmp_path):
 
     int8 = export_int8(fake_quantized, calibration, check_inputs=test, min_agreement=0.97)
     assert int8.verification["agreement"] >= 0.97 and int8.verification["relative_error"] <= 0.05
-    deployed = export_onnx(fake_quantized, calibration, tmp_path / "resnet18.onnx", check_inputs=test,
-                           integer_kernels=False, min_agreement=0.99)
-    assert deployed["agreement"] >= 0.99 and deployed["relative_error"] <= 0.02
+    # the default layout: integer convolutions, or float kernels where those miss the 99.5% (98.7% measured here)
+    deployed = export_onnx(fake_quantized, calibration, tmp_path / "resnet18.onnx", check_inputs=test)
+    assert deployed["agreement"] >= 0.995 and deployed["relative_error"] <= 0.02
+    if "integer_layout_agreement" in deployed:
+        assert deployed["integer_layout_agreement"] < 0.995 and deployed["quantized_conv_outputs"] == 0

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-from zoo_support import classifier, randomize, torchvision  # noqa: E402
+from zoo_support import classifier, randomize, torchvision
 
-from lightning_compress import export_onnx  # noqa: E402
-from lightning_compress.graph import compact  # noqa: E402
-from lightning_compress.pruning.groups import prune_filter_groups  # noqa: E402
-from lightning_compress.quantization import quantize_model, quantized_layers  # noqa: E402
+from lightning_compress import export_onnx
+from lightning_compress.graph import compact
+from lightning_compress.pruning.groups import prune_filter_groups
+from lightning_compress.quantization import quantize_model, quantized_layers
 
 pytestmark = pytest.mark.skipif(torchvision() is None, reason="torchvision is not installed (.ci/run installs it)")
 
