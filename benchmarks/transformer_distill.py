@@ -24,51 +24,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, markdown_table, parse_no_options, quiet_trainer
 
-SEQ, VOCAB, GROUP = 12, 20, 6
+from lightning_compress.demo.tokens import TokenDataset, polarity_bert, polarity_tokens
+
 SEEDS = (0, 1, 2)
 STUDENT_EPOCHS, TEACHER_EPOCHS = 20, 15
 TEACHER, STUDENT = (48, 4, 4), (24, 2, 2)  # hidden, layers, heads
 TEACHER_DATA, STUDENT_DATA = 3072, 256
-
-
-def make_data(count: int, seed: int) -> dict[str, torch.Tensor]:
-    """Token 1 is "not"; ids 2..7 are positive words, 8..13 negative, 14..19 neutral; "not" flips the next word."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (count, SEQ), generator=generator)
-    ids[torch.rand(count, SEQ, generator=generator) < 0.15] = 1
-    ids[:, 0] = 0  # a [CLS]-like first token
-    polarity = torch.zeros(VOCAB)
-    polarity[2:2 + GROUP], polarity[2 + GROUP:2 + 2 * GROUP] = 1.0, -1.0
-    negated = torch.cat([torch.zeros(count, 1, dtype=torch.bool), ids[:, :-1] == 1], dim=1)
-    score = (polarity[ids] * (1 - 2 * negated.float())).sum(dim=1)
-    labels = (score > -2).long() + (score > 1).long()  # negative / balanced / positive
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-class Tokens(Dataset):
-    def __init__(self, data: dict[str, torch.Tensor]) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data["labels"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.data.items()}
-
-
-def bert(hidden: int, layers: int, heads: int) -> Any:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=SEQ, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config._attn_implementation = "eager"  # attentions in the output (SDPA returns none)
-    return BertForSequenceClassification(config)
 
 
 class HFClassifier(pl.LightningModule):
@@ -108,11 +74,11 @@ def main() -> None:
     from lightning_compress.distillation import DistillationModule
 
     torch.set_num_threads(1)
-    train, small, test = make_data(TEACHER_DATA, 0), make_data(STUDENT_DATA, 1), make_data(2048, 2)
+    train, small, test = polarity_tokens(TEACHER_DATA, 0), polarity_tokens(STUDENT_DATA, 1), polarity_tokens(2048, 2)
     pl.seed_everything(0, verbose=False)
-    teacher = bert(*TEACHER)
+    teacher = polarity_bert(*TEACHER)
     start = time.perf_counter()
-    quiet_trainer(max_epochs=TEACHER_EPOCHS).fit(HFClassifier(teacher), DataLoader(Tokens(train), batch_size=64,
+    quiet_trainer(max_epochs=TEACHER_EPOCHS).fit(HFClassifier(teacher), DataLoader(TokenDataset(train), batch_size=64,
                                                                                    shuffle=True))
     teacher_time, teacher_acc = time.perf_counter() - start, accuracy(teacher, test)
     print(f"teacher: {teacher_acc:.3f} test accuracy ({teacher_time:.0f} s)", flush=True)
@@ -121,9 +87,9 @@ def main() -> None:
     for name, options in variants().items():
         for seed in SEEDS:
             pl.seed_everything(seed, verbose=False)
-            student = bert(*STUDENT)
+            student = polarity_bert(*STUDENT)
             module = DistillationModule(student, teacher, lr=2e-3, **options)
-            loader = DataLoader(Tokens(small), batch_size=32, shuffle=True)
+            loader = DataLoader(TokenDataset(small), batch_size=32, shuffle=True)
             start = time.perf_counter()
             quiet_trainer(max_epochs=STUDENT_EPOCHS).fit(module, loader)
             times.setdefault(name, []).append(time.perf_counter() - start)

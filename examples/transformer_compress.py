@@ -44,15 +44,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_compress import DistillationModule, HeadPruning, Int8Export
 from lightning_compress.demo.experiments import ExampleSettings, example_parser, publish, quiet_single_thread
+from lightning_compress.demo.tokens import TokenDataset, polarity_bert, polarity_tokens
 from lightning_compress.distillation import TransformerKnowledge
 from lightning_compress.measure import count_parameters, measure_latency
 from lightning_compress.pruning.schedules import AGP
 
-SEQ, VOCAB, GROUP = 12, 20, 6
 NAME = "transformer_compress"
 LR = 2e-3  # Adam, teacher and students
 TEACHER_TARGET, SETTLE_EPOCHS = 0.99, 4  # the teacher trains 4 more epochs once it reaches 99% validation accuracy
@@ -65,43 +65,6 @@ class Settings(ExampleSettings):
         super().__init__(quick, seeds=1, teacher_epochs=(1, 30), epochs=(2, 20), prune_epochs=(1, 10),
                          teacher_data=(128, 8192), student_data=(64, 512), test_data=(64, 2048),
                          shape=((32, 2, 4), (64, 4, 4)), latency_runs=(2, 10), latency_rounds=(1, 5))
-
-
-def make_data(count: int, seed: int) -> dict[str, torch.Tensor]:
-    """Token 1 is "not"; ids 2..7 are positive words, 8..13 negative, 14..19 neutral; "not" flips the next word."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (count, SEQ), generator=generator)
-    ids[torch.rand(count, SEQ, generator=generator) < 0.15] = 1
-    ids[:, 0] = 0  # a [CLS]-like first token
-    polarity = torch.zeros(VOCAB)
-    polarity[2:2 + GROUP], polarity[2 + GROUP:2 + 2 * GROUP] = 1.0, -1.0
-    negated = torch.cat([torch.zeros(count, 1, dtype=torch.bool), ids[:, :-1] == 1], dim=1)
-    score = (polarity[ids] * (1 - 2 * negated.float())).sum(dim=1)
-    labels = (score > -2).long() + (score > 1).long()  # negative / balanced / positive
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-class Tokens(Dataset):
-    """Dict samples (``input_ids``, ``attention_mask``, ``labels``), as a tokenizer's dataset gives them."""
-
-    def __init__(self, data: dict[str, torch.Tensor]) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data["labels"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.data.items()}
-
-
-def bert(hidden: int, layers: int, heads: int) -> Any:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=SEQ, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config._attn_implementation = "eager"  # attention probabilities in the outputs (SDPA returns none)
-    return BertForSequenceClassification(config)
 
 
 class HFClassifier(pl.LightningModule):
@@ -158,8 +121,9 @@ def compress(student: nn.Module, teacher: nn.Module, labelled: dict[str, torch.T
                           schedule=AGP(start=0, end=settings.prune_epochs), compact_on_fit_end=True)
     export = Int8Export(output_dir=f"runs/{NAME}/{'distilled' if distill else 'no_teacher'}", method="dynamic",
                         batch_size=64, min_agreement=None if settings.quick else 0.95)
-    train = DataLoader(Tokens(labelled), batch_size=32, shuffle=True)
-    _trainer(settings.epochs, settings, [pruning, export]).fit(module, train, DataLoader(Tokens(val), batch_size=256))
+    train = DataLoader(TokenDataset(labelled), batch_size=32, shuffle=True)
+    validation = DataLoader(TokenDataset(val), batch_size=256)
+    _trainer(settings.epochs, settings, [pruning, export]).fit(module, train, validation)
     return module.compression_target.eval(), export  # compacted: HeadPruning replaced it at the end of fit
 
 
@@ -188,14 +152,15 @@ def main(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     fit_s: dict[str, float] = {}
     with quiet_single_thread():
-        teacher_data, labelled = make_data(settings.teacher_data, seed), make_data(settings.student_data, seed + 1)
-        val, test = make_data(512, seed + 2), make_data(settings.test_data, seed + 3)
+        teacher_data = polarity_tokens(settings.teacher_data, seed)
+        labelled = polarity_tokens(settings.student_data, seed + 1)
+        val, test = polarity_tokens(512, seed + 2), polarity_tokens(settings.test_data, seed + 3)
         pl.seed_everything(seed, verbose=False)
-        teacher = bert(*settings.shape)
+        teacher = polarity_bert(*settings.shape)
         began = time.perf_counter()
         trainer = _trainer(settings.teacher_epochs, settings, [UntilLearned(TEACHER_TARGET, SETTLE_EPOCHS)])
-        trainer.fit(HFClassifier(teacher), DataLoader(Tokens(teacher_data), batch_size=64, shuffle=True),
-                    DataLoader(Tokens(val), batch_size=256))
+        trainer.fit(HFClassifier(teacher), DataLoader(TokenDataset(teacher_data), batch_size=64, shuffle=True),
+                    DataLoader(TokenDataset(val), batch_size=256))
         teacher_epochs = trainer.current_epoch  # epochs run (fewer than the limit once the target is reached)
         fit_s[TEACHER] = time.perf_counter() - began
         teacher.eval().requires_grad_(False)
@@ -203,7 +168,8 @@ def main(argv: list[str] | None = None) -> str:
         for name, distill in ((ALONE, False), (DISTILLED, True)):
             pl.seed_everything(seed, verbose=False)  # both students start from the same weights
             began = time.perf_counter()
-            students[name], export = compress(bert(*settings.shape), teacher, labelled, val, settings, seed, distill)
+            student = polarity_bert(*settings.shape)
+            students[name], export = compress(student, teacher, labelled, val, settings, seed, distill)
             fit_s[name] = time.perf_counter() - began
         assert export.model is not None, export.results
         models = {TEACHER: teacher, **students, INT8: export.model}
