@@ -28,9 +28,15 @@ def pytest_report_header(config: Any) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seed_everything() -> None:
+def _seed_everything() -> Any:
     pl.seed_everything(0, workers=True, verbose=False)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Trainer(deterministic=True) turns torch's deterministic algorithms on for the whole process: restore the state
+    # so that one test does not slow the next (torchvision's Swin runs 4x slower in deterministic mode)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def make_trainer(root: Any, **overrides: Any) -> pl.Trainer:
