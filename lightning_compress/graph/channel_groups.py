@@ -18,11 +18,13 @@ __all__ = ["ChannelGroup", "ChannelInfo", "collect_groups"]
 @dataclass
 class ChannelInfo:
     """What one channel (a union-find root) touches: blocking reasons, members ``(module, role, index)`` with
-    roles producer, batchnorm and depthwise, and reads ``(consumer, input index, value, foldable)``."""
+    roles producer, batchnorm, layernorm, depthwise and parameter, reads ``(consumer, input index, value, foldable)``
+    and the LayerNorms over it ``(norm, index, constant input)``."""
 
     blocked: list[str] = field(default_factory=list)
     members: list[tuple[str, str, int]] = field(default_factory=list)  # (module or parameter, role, index)
     reads: list[tuple[str, int, float, bool]] = field(default_factory=list)  # (consumer, index, value, foldable)
+    norms: list[tuple[str, int, float]] = field(default_factory=list)  # (LayerNorm, index, constant input)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ChannelGroup:
         roots: the union-find roots, one per channel (internal).
         parameters: per-channel parameters of non-leaf modules (e.g. ConvNeXt's ``layer_scale``), by qualified
             name, sliced along their first dimension.
+        layernorms: LayerNorms over these channels (zeroed with the BatchNorms; compaction keeps their removed
+            inputs, see :mod:`~lightning_compress.graph.layernorm`).
         segments: for a group through a grouped convolution, ``(conv group, position in it)`` per channel: the
             same positions must go from every conv group (as Torch-Pruning does); ``None`` otherwise.
         ties: for a group through a channel shuffle or an equal split (``chunk``), the channels that go together
@@ -54,6 +58,7 @@ class ChannelGroup:
     blocked: list[str]
     roots: list[int]
     parameters: dict[str, list[int | None]] = field(default_factory=dict)
+    layernorms: dict[str, list[int | None]] = field(default_factory=dict)
     segments: list[tuple[int, int]] | None = None
     ties: ChannelTies | None = None
 
@@ -106,7 +111,7 @@ def collect_groups(merged: dict[int, ChannelInfo], links: Iterable[list[int]] = 
 
 def _group(roots: list[int], merged: dict[int, ChannelInfo]) -> ChannelGroup:
     maps: dict[str, dict[str, Any]] = {"producer": {}, "batchnorm": {}, "depthwise": {}, "consumer": {},
-                                       "parameter": {}}
+                                       "parameter": {}, "layernorm": {}}
     blocked: list[str] = []
     for k, root in enumerate(roots):
         meta = merged[root]
@@ -120,4 +125,4 @@ def _group(roots: list[int], merged: dict[int, ChannelInfo]) -> ChannelGroup:
             maps["consumer"][module][k].append(index)
         blocked += [reason for reason in meta.blocked if reason not in blocked]
     return ChannelGroup(maps["producer"], maps["batchnorm"], maps["depthwise"], maps["consumer"], blocked, roots,
-                        maps["parameter"])
+                        maps["parameter"], maps["layernorm"])

@@ -35,6 +35,7 @@ class ChannelVariables:
         self.tensors: dict[int, TracedChannels] = {}
         self.ties: set[tuple[int, int]] = set()  # distinct variables pruned together (the groups of a shuffle)
         self.balances: list[tuple[list[int], list[int]]] = []  # pieces of an equal split: lose equally many
+        self.layernorm_dims: dict[str, int] = {}  # LayerNorm module -> the channel dimension it normalises over
 
     # union-find ---------------------------------------------------------------------------------------------
     def find(self, v: int) -> int:
@@ -67,6 +68,7 @@ class ChannelVariables:
             out.blocked += meta.blocked
             out.members += meta.members
             out.reads += meta.reads
+            out.norms += meta.norms
         return roots
 
     # tensors ------------------------------------------------------------------------------------------------

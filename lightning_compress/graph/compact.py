@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_compress.graph.channel_ties import tied_removal
 from lightning_compress.graph.dependency import ChannelGroup, DependencyGraph, build_graph
+from lightning_compress.graph.layernorm import CompactLayerNorm, layernorm_reason
 
 __all__ = [
     "CompactionPlan",
@@ -154,7 +155,7 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
             meta = merged[root]
             producers = [(m, i) for m, role, i in meta.members if role == "producer"]
             pruned = bool(producers) and all(_is_zero_filter(modules[m], i, zero_rows) for m, i in producers)
-            reason = "; ".join(dict.fromkeys(meta.blocked)) or _dead_reason(meta.reads)
+            reason = "; ".join(dict.fromkeys(meta.blocked)) or _dead_reason(meta.reads) or layernorm_reason(meta.norms)
             if reason is None and producers:
                 removable.append(k)
             elif pruned:
@@ -221,6 +222,7 @@ def compact(
     merged = plan.graph.merged()
     out_remove: dict[str, set[int]] = {}
     in_remove: dict[str, dict[int, float]] = {}
+    norm_remove: dict[str, dict[int, float]] = {}  # LayerNorm -> removed channel -> its constant input
     for group, positions in zip(plan.groups, plan.removable, strict=True):
         for k in positions:
             meta = merged[group.roots[k]]
@@ -228,10 +230,14 @@ def compact(
                 out_remove.setdefault(module, set()).add(index)
             for consumer, index, value, _ in meta.reads:
                 in_remove.setdefault(consumer, {})[index] = value
+            for norm, index, value in meta.norms:
+                norm_remove.setdefault(norm, {})[index] = value
     plan.outputs_removed = {name: sorted(indices) for name, indices in out_remove.items()}
     compacted = model if inplace else copy.deepcopy(model)
-    for name, module in compacted.named_modules():
-        if name in out_remove or name in in_remove:
+    for name, module in list(compacted.named_modules()):
+        if name in norm_remove:
+            plan.replacements += _shrink_layernorm(compacted, name, norm_remove[name], plan.graph.layernorm_dims[name])
+        elif name in out_remove or name in in_remove:
             plan.replacements += _shrink(name, module, out_remove.get(name, set()), in_remove.get(name, {}))
     parameters = dict(compacted.named_parameters())
     with torch.no_grad():
@@ -241,6 +247,18 @@ def compact(
             plan.replacements.append(_replace(owner, compacted.get_submodule(owner), attr, parameters[name][keep],
                                               (keep,)))
     return (compacted, plan) if return_plan else compacted
+
+
+def _shrink_layernorm(model: nn.Module, name: str, removed: dict[int, float], dim: int) -> list[Replacement]:
+    """Swap the LayerNorm ``name`` for a :class:`~lightning_compress.graph.layernorm.CompactLayerNorm` without the
+    ``removed`` channels (index -> constant input)."""
+    norm = cast(nn.LayerNorm, model.get_submodule(name))
+    small = CompactLayerNorm.from_layernorm(norm, removed, dim)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, small)
+    keep = _keep(norm.normalized_shape[0], removed, torch.device("cpu"))
+    return [Replacement(name, p, getattr(norm, p), getattr(small, p), (keep.to(getattr(small, p).device),))
+            for p in ("weight", "bias") if getattr(norm, p) is not None]
 
 
 def _keep(n: int, removed: Any, device: torch.device) -> Tensor:
@@ -295,12 +313,14 @@ def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dic
     return replaced
 
 
-def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: str = "auto") -> int:
-    """Zero, in place, the BatchNorm scale and shift of channels whose producers' filters are all zero.
+def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: str = "auto",
+                               roles: tuple[str, ...] = ("batchnorm", "layernorm")) -> int:
+    """Zero, in place, the BatchNorm (and LayerNorm) scale and shift of channels whose producers' filters are all
+    zero.
 
     Afterwards those channels output exactly 0 in eval mode (the final prune of Soft Filter Pruning), so
-    :func:`compact` can remove them even before padded convolutions. Returns the number of BatchNorm channels
-    zeroed.
+    :func:`compact` can remove them even before padded convolutions (and from LayerNorms). Returns the number of
+    norm channels zeroed (``roles``: which norms).
     """
     graph = build_graph(model, example_inputs, method)
     modules = dict(model.named_modules())
@@ -311,8 +331,8 @@ def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: st
             if not producers or not all(_is_zero_filter(modules[m], i, zero_rows) for m, i in producers):
                 continue
             for name, role, index in meta.members:
-                bn = modules[name]
-                if role == "batchnorm" and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn = modules.get(name)  # a "parameter" member names a parameter
+                if role in roles and isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
                     for param in (bn.weight, bn.bias):
                         if param is not None:
                             param[index] = 0
@@ -337,6 +357,8 @@ def replay_compactions(model: nn.Module, events: list[dict[str, list[int]]], exa
                 if getattr(modules[name], "bias", None) is not None:
                     modules[name].bias[rows] = 0
         device = next(model.parameters()).device
+        if any(isinstance(m, nn.LayerNorm) for m in model.modules()):  # zeroed with the filters during the run
+            zero_bn_for_pruned_filters(model, example_inputs.to(device), roles=("layernorm",))
         _, plan = cast(tuple[nn.Module, CompactionPlan],
                        compact(model, example_inputs.to(device), inplace=True, return_plan=True))
         plans.append(plan)

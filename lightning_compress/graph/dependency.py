@@ -19,11 +19,12 @@ constant input, activations map constants to constants. A channel may be removed
 it as zero or as a constant that folds exactly into the consumer's bias (always for ``Linear``; for convolutions
 only without padding, since zero padding makes a constant channel's contribution vary at the borders).
 
-Channels are blocked (kept) where they meet something the analysis does not model, with the reason in the group's
-``blocked``: the model's inputs and outputs, norms over channels (LayerNorm, GroupNorm: removing a channel changes
-the others' statistics), transposed or other grouped convolutions, slices at fixed channel positions, reductions
-over channels and any unknown operation. Not detected: control flow that depends on channel counts, parameters
-shared between layers.
+A LayerNorm module over the channel dimension carries its channels and records their constant inputs (removed
+channels stay in its statistics, see :mod:`~lightning_compress.graph.layernorm`). Channels are blocked (kept) where
+they meet something the analysis does not model, with the reason in the group's ``blocked``: the model's inputs and
+outputs, other norms over channels (GroupNorm, ``F.layer_norm`` outside a LayerNorm module: removing a channel changes
+the others' statistics), transposed or other grouped convolutions, slices at fixed channel positions, reductions over
+channels and any unknown operation. Not detected: control flow on channel counts, parameters shared between layers.
 
 >>> import torch.nn.functional as F
 >>> class Net(nn.Module):
@@ -60,6 +61,7 @@ from lightning_compress.graph.channel_ops import (
 )
 from lightning_compress.graph.channel_ties import group_ties
 from lightning_compress.graph.channel_vars import ChannelVariables
+from lightning_compress.graph.layernorm import visit_layernorm
 from lightning_compress.graph.tracing import Call, Trace, eval_mode, tensors_in, trace
 
 __all__ = ["ChannelGroup", "DependencyGraph", "build_graph", "filter_groups"]
@@ -138,8 +140,9 @@ class DependencyGraph(ChannelVariables):
         name = call.name
         if op == "linear" and (owner := self._weight_owner(call)) is not None:
             name, module = owner
-        if isinstance(module, nn.Linear):
-            return self._linear(call, module, name)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)):  # a LayerNorm without children is a leaf
+            return self._linear(call, module, name) if isinstance(module, nn.Linear) else visit_layernorm(
+                self, call, module)
         if op in ELEMENTWISE:
             return self._elementwise(call)
         layouts = {t.dims for t in traced if t is not None}

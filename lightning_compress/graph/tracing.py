@@ -30,8 +30,9 @@ _INPLACE_OPERATORS = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """Leaf modules are recorded as one call: torch.nn layers (not containers) and subclasses of conv/linear/BN."""
-    if isinstance(module, _LEAF_TYPES):
+    """Leaf modules are recorded as one call: torch.nn layers (not containers) and subclasses of conv/linear/BN and,
+    without children, of LayerNorm (``LayerNorm2d``: the dependency analysis checks what they compute)."""
+    if isinstance(module, _LEAF_TYPES) or (isinstance(module, nn.LayerNorm) and not any(module.children())):
         return True
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return type(module).__module__.startswith("torch.nn") and not isinstance(module, containers)

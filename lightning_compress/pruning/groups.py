@@ -25,6 +25,7 @@ class PrunableGroup:
         producers: layers whose filters are these channels.
         depthwise: depthwise convolutions carrying them (filter ``i`` reads channel ``i``).
         batchnorms: BatchNorm layers normalising them.
+        layernorms: LayerNorms over them (their scale and shift zeroed with the BatchNorms').
         consumers: layers reading them, with the input indices of each channel (for channel scores).
     """
 
@@ -34,6 +35,7 @@ class PrunableGroup:
     consumers: dict[str, list[list[int]]] = field(default_factory=dict)
     segments: list[tuple[int, int]] | ChannelTies | None = None  # (conv group, position) through a grouped
     # convolution; the channels that go together and the pieces that lose equally many through a shuffle or chunk
+    layernorms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -57,6 +59,7 @@ def from_dependency_group(group: object) -> PrunableGroup:
         batchnorms=_indices(group.batchnorms),  # type: ignore[attr-defined]
         consumers=dict(group.consumers),  # type: ignore[attr-defined]
         segments=getattr(group, "ties", None) or getattr(group, "segments", None),
+        layernorms=_indices(getattr(group, "layernorms", {})),
     )
 
 
@@ -132,9 +135,10 @@ def dead_channels(group: PrunableGroup, modules: dict[str, Any]) -> torch.Tensor
 def pruned_channel_masks(group: PrunableGroup, modules: dict[str, Any], keep: torch.Tensor, batchnorm: bool
                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(tensor, pruned)`` pairs for :meth:`torch.Tensor.masked_fill_`: producer and depthwise weights and biases
-    and, with ``batchnorm``, BatchNorm scales and shifts, each with a boolean mask shaped to broadcast over it."""
+    and, with ``batchnorm``, BatchNorm and LayerNorm scales and shifts, each with a boolean mask shaped to broadcast
+    over it."""
     drop = ~keep.to(torch.bool)
-    mappings = [group.producers, group.depthwise] + ([group.batchnorms] if batchnorm else [])
+    mappings = [group.producers, group.depthwise] + ([group.batchnorms, group.layernorms] if batchnorm else [])
     pairs = []
     for mapping in mappings:
         for name, index in mapping.items():
@@ -153,7 +157,7 @@ def pruned_channel_masks(group: PrunableGroup, modules: dict[str, Any], keep: to
 def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: torch.Tensor,
                         batchnorm: bool) -> None:
     """Zero the pruned channels of ``group``: producer filters and biases, depthwise filters and, with
-    ``batchnorm``, the BatchNorm scale and shift."""
+    ``batchnorm``, the BatchNorm and LayerNorm scale and shift."""
     with torch.no_grad():
         for tensor, pruned in pruned_channel_masks(group, modules, keep, batchnorm):
             tensor.masked_fill_(pruned, 0)
@@ -185,8 +189,9 @@ def producer_masks(group: PrunableGroup, keep: torch.Tensor, modules: dict[str, 
 
 def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
     """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
-    output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm scale and
-    shift, so :func:`~lightning_compress.graph.compact` removes them. Returns the number of channels zeroed.
+    output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm (and
+    LayerNorm) scale and shift, so :func:`~lightning_compress.graph.compact` removes them. Returns the number of
+    channels zeroed.
 
     >>> from lightning_compress.demo import PlainCNN
     >>> prune_filter_groups(PlainCNN(width=4), torch.randn(2, 1, 8, 8), 0.5)
