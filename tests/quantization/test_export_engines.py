@@ -1,6 +1,7 @@
 """The int8 export under every quantized engine this host offers: exact where the engine can compute the model, a
 clear refusal where it would saturate, on the demo models, a Conv1d network, a network whose activations outgrew
-their calibrated range during QAT, and a Linear -> BatchNorm1d -> ReLU head; full-range and 7-bit activations."""
+their calibrated range during QAT, and a Linear -> BatchNorm1d -> ReLU head; full-range signed, full-range unsigned
+after ReLUs (``unsigned="auto"``) and 7-bit activations."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lightning_compress.testing import Conv1dNet, LinearBatchNormHead, noisy_sin
 
 ENGINES = list(torch.backends.quantized.supported_engines)
 MIN_AGREEMENT = 0.995
+LAYOUTS = {"full-range": {}, "reduce-range": {"reduce_range": True}, "unsigned-auto": {"unsigned": "auto"}}
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,16 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def quantized(data) -> dict[tuple[str, bool], tuple[nn.Module, torch.Tensor, int]]:
-    """Every model fake-quantized (8 bits, entropy calibration), full-range and with reduce_range, with the largest
-    activation code of its int8 export."""
+def quantized(data) -> dict[tuple[str, str], tuple[nn.Module, torch.Tensor, int]]:
+    """Every model fake-quantized (8 bits, entropy calibration) in every layout, with the largest activation code of
+    its int8 export."""
     built = {}
     for name, (kind, make) in MODELS.items():
         batches, test = data[kind]
-        for reduce_range in (False, True):
+        for layout, options in LAYOUTS.items():
             torch.manual_seed(0)
             if name == "outgrown-QAT":  # calibrate the untrained network, then train with fake quantization
-                model = quantize_model(make(), "static", batches[:2], calibration="max", reduce_range=reduce_range)
+                model = quantize_model(make(), "static", batches[:2], calibration="max", **options)
                 before = {n: float(layer.input_quantizer.amax) for n, layer in quantized_layers(model).items()}
                 train_briefly(model, batches, 2)
                 with torch.no_grad():  # the activations now reach past the ranges calibrated before training
@@ -58,20 +60,22 @@ def quantized(data) -> dict[tuple[str, bool], tuple[nn.Module, torch.Tensor, int
                 assert max(grown[n] / before[n] for n in before) > 1.5
             else:
                 model = quantize_model(train_briefly(make(), batches, 2), "static", batches, calibration="entropy",
-                                       reduce_range=reduce_range)
+                                       **options)
+            signs = [layer.input_quantizer.unsigned for layer in quantized_layers(model).values()]
+            assert any(signs) == (layout != "full-range"), (name, layout, signs)  # after ReLUs: unsigned
             code = export_int8(model, test[:256], min_agreement=None).verification["max_activation_code"]
-            built[(name, reduce_range)] = (model, test, code)
+            built[(name, layout)] = (model, test, code)
     return built
 
 
-@pytest.mark.parametrize("reduce_range", [False, True], ids=["full-range", "reduce-range"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_every_engine_reproduces_the_fake_quantized_model_or_refuses(quantized, model_name, reduce_range, engine):
-    model, test, code = quantized[(model_name, reduce_range)]
-    assert code <= (127 if reduce_range else 255)
+def test_every_engine_reproduces_the_fake_quantized_model_or_refuses(quantized, model_name, layout, engine):
+    model, test, code = quantized[(model_name, layout)]
+    assert code <= (127 if layout == "reduce-range" else 255)
     if engine not in exact_engines(code):
-        assert not reduce_range or engine == "onednn"  # 7-bit activations are exact under x86 on every CPU
+        assert layout != "reduce-range" or engine == "onednn"  # 7-bit activations are exact under x86 on every CPU
         with pytest.raises(ValueError, match="saturate"):
             export_int8(model, test[:256], engine=engine)
         return
@@ -93,7 +97,7 @@ def test_reduced_range_inputs_stay_within_the_codes_that_x86_computes_without_vn
 
     monkeypatch.setattr(engines, "has_vnni", lambda: False)
     monkeypatch.setattr(engines, "_is_x86", lambda: True)
-    model, test, _ = quantized[("ResidualCNN", True)]
+    model, test, _ = quantized[("ResidualCNN", "reduce-range")]
     int8 = export_int8(model, test[:256], engine="x86", check_inputs=test)
     codes: list[int] = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: codes.append(int(args[0].int_repr().max())))
@@ -104,7 +108,7 @@ def test_reduced_range_inputs_stay_within_the_codes_that_x86_computes_without_vn
     for hook in hooks:
         hook.remove()
     assert codes and max(codes) <= 127
-    full, _, _ = quantized[("ResidualCNN", False)]
+    full, _, _ = quantized[("ResidualCNN", "full-range")]
     with pytest.raises(ValueError, match="without VNNI"):
         export_int8(full, test[:256], engine="x86")
     assert export_int8(full, test[:256]).engine == "qnnpack"  # auto falls back to the exact engine
