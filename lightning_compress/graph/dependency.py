@@ -140,9 +140,10 @@ class DependencyGraph(ChannelVariables):
         name = call.name
         if op == "linear" and (owner := self._weight_owner(call)) is not None:
             name, module = owner
-        if isinstance(module, (nn.Linear, nn.LayerNorm)):  # a LayerNorm without children is a leaf
-            return self._linear(call, module, name) if isinstance(module, nn.Linear) else visit_layernorm(
-                self, call, module)
+        if isinstance(module, nn.Linear):
+            return self._linear(call, module, name)
+        if isinstance(module, nn.LayerNorm):  # a LayerNorm without children is a leaf
+            return visit_layernorm(self, call, module)
         if op in ELEMENTWISE:
             return self._elementwise(call)
         layouts = {t.dims for t in traced if t is not None}
