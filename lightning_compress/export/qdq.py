@@ -202,6 +202,14 @@ class QDQLayer(nn.Module):
                                                                                    self.axis)
         return weight.t() if self.kind == "linear" else weight
 
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        if self.qmax - self.qmin > 127 and self.qmin >= 0 and not self.integer_kernels:
+            # a uint8 QuantizeLinear here would let onnxruntime fuse integer kernels, which saturate on 8-bit
+            # inputs without VNNI; rounding in float operators, cast, then DequantizeLinear computes the same
+            levels = torch.clamp(torch.round(x * (1.0 / self.input_scale)), self.qmin, self.qmax)
+            return dequantize_weight(levels.to(torch.uint8), self.input_scale.reshape(()), 0)
+        return qdq(x, self.input_scale, self.qmin, self.qmax)
+
     def extra_repr(self) -> str:
         weight = f"weight {tuple(self.weight_q.shape)} {self.weight_q.dtype}"
         return f"{self.kind}, {weight}, input [{self.qmin}, {self.qmax}]"
@@ -215,15 +223,8 @@ class QDQLayer(nn.Module):
                 x, reshaped = x.unsqueeze(1), True
             elif not self.integer_kernels and x.dim() > 2:
                 x, reshaped = x.reshape(-1, shape[-1]), True
-        if self.input_enabled and self.qmax - self.qmin > 127 and self.qmin >= 0 and not self.integer_kernels:
-            # a uint8 QuantizeLinear here would let onnxruntime fuse integer kernels, which saturate on 8-bit
-            # inputs without VNNI; rounding in float operators, cast, then DequantizeLinear computes the same
-            levels = torch.clamp(torch.round(x * (1.0 / self.input_scale)), self.qmin, self.qmax)
-            x = dequantize_weight(levels.to(torch.uint8), self.input_scale.reshape(()), 0)
-            if self.input_zero:
-                x = x * 0.0
-        elif self.input_enabled:
-            x = qdq(x, self.input_scale, self.qmin, self.qmax)
+        if self.input_enabled:
+            x = self._quantize_input(x)
             if self.input_zero:
                 x = x * 0.0
         weight = self.weight_q if self.weight_scale is None else dequantize_weight(self.weight_q, self.weight_scale,
