@@ -10,8 +10,10 @@ Two operations let channels go only in patterns, not one by one (see
   must lose equally many channels (a *balance*), though not necessarily at the same positions.
 
 A network that splits a shuffled tensor in halves again and again (ShuffleNetV2) would collapse into one channel if
-both were taken as "the same channel"; as units and balances its stages keep their positions apart, and a selection
-is repaired until every balance holds (a stage too deep for any balanced selection stays whole).
+both were taken as "the same channel"; as units and balances its stages keep their positions apart. A selection is
+searched exactly among the balanced ones (units alike for every balance are interchangeable, so it chooses how many
+of each kind go), greedily repaired where that search grows too large; a stage too deep for any balanced selection
+but the whole stays whole (torchvision's ``shufflenet_v2_x1_0``, stage 3: seven chunks).
 
 Channels 0 and 4, 1 and 5 go together; channels 0-3 and 4-7 (two chunks) lose equally many:
 
@@ -28,7 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelTies", "balance_units", "group_ties", "tied_keep_mask", "tied_removal"]
+from lightning_compress.utils.rounding import check_rounding
+
+__all__ = ["ChannelTies", "balance_units", "exact_units", "greedy_units", "group_ties", "pick", "tied_keep_mask",
+           "tied_removal", "unit_classes"]
 
 UNIT_REASON = "a channel shuffle or grouped convolution removes the same positions from each of its groups"
 BALANCE_REASON = "an equal split (chunk) loses equally many channels from each of its pieces"
@@ -104,36 +109,145 @@ def balance_units(pruned: Tensor, coef: Tensor, sizes: Tensor, cost: Tensor, tar
     return pruned
 
 
-def tied_keep_mask(scores: Tensor, k: int, ties: ChannelTies, tries: int = 8) -> Tensor:
-    """Keep-mask pruning about ``k`` channels in whole units of lowest mean score, then balanced
-    (:func:`balance_units`); never the whole group. A balanced selection may land away from ``k``: the greedy start
-    is aimed again (at most ``tries`` times) by the miss, and the selection closest to ``k`` (then of least score) is
-    taken."""
-    units = torch.tensor(ties.units, dtype=torch.long)
-    sizes, coef = ties.sizes(), ties.coefficients()
-    mean = torch.zeros(ties.num_units, dtype=torch.float64).index_add_(0, units, scores.double().cpu()) / sizes
+#: States (partial imbalance and count) the exact search may hold after a class before it gives way to the greedy.
+STATE_CAP = 50_000
+#: Candidates (states times choices of the next class) the exact search may expand in all, for time and memory.
+WORK_CAP = 1_000_000
+
+
+def unit_classes(coef: Tensor, sizes: Tensor, mean: Tensor) -> list[list[int]]:
+    """Units grouped by coefficient column and size (interchangeable for every balance), each class ordered by mean
+    score (then index); the classes by number of units (then first unit), so the large ones come last."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for u, key in enumerate(torch.cat((coef, sizes.unsqueeze(0))).t().tolist()):
+        members.setdefault(tuple(key), []).append(u)
+    score = mean.tolist()
+    classes = [sorted(units, key=lambda u: (score[u], u)) for units in members.values()]
+    return sorted(classes, key=lambda units: (len(units), min(units)))
+
+
+def pick(counts: Tensor, costs: Tensor, k: int, rounding: str, total: int) -> int:
+    """Index of the selection (``counts`` channels, ``costs`` summed scores) that ``rounding`` prefers: closest to
+    ``k`` ("nearest"), the least ``>= k`` ("up") or the most ``<= k`` ("down"), then of least cost; never the whole
+    group (``total`` channels) unless it is empty. "up" and "down" without such a selection take the nearest."""
+    allowed = (counts < total) | (counts == 0)
+    side = counts >= k if rounding == "up" else counts <= k if rounding == "down" else allowed
+    if bool((allowed & side).any()):
+        allowed = allowed & side
+    distance = torch.where(allowed, (counts - k).abs(), torch.iinfo(torch.long).max)
+    order = torch.sort(counts, stable=True).indices  # last resort: the smaller count, for determinism
+    order = order[torch.sort(costs.double()[order], stable=True).indices]
+    order = order[torch.sort(distance[order], stable=True).indices]
+    return int(order[0])
+
+
+def _state_keys(states: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """One integer per row of ``states`` (columns within ``low..high``), equal only for equal rows: mixed radix,
+    renumbered densely before it would pass 62 bits (sorting rows themselves is far slower)."""
+    key, span = torch.zeros(len(states), dtype=torch.long), 1
+    for column, radix in enumerate((high - low + 1).tolist()):
+        if radix == 1:
+            continue
+        if span * radix >= 2 ** 62:
+            key, span = torch.unique(key, return_inverse=True)[1], len(states)
+        key, span = key * radix + states[:, column] - low[column], span * radix
+    return key
+
+
+def _first_of_each(key: Tensor, values: Tensor) -> Tensor:
+    """Per distinct ``key``, the index of its least value (the earliest on ties)."""
+    order = torch.sort(values, stable=True).indices
+    order = order[torch.sort(key[order], stable=True).indices]
+    first = torch.ones(len(order), dtype=torch.bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    return order[first]
+
+
+def exact_units(coef: Tensor, sizes: Tensor, mean: Tensor, k: int, rounding: str = "nearest",
+                cap: int = STATE_CAP) -> Tensor | None:
+    """The balanced selection of units (bool, ``coef @ pruned == 0``) :func:`pick` prefers among all: per class of
+    :func:`unit_classes` a number of its lowest units, found by dynamic programming over the classes on states
+    ``(imbalance per balance, count)`` of least cost (``mean * sizes`` summed); a state the classes still to come
+    cannot balance is dropped. ``None`` when more than ``cap`` states remain after a class, or more than
+    ``WORK_CAP`` candidates are expanded in all."""
+    classes = unit_classes(coef, sizes, mean)
+    balances, total = coef.shape[0], int(sizes.sum())
+    cost = mean.double() * sizes
+    steps, history, work = [], [], 0
+    low = torch.zeros(len(classes) + 1, balances, dtype=torch.long)  # reach of the classes from the i-th on
+    high = torch.zeros_like(low)
+    for i in reversed(range(len(classes))):
+        span = coef[:, classes[i][0]] * len(classes[i])
+        low[i], high[i] = low[i + 1] + span.clamp(max=0), high[i + 1] + span.clamp(min=0)
+    states = torch.zeros(1, balances + 1, dtype=torch.long)  # imbalance per balance, then pruned channels
+    values = torch.zeros(1, dtype=torch.float64)
+    for i, units in enumerate(classes):
+        n = torch.arange(len(units) + 1)
+        work += len(states) * len(n)
+        if len(states) > cap or work > WORK_CAP:
+            return None
+        step = torch.cat((coef[:, units[0]], sizes[units[0]].view(1))).unsqueeze(0) * n.unsqueeze(1)
+        prefix = torch.cat((torch.zeros(1, dtype=torch.float64), cost[units].cumsum(0)))
+        states = (states.unsqueeze(1) + step).flatten(0, 1)
+        values = (values.unsqueeze(1) + prefix).flatten()
+        least = torch.cat((-high[i + 1], torch.zeros(1, dtype=torch.long)))  # bounds of a state that can balance
+        most = torch.cat((-low[i + 1], torch.tensor([total])))
+        fits = ((states >= least) & (states <= most)).all(1).nonzero().squeeze(1)
+        if i + 1 < len(classes):
+            fits = fits[_first_of_each(_state_keys(states[fits], least, most), values[fits])]
+        states, values = states[fits], values[fits]
+        steps.append(len(n))
+        history.append(fits)
+    at = pick(states[:, balances], values, k, rounding, total)
+    pruned = torch.zeros(len(sizes), dtype=torch.bool)
+    for units, options, fits in zip(reversed(classes), reversed(steps), reversed(history), strict=True):
+        at, chosen = divmod(int(fits[at]), options)
+        pruned[units[:chosen]] = True
+    return pruned
+
+
+def greedy_units(mean: Tensor, sizes: Tensor, coef: Tensor, k: int, rounding: str = "nearest",
+                 tries: int = 8) -> Tensor:
+    """A balanced selection of units near ``k`` channels: whole units of lowest mean score, repaired by
+    :func:`balance_units`; the greedy start is aimed again (at most ``tries`` times) by the miss, and :func:`pick`
+    chooses among the results."""
     order = torch.sort(mean, stable=True).indices.tolist()
-    best: tuple[int, float, Tensor] | None = None
+    total = int(sizes.sum())
+    found: list[Tensor] = []
     aims: set[int] = set()
     aim = k
-    while len(aims) < tries and aim not in aims:
+    while len(aims) < max(tries, 1) and aim not in aims:
         aims.add(aim)
-        pruned = torch.zeros(ties.num_units, dtype=torch.bool)
+        pruned = torch.zeros(len(sizes), dtype=torch.bool)
         count = 0
         for u in order:
             size = int(sizes[u])
-            if abs(count + size - aim) < abs(count - aim) and count + size < len(units):
+            if abs(count + size - aim) < abs(count - aim) and count + size < total:
                 pruned[u], count = True, count + size
-        pruned = balance_units(pruned, coef, sizes, mean, k)
-        count = int((sizes * pruned).sum())
-        candidate = (abs(count - k), float((mean * sizes * pruned).sum()), pruned)
-        if best is None or candidate[:2] < best[:2]:
-            best = candidate
+        found.append(balance_units(pruned, coef, sizes, mean, k))
+        count = int((sizes * found[-1]).sum())
         if count == k:
             break
-        aim = min(max(aim + k - count, 0), len(units) - 1)
-    assert best is not None
-    return ~best[2][units].to(scores.device)
+        aim = min(max(aim + k - count, 0), total - 1)
+    counts = torch.stack([(sizes * p).sum() for p in found])
+    costs = torch.stack([(mean.double() * sizes * p).sum() for p in found])
+    return found[pick(counts, costs, k, rounding, total)]
+
+
+def tied_keep_mask(scores: Tensor, k: int, ties: ChannelTies, tries: int = 8, rounding: str = "nearest") -> Tensor:
+    """Keep-mask pruning about ``k`` channels in whole units, every balance held, never the whole group: the count
+    ``rounding`` prefers ("nearest" to ``k``, the least ``>= k``: "up", the most ``<= k``: "down"), then the units
+    of least summed score (:func:`exact_units`); where the exact search holds too many states, the greedy
+    :func:`greedy_units` (``tries`` aims)."""
+    check_rounding(rounding)
+    units = torch.tensor(ties.units, dtype=torch.long)
+    sizes, coef = ties.sizes(), ties.coefficients()
+    mean = torch.zeros(ties.num_units, dtype=torch.float64).index_add_(0, units, scores.double().cpu())
+    mean = mean / sizes.clamp(min=1)
+    pruned = exact_units(coef, sizes, mean, k, rounding)
+    if pruned is None:
+        pruned = greedy_units(mean, sizes, coef, k, rounding, tries)
+    return ~pruned[units].to(scores.device)
 
 
 def tied_removal(removable: list[int], ties: ChannelTies) -> dict[str, list[int]]:

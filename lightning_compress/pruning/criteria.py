@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_compress.utils.rounding import round_count
+
 __all__ = [
     "check_sparsity",
     "check_splicing_decay",
@@ -40,13 +42,14 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def num_pruned(sparsity: float, n: int) -> int:
-    """How many of ``n`` units a ``sparsity`` removes: ``round(sparsity * n)``, halves rounded up.
+def num_pruned(sparsity: float, n: int, rounding: str = "nearest") -> int:
+    """How many of ``n`` units a ``sparsity`` removes: ``round(sparsity * n)``, halves rounded up; ``rounding="up"``
+    removes at least the rate (Torch-Pruning's ``n - floor(n * (1 - sparsity))``), ``"down"`` at most.
 
-    >>> num_pruned(0.25, 10), num_pruned(0.5, 5)
-    (3, 3)
+    >>> num_pruned(0.25, 10), num_pruned(0.5, 5), num_pruned(0.4, 8, "up"), num_pruned(0.4, 8, "down")
+    (3, 3, 4, 3)
     """
-    return min(math.floor(check_sparsity(sparsity) * n + 0.5), n)
+    return min(round_count(check_sparsity(sparsity) * n, rounding), n)
 
 
 def lowest_k_mask(scores: Tensor, k: int) -> Tensor:

@@ -99,6 +99,9 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             permanent (final prune, BatchNorm zeroing, BatchNorm re-estimation averaged across ranks) and compact the
             network in place, the optimizer state sliced to match (resume and DDP as for ``compact_every_epoch``);
             then only log. Quantization must start after that epoch.
+        rounding: how a group's fractional channel count is rounded: ``"nearest"`` (the default), ``"up"`` (at
+            least the rate: Torch-Pruning's count, ``n - floor(n * (1 - rate))``, which removes 4 of a grouped
+            convolution's 8-channel groups at 0.4) or ``"down"`` (at most the rate).
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip (their whole group is skipped).
@@ -132,14 +135,15 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         prune_classifier: bool = False,
         log_histograms: bool = True,
         recovery_epochs: int | None = None,
+        rounding: str = "nearest",
     ) -> None:
         rates = check_options(sparsity, mode, p, granularity, recalibration_batches, compact_every_epoch,
-                              compact_at_schedule_end)
+                              compact_at_schedule_end, rounding)
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
                          log_histograms, recovery_epochs)
         self.sparsity = sparsity  # type: ignore[assignment]
         self.rates = rates
-        self.mode, self.p, self.granularity = mode, p, granularity
+        self.mode, self.p, self.granularity, self.rounding = mode, p, granularity, rounding
         self.recalibration_batches = recalibration_batches
         self.compact_on_fit_end = compact_on_fit_end
         self.compact_every_epoch = compact_every_epoch
@@ -324,7 +328,8 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
     def validate_groups(self) -> None:
         for group in self.groups:
             try:
-                filters_to_prune(torch.ones(self.original_sizes.get(group.name, group.size)), self.group_rate(group))
+                filters_to_prune(torch.ones(self.original_sizes.get(group.name, group.size)), self.group_rate(group),
+                                 self.rounding)
             except ValueError as err:
                 raise ValueError(f"Layers {list(group.producers)}: {err}") from err
 
@@ -345,7 +350,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             if previous is not None and self.mode == "hard":
                 scores[~previous] = -1.0  # already pruned channels rank lowest and stay pruned
                 k = max(k, int((~previous).sum()))
-            keep = group_keep_mask(scores, k, group.segments)
+            keep = group_keep_mask(scores, k, group.segments, self.rounding)
             if previous is not None and self.mode == "soft":
                 self.revived_filters += int((keep & ~previous).sum())
             masks.update(producer_masks(group, keep, self._all_modules))
@@ -355,8 +360,8 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         """Channels to prune now; after in-place compactions the rate still refers to the original size."""
         original = self.original_sizes.get(group.name, group.size)
         if original == group.size:
-            return filters_to_prune(scores, rate)
-        target = filters_to_prune(torch.ones(original), rate)
+            return filters_to_prune(scores, rate, self.rounding)
+        target = filters_to_prune(torch.ones(original), rate, self.rounding)
         return min(max(target - (original - group.size), 0), group.size - 1)
 
     def _group_keep(self, group: PrunableGroup) -> torch.Tensor | None:

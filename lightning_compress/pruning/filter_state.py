@@ -16,6 +16,7 @@ from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity
 from lightning_compress.pruning.structured import check_p
 from lightning_compress.utils.load_hook import ModelLoadHook
+from lightning_compress.utils.rounding import check_rounding
 
 __all__ = ["GRANULARITIES", "MODES", "FilterState", "check_options"]
 
@@ -24,8 +25,8 @@ GRANULARITIES = ("filter", "channel")
 
 
 def check_options(sparsity: float | dict[str, float], mode: str, p: int, granularity: str,
-                  recalibration_batches: int, compact_every_epoch: bool, compact_at_schedule_end: bool
-                  ) -> dict[str, float]:
+                  recalibration_batches: int, compact_every_epoch: bool, compact_at_schedule_end: bool,
+                  rounding: str = "nearest") -> dict[str, float]:
     """Validate FilterPruning's constructor arguments; return the rates by layer pattern."""
     rates = sparsity if isinstance(sparsity, dict) else {".*": sparsity}
     for pattern, rate in rates.items():
@@ -36,6 +37,7 @@ def check_options(sparsity: float | dict[str, float], mode: str, p: int, granula
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     check_p(p)
+    check_rounding(rounding)
     if compact_every_epoch and mode != "hard":
         raise ValueError(f"compact_every_epoch needs mode='hard' (soft-pruned filters may regrow), got {mode!r}.")
     if compact_every_epoch and compact_at_schedule_end:

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_compress.graph.channel_ties import ChannelTies, tied_keep_mask
 from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.structured import check_p, filters_to_prune
+from lightning_compress.utils.rounding import check_rounding, round_count
 
 
 @dataclass
@@ -63,25 +64,26 @@ def from_dependency_group(group: object) -> PrunableGroup:
     )
 
 
-def group_keep_mask(scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | ChannelTies | None = None
-                    ) -> torch.Tensor:
+def group_keep_mask(scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | ChannelTies | None = None,
+                    rounding: str = "nearest") -> torch.Tensor:
     """Keep-mask pruning the ``k`` lowest-scoring channels; through a grouped convolution (``segments``), the
-    ``round(k / groups)`` positions of lowest summed score go from every conv group (Torch-Pruning's rule); through
-    a channel shuffle or an equal split (a :class:`~lightning_compress.graph.channel_ties.ChannelTies`), about
-    ``k`` channels in whole units, balanced across the pieces of every split (``tied_keep_mask``).
+    ``k / groups`` positions (rounded by ``rounding``) of lowest summed score go from every conv group
+    (Torch-Pruning's rule); through a channel shuffle or an equal split (a
+    :class:`~lightning_compress.graph.channel_ties.ChannelTies`), the balanced selection in whole units whose size is
+    nearest ``k`` (``"up"``: the smallest at least ``k``; ``"down"``: the largest at most ``k``; ``tied_keep_mask``).
 
     >>> group_keep_mask(torch.tensor([1.0, 5.0, 2.0, 0.5]), 2, [(0, 0), (0, 1), (1, 0), (1, 1)]).tolist()
     [False, True, False, True]
     """
     if isinstance(segments, ChannelTies):
-        return tied_keep_mask(scores, k, segments)
+        return tied_keep_mask(scores, k, segments, rounding=rounding)
     if not segments:
         return lowest_k_mask(scores, k)
     position = torch.tensor([p for _, p in segments])
     groups = len({g for g, _ in segments})
     width = int(position.max()) + 1
     summed = torch.zeros(width, dtype=torch.float64).index_add_(0, position, scores.double())
-    drop = lowest_k_mask(summed, min(round(k / groups), width - 1))
+    drop = lowest_k_mask(summed, min(round_count(k / groups, rounding), width - 1))
     return drop[position]
 
 
@@ -187,11 +189,12 @@ def producer_masks(group: PrunableGroup, keep: torch.Tensor, modules: dict[str, 
     return masks
 
 
-def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2) -> int:
+def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2,
+                        rounding: str = "nearest") -> int:
     """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
-    output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm, with their BatchNorm (and
-    LayerNorm) scale and shift, so :func:`~lightning_compress.graph.compact` removes them. Returns the number of
-    channels zeroed.
+    output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm (``rounding="up"``: Torch-Pruning's
+    count, at least the rate), with their BatchNorm (and LayerNorm) scale and shift, so
+    :func:`~lightning_compress.graph.compact` removes them. Returns the number of channels zeroed.
 
     >>> from lightning_compress.demo import PlainCNN
     >>> prune_filter_groups(PlainCNN(width=4), torch.randn(2, 1, 8, 8), 0.5)
@@ -199,6 +202,7 @@ def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, 
     """
     from lightning_compress.graph.dependency import filter_groups
 
+    check_rounding(rounding)
     modules = dict(model.named_modules())
     zeroed = 0
     for dependency_group in filter_groups(model, example_inputs):
@@ -206,7 +210,7 @@ def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, 
             continue
         group = from_dependency_group(dependency_group)
         scores = group_scores(group, modules, p)
-        keep = group_keep_mask(scores, filters_to_prune(scores, sparsity), group.segments)
+        keep = group_keep_mask(scores, filters_to_prune(scores, sparsity, rounding), group.segments, rounding)
         zero_group_channels(group, modules, keep, batchnorm=True)
         zeroed += int((~keep).sum())
     return zeroed

@@ -105,18 +105,20 @@ def kernel_mask(weight: Tensor, sparsity: float, p: int = 2) -> Tensor:
     return structured_mask(kernel_scores(weight, p), sparsity, weight.shape)
 
 
-def filters_to_prune(scores: Tensor, sparsity: float) -> int:
-    """Number of filters a rate removes from ``scores.numel()``; refuses a rate that removes every filter.
+def filters_to_prune(scores: Tensor, sparsity: float, rounding: str = "nearest") -> int:
+    """Number of filters a rate removes from ``scores.numel()`` (:func:`num_pruned`); refuses a rate that removes
+    every filter.
 
     Raises:
-        ValueError: if ``sparsity`` is outside ``[0, 1)`` or would remove all filters of the layer.
+        ValueError: if ``sparsity`` is outside ``[0, 1)``, ``rounding`` unknown, or all filters would go.
     """
     n = scores.numel()
-    k = num_pruned(sparsity, n)
+    k = num_pruned(sparsity, n, rounding)
     if k >= n:
+        bound = {"nearest": f"< {(n - 0.5) / n:.4g}", "up": f"<= {(n - 1) / n:.4g}"}.get(rounding, "< 1")
         raise ValueError(
             f"sparsity={sparsity!r} would remove every filter of a layer with {n} filters "
-            f"(round({sparsity!r} * {n}) = {k}); allowed: sparsity < {(n - 0.5) / n:.4g} for this layer."
+            f"({sparsity!r} * {n} rounded {rounding} = {k}); allowed: sparsity {bound} for this layer."
         )
     return k
 

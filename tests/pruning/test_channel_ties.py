@@ -4,13 +4,25 @@ collapsing into one, compacting exactly."""
 
 from __future__ import annotations
 
+import itertools
+import random
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.graph import ChannelGroup, compact, filter_groups
-from lightning_compress.graph.channel_ties import BALANCE_REASON, UNIT_REASON, ChannelTies, tied_keep_mask
+from lightning_compress.graph.channel_ties import (
+    BALANCE_REASON,
+    UNIT_REASON,
+    ChannelTies,
+    exact_units,
+    greedy_units,
+    tied_keep_mask,
+)
 from lightning_compress.pruning.groups import group_keep_mask, prune_filter_groups
 
 
@@ -140,6 +152,135 @@ def test_tied_keep_mask_balances_units() -> None:
     ties = ChannelTies(units=[0, 1, 2, 3, 0, 1, 4, 5], balances=[([0, 1, 2, 3], [4, 5, 6, 7])])
     keep = tied_keep_mask(torch.tensor([1.0, 5.0, 6.0, 7.0, 1.0, 5.0, 2.0, 8.0]), 4, ties)
     assert keep.tolist() == [False, True, False, True, False, True, False, True]
+
+
+def ties_from(coef: list[list[int]], sizes: list[int]) -> ChannelTies:
+    """Units of ``sizes`` channels, laid out one after the other, with ``coef[b][u]`` more channels of unit ``u`` in
+    the first piece of balance ``b`` than in its second."""
+    units: list[int] = []
+    balances: list[tuple[list[int], list[int]]] = [([], []) for _ in coef]
+    for u, size in enumerate(sizes):
+        channels = list(range(len(units), len(units) + size))
+        units += [u] * size
+        for b, row in enumerate(coef):
+            balances[b][0 if row[u] > 0 else 1].extend(channels[:abs(row[u])])
+    return ChannelTies(units, balances)
+
+
+def pruned_units(keep: torch.Tensor, ties: ChannelTies) -> torch.Tensor:
+    """The selection of units behind a keep-mask, after checking that every unit goes whole."""
+    units = torch.tensor(ties.units)
+    pruned = torch.zeros(ties.num_units, dtype=torch.long)
+    pruned[units[~keep]] = 1
+    assert torch.equal(~keep, pruned[units].bool())
+    return pruned
+
+
+def unit_means(scores: torch.Tensor, ties: ChannelTies) -> torch.Tensor:
+    units = torch.tensor(ties.units)
+    return torch.zeros(ties.num_units, dtype=torch.float64).index_add_(0, units, scores.double()) / ties.sizes()
+
+
+# A ShuffleNetV2 trunk three chunks deep, in miniature: 16 channels in units of 8 (+2, +4), 4 (+2, -4) and 2 (-2,
+# 0): a balanced selection takes as many 8s as 4s and twice as many 2s, 0, 16, 32 or 48 channels. The 2s score
+# lowest, the 8s highest; within a size the later unit scores lower.
+TRUNK = ties_from([[2] * 8 + [-2] * 8, [4] * 4 + [-4] * 4 + [0] * 8], [8] * 4 + [4] * 4 + [2] * 8)
+TRUNK_SCORES = torch.tensor([(3.0 if u < 4 else 2.0 if u < 8 else 1.0) - 0.01 * u for u in TRUNK.units])
+
+
+@pytest.mark.parametrize("k, units", [(16, [3, 7, 14, 15]), (32, [2, 3, 6, 7, 12, 13, 14, 15])])
+def test_the_exact_search_finds_the_balanced_selection_the_greedy_misses(k: int, units: list[int]) -> None:
+    sizes, coef = TRUNK.sizes(), TRUNK.coefficients()
+    greedy = greedy_units(unit_means(TRUNK_SCORES, TRUNK), sizes, coef, k)
+    assert int((sizes * greedy).sum()) != k  # it collapses to nothing (16) or overshoots (32)
+    pruned = pruned_units(tied_keep_mask(TRUNK_SCORES, k, TRUNK), TRUNK)
+    assert int((sizes * pruned).sum()) == k and not bool((coef @ pruned).any())
+    assert pruned.nonzero().squeeze(1).tolist() == units  # the cheapest of each size
+
+
+@pytest.mark.parametrize("k, nearest, up, down", [
+    (0, 0, 0, 0), (16, 16, 16, 16), (20, 16, 32, 16), (24, 16, 32, 16), (28, 32, 32, 16), (60, 48, 48, 48)])
+def test_rounding_picks_among_the_achievable_counts(k: int, nearest: int, up: int, down: int) -> None:
+    # 24 is as far from 16 as from 32: the cheaper wins; 60: nothing >= 60 short of the whole group (64)
+    for rounding, expected in (("nearest", nearest), ("up", up), ("down", down)):
+        keep = tied_keep_mask(TRUNK_SCORES, k, TRUNK, rounding=rounding)
+        assert int((~keep).sum()) == expected, rounding
+
+
+def test_an_unknown_rounding_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"rounding must be one of \('nearest', 'up', 'down'\), got 'nearer'"):
+        tied_keep_mask(TRUNK_SCORES, 16, TRUNK, rounding="nearer")
+
+
+def test_past_its_cap_the_exact_search_gives_way_to_the_greedy() -> None:
+    sizes, coef, mean = TRUNK.sizes(), TRUNK.coefficients(), unit_means(TRUNK_SCORES, TRUNK)
+    assert exact_units(coef, sizes, mean, 16, cap=1) is None
+    assert int((sizes * exact_units(coef, sizes, mean, 16)).sum()) == 16  # type: ignore[operator]
+
+
+def random_ties(rng: random.Random) -> ChannelTies:
+    """Up to 10 units over up to 12 channels, and up to 3 balances of random pieces (a channel may be in both)."""
+    n = rng.randint(3, 12)
+    numbers: dict[int, int] = {}
+    units = [numbers.setdefault(rng.randrange(rng.randint(1, 10)), len(numbers)) for _ in range(n)]
+    balances = []
+    for _ in range(rng.randint(0, 3)):
+        half = rng.randint(1, n // 2 + 1)
+        balances.append(([rng.randrange(n) for _ in range(half)], [rng.randrange(n) for _ in range(half)]))
+    return ChannelTies(units, balances)
+
+
+def brute_force(scores: torch.Tensor, k: int, ties: ChannelTies, rounding: str) -> tuple[int, float]:
+    """(channels, summed score) of the best balanced selection, over every subset of units."""
+    sizes, coef, total = ties.sizes(), ties.coefficients(), len(ties.units)
+    cost = unit_means(scores, ties) * sizes
+    found = []
+    for bits in itertools.product([0, 1], repeat=ties.num_units):
+        pruned = torch.tensor(bits, dtype=torch.long)
+        count = int((sizes * pruned).sum())
+        if not bool((coef @ pruned).any()) and (count < total or count == 0):
+            found.append((count, float((cost * pruned).sum())))
+    side = [f for f in found if (f[0] >= k if rounding == "up" else f[0] <= k if rounding == "down" else True)]
+    return min(side or found, key=lambda f: (abs(f[0] - k), f[1], f[0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_exact_search_matches_a_brute_force_on_small_ties(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(15):
+        ties = random_ties(rng)
+        scores = torch.tensor([float(rng.randint(0, 5)) for _ in ties.units])  # equal scores on purpose
+        k = rng.randint(0, len(ties.units))
+        for rounding in ("nearest", "up", "down"):
+            keep = tied_keep_mask(scores, k, ties, rounding=rounding)
+            pruned = pruned_units(keep, ties)
+            assert not bool((ties.coefficients() @ pruned).any())
+            count, cost = brute_force(scores, k, ties, rounding)
+            assert int((~keep).sum()) == count and float(scores[~keep].double().sum()) == pytest.approx(cost)
+
+
+def test_shufflenet_v2_stages_prune_as_many_channels_as_their_balances_allow() -> None:
+    zoo = str(Path(__file__).resolve().parents[1] / "zoo")
+    if zoo not in sys.path:
+        sys.path.append(zoo)
+    from zoo_support import classifier, torchvision
+
+    if torchvision() is None:
+        pytest.skip("torchvision is not installed (.ci/run installs it)")
+    model = classifier("shufflenet_v2_x1_0").eval()
+    groups = [g for g in filter_groups(model, torch.randn(1, 3, 32, 32)) if g.ties is not None and not g.blocked]
+    assert [g.size for g in groups] == [290, 1044, 1160]
+    pruned = {}
+    for group in groups:
+        scores = torch.rand(group.size, generator=torch.Generator().manual_seed(0))
+        for rounding in ("nearest", "up", "down"):
+            keep = tied_keep_mask(scores, round(0.4 * group.size), group.ties, rounding=rounding)
+            assert not bool((group.ties.coefficients() @ pruned_units(keep, group.ties)).any())
+            pruned[group.size, rounding] = int((~keep).sum())
+    assert [pruned[290, r] for r in ("nearest", "up", "down")] == [120, 120, 90]  # k = 116 of 0, 40, 50, 80, ...
+    assert [pruned[1160, r] for r in ("nearest", "up", "down")] == [480, 480, 440]  # k = 464 of 0, 40, 80, ...
+    # stage 3, chunked seven times: only the empty selection and the whole group are balanced; it stays whole
+    assert [pruned[1044, r] for r in ("nearest", "up", "down")] == [0, 0, 0]
 
 
 class TinyShuffleNet(nn.Module):
