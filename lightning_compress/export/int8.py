@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_compress.export.counting import quantized_counts
 from lightning_compress.export.engines import choose_engine, host_summary, quantized_engine
 from lightning_compress.export.int8_graph import (
+    ResidualPointError,
     contiguous_before_clips,
     explicit_padding,
     insert_clips,
@@ -35,10 +36,12 @@ from lightning_compress.export.int8_graph import (
     pack_output_layers,
     qconfig_mapping,
     set_input_observers,
+    set_point_observers,
     views_as_reshapes,
 )
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
+from lightning_compress.quantization.residual import residual_qparams
 
 __all__ = ["METHODS", "Int8MismatchError", "Int8Model", "deterministic_off", "export_int8", "quantized_counts",
            "resolve_method"]
@@ -131,6 +134,9 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
 
     Intermediate tensors that have no quantizer of ours (the output of a residual addition, a pooling, the
     final logits) are observed with a min/max affine observer on ``example_inputs``: pass a representative batch.
+    A model quantized with ``quantize_model(..., residual_quantizers=True)`` has quantizers at those tensors
+    (:mod:`~lightning_compress.quantization.residual`): their scales and zero points are used instead, so the int8
+    model computes what the fake-quantized model computes.
     When one tensor feeds several quantized layers (a block input feeding a convolution and a shortcut), it is
     quantized once with the largest of their input ``amax`` values. Layers without quantizers stay float.
 
@@ -174,13 +180,16 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
 
     float_model = copy.deepcopy(model).cpu().eval()
     scales = _layer_scales(float_model)
+    points = residual_qparams(float_model)
     remove_quantizers(float_model)
     uneven = explicit_padding(float_model)
     if uneven:
         raise ValueError(f"convolutions {uneven} use padding='same' with an even kernel (unequal padding), which "
                          "torch.ao's int8 convolutions cannot run; use export_onnx, or pad explicitly")
     try:
-        float_model = insert_clips(float_model, scales)
+        float_model = insert_clips(float_model, scales, points)
+    except ResidualPointError:
+        raise
     except Exception as error:  # symbolic tracing of data-dependent Python (int(size), branches on values)
         raise ValueError(
             f"torch.ao FX cannot trace {type(model).__name__} for the int8 model ({type(error).__name__}: "
@@ -199,6 +208,10 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
             prepared = prepare_fx(float_model, mapping, example_inputs=args)
         prepared(*args)
         max_code = set_input_observers(prepared, scales)
+        differing = set_point_observers(prepared, points)
+        if differing:
+            warnings.warn(f"the residual quantizers of {differing} have another step than the input quantizers "
+                          "that read their tensor; the int8 model uses the residual quantizers'", stacklevel=2)
         chosen = choose_engine(max_code, engine)
         with quantized_engine(chosen):
             converted = views_as_reshapes(convert_fx(prepared))

@@ -14,8 +14,14 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QCon
 
 from lightning_compress.export.int8_weight import int8_weight_layer
 from lightning_compress.quantization.quantizers import absmax
+from lightning_compress.quantization.residual_points import ModuleOutputTracer
 
 _CLIP_PREFIX = "_input_clip_"  # root-level Hardtanh modules, one per quantized layer, called right before it
+_POINT_PREFIX = "_residual_point_"  # root-level Identity modules marking the output of a residual quantizer's module
+
+
+class ResidualPointError(ValueError):
+    """A residual quantizer of the model has no place in the traced int8 graph."""
 
 
 class _AmaxObserver(MinMaxObserver):
@@ -26,6 +32,7 @@ class _AmaxObserver(MinMaxObserver):
         super().__init__(**kwargs)
         self.amax: float | None = None
         self.unsigned, self.qmax = False, 127
+        self.fixed: tuple[float, int] | None = None  # (scale, zero point) of a residual quantizer: used as they are
 
     @property
     def max_code(self) -> int:
@@ -34,6 +41,8 @@ class _AmaxObserver(MinMaxObserver):
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if self.fixed is not None:
+            return torch.tensor([self.fixed[0]]), torch.tensor([self.fixed[1]], dtype=torch.int32)
         if self.amax is None:
             return super().calculate_qparams()
         zero_point = 0 if self.unsigned else self.qmax + 1
@@ -68,8 +77,10 @@ def _is_clip(node: Any) -> bool:
     return getattr(node, "op", None) == "call_module" and str(node.target).startswith(_CLIP_PREFIX)
 
 
-def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]]) -> torch.fx.GraphModule:
-    """Trace ``model`` (torch.fx) and call a ``Hardtanh`` clip at ``amax`` right before every quantized layer.
+def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]],
+                 points: dict[str, tuple[float, int]] | None = None) -> torch.fx.GraphModule:
+    """Trace ``model`` (torch.fx) and call a ``Hardtanh`` clip at ``amax`` right before every quantized layer, and
+    an ``nn.Identity`` marker after the output of every module in ``points`` (:func:`insert_point_markers`).
 
     The clips are new root modules (``_input_clip_<i>``); the user's modules keep their names and types (a forward
     that checks ``isinstance`` of its own layers traces as written).
@@ -77,7 +88,10 @@ def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]]) -> torch.f
     if "" in scales:  # the model is itself the quantized layer: give it a root to be called from
         model = nn.Sequential(model)
         scales["0"] = scales.pop("")
-    traced = torch.fx.symbolic_trace(model)
+    tracer = ModuleOutputTracer()
+    graph = tracer.trace(model)
+    traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    insert_point_markers(traced, tracer, points or {})
     clips = {}
     for index, (name, s) in enumerate(scales.items()):
         clips[name] = f"{_CLIP_PREFIX}{index}"
@@ -90,6 +104,60 @@ def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]]) -> torch.f
             node.args = (clipped, *node.args[1:])
     traced.recompile()
     return traced
+
+
+def insert_point_markers(traced: torch.fx.GraphModule, tracer: ModuleOutputTracer,
+                         points: dict[str, tuple[float, int]]) -> None:
+    """Call a root ``nn.Identity`` (``_residual_point_<i>``, ``points`` order) on the output of each module named
+    in ``points``, read by every former reader of that output; past a ReLU that is its only reader when the zero
+    point is 0 (the quantizer then applies that ReLU itself), so torch.ao still fuses the ReLU.
+
+    Raises:
+        ResidualPointError: a module of ``points`` that is not called exactly once in the traced forward.
+    """
+    for index, (name, (_, zero_point)) in enumerate(points.items()):
+        node = tracer.module_node(name)
+        if node is None:
+            raise ResidualPointError(f"the residual quantizer of {name!r} quantizes a module that the traced forward "
+                                     f"does not call exactly once ({tracer.calls[name]} calls); re-create them")
+        users = list(node.users)
+        if zero_point == 0 and len(users) == 1 and _is_relu(users[0], traced):
+            node = users[0]
+        marker = f"{_POINT_PREFIX}{index}"
+        traced.add_submodule(marker, nn.Identity())
+        with traced.graph.inserting_after(node):
+            marked = traced.graph.call_module(marker, (node,))
+        node.replace_all_uses_with(marked, delete_user_cb=marked.__ne__)
+    traced.recompile()
+
+
+def set_point_observers(prepared: torch.fx.GraphModule, points: dict[str, tuple[float, int]]) -> list[str]:
+    """Give the observer in front of each marker of :func:`insert_point_markers` the ``(scale, zero_point)`` of its
+    residual quantizer; returns the names of the points whose observer already had another input scale (a
+    quantized layer reads the tensor at a different step: the int8 model then uses the residual quantizer's)."""
+    qparams = {f"{_POINT_PREFIX}{index}": (name, value) for index, (name, value) in enumerate(points.items())}
+    differing = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or node.target not in qparams:
+            continue
+        name, (scale, zero_point) = qparams[node.target]
+        observers, _ = _input_observers(node, prepared)
+        if not observers:
+            raise ResidualPointError(f"torch.ao does not quantize the output of {name!r} (it has a residual quantizer)")
+        for observer in observers:
+            if observer.amax is not None:
+                step = max(observer.amax, 1e-12) / observer.qmax
+                zero = 0 if observer.unsigned else observer.qmax + 1
+                if abs(step - scale) > 1e-6 * scale or zero != zero_point:
+                    differing.append(name)
+            observer.fixed = (scale, zero_point)
+    return differing
+
+
+def _is_relu(node: Any, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _RELUS)
+    return node.op in ("call_function", "call_method") and node.target in _RELU_CALLS
 
 
 def qconfig_mapping(model: nn.Module, scales: dict[str, dict[str, Any]]) -> QConfigMapping:

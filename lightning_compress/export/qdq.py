@@ -39,9 +39,10 @@ from torch import Tensor, nn
 from lightning_compress.graph.batchnorm import batchnorm_links
 from lightning_compress.quantization.functional import qrange
 from lightning_compress.quantization.quantizers import TensorQuantizer, is_quantized
+from lightning_compress.quantization.residual import NAME, move_residual_quantizer, residual_quantizers
 
-__all__ = ["Int8Embedding", "QDQLayer", "batchnorm_folds", "exact_everywhere", "qdq_model", "quantized_weight",
-           "register_symbolics"]
+__all__ = ["Int8Embedding", "QDQLayer", "RoundedResidual", "batchnorm_folds", "exact_everywhere", "qdq_model",
+           "quantized_weight", "register_symbolics"]
 
 _SCALE_FLOOR = 1e-30
 
@@ -310,7 +311,10 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
               embeddings: bool = False, example_inputs: Any = None) -> nn.Module:
     """An eval-mode copy of ``model`` with every quantized layer replaced by a :class:`QDQLayer` (with ``fold_bn``,
     the batch norms of :func:`batchnorm_folds` folded into their convolutions and replaced by ``nn.Identity``;
-    ``example_inputs`` finds those outside an ``nn.Sequential``).
+    ``example_inputs`` finds those outside an ``nn.Sequential``). Residual quantizers
+    (:mod:`~lightning_compress.quantization.residual`) move to the modules that replace theirs and export as
+    ``QuantizeLinear -> DequantizeLinear`` (``uint8``, their scale and zero point) in the integer layout, as
+    :class:`RoundedResidual` float operators otherwise.
 
     ``integer_kernels``: lay out Linear layers so that onnxruntime runs them with integer kernels (``True``), float
     kernels over the int8 weights (``False``), or integer kernels only where they are exact on every x86 CPU
@@ -333,6 +337,31 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
             bn = folds.get(f"{parent_name}.{name}" if parent_name else name)
             norm: Any = copied.get_submodule(bn) if bn else None
             parent._modules[name] = QDQLayer(child, norm, integer_kernels)
+            move_residual_quantizer(child, parent._modules[name])
     for bn in folds.values():
-        copied.set_submodule(bn, nn.Identity())
+        identity = nn.Identity()
+        move_residual_quantizer(copied.get_submodule(bn), identity)
+        copied.set_submodule(bn, identity)
+    layers = [m for m in copied.modules() if isinstance(m, QDQLayer)]
+    if not (integer_kernels or (integer_kernels is None and all(layer.integer_kernels for layer in layers))):
+        for name in residual_quantizers(copied):
+            holder = copied.get_submodule(name)
+            holder._modules[NAME] = RoundedResidual(getattr(holder, NAME))
     return copied
+
+
+class RoundedResidual(nn.Module):
+    """A residual quantizer as float operators (``Div``, ``Round``, ``Clip``, ``Sub``, ``Mul``) for the float-kernel
+    layout: the same numbers without a ``QuantizeLinear`` after a convolution, which would let onnxruntime fuse it
+    into a ``QLinearConv`` (an integer kernel that saturates on 8-bit inputs without AVX-512 VNNI)."""
+
+    scale: Tensor
+    zero_point: Tensor
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("scale", quantizer.scale.detach().float().clone())  # type: ignore[operator]
+        self.register_buffer("zero_point", quantizer.zero_point.detach().float().clone())  # type: ignore[operator]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, 255) - self.zero_point) * self.scale

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.graph.layers import check_layer_pattern, select_layers
+from lightning_compress.quantization import residual, residual_points
 from lightning_compress.quantization.calibrators import (
     HistogramCalibrator,
     MaxCalibrator,
@@ -301,6 +302,7 @@ def quantize_model(
     start_bin: int = 128,
     inplace: bool = False,
     reduce_range: bool = False,
+    residual_quantizers: bool = False,
 ) -> nn.Module:
     """Post-training quantization of a model: a fake-quantized copy in eval mode (e.g. to quantize a teacher).
 
@@ -329,6 +331,8 @@ def quantize_model(
         inplace: quantize ``model`` itself instead of a deep copy.
         reduce_range: inputs one bit narrower, for an int8 export that runs exactly under the ``x86`` kernels on
             any x86 CPU (see :class:`~lightning_compress.quantization.quantizers.QuantSpec`).
+        residual_quantizers: also quantize, as the int8 export stores them, the outputs of layers that feed additions
+            and the residual stream (:mod:`~lightning_compress.quantization.residual`; static mode on data only).
 
     Raises:
         ValueError: bad settings (as :class:`QuantizationAwareTraining`; also a global amax that is not finite,
@@ -345,6 +349,7 @@ def quantize_model(
     settings = _Calibration(calibration, amax, percentile, num_bins, start_bin)
     _validate_calibration_batches(calibration_batches)
     validate_options(unsigned, per_channel=per_channel, inplace=inplace)
+    with_residual = residual.check_residual_options(residual_quantizers, mode, settings.method)
     if mode == "static" and calibration_data is None and calibration != "global":
         raise ValueError("mode='static' needs calibration_data (or calibration='global' with amax)")
     qmodel = model if inplace else copy.deepcopy(model)
@@ -352,6 +357,7 @@ def quantize_model(
                           per_channel=per_channel, unsigned=unsigned, learn="none", reduce_range=reduce_range)
     settings.check_covers(specs)  # before anything is attached (inplace leaves the model untouched)
     quantized = attach_all(qmodel, specs)
+    points = residual_points.attach_residual_quantizers(qmodel, calibrating=True) if with_residual else {}  # float pass
     _set_modes(quantized, "frozen", "none")
     with torch.no_grad():
         _set_weight_amax(quantized)
@@ -372,6 +378,7 @@ def quantize_model(
             release_uncalled(quantized, "quantize_model")  # read through their weights: float, with the reason
         with torch.no_grad():
             _finish_calibration(quantized, calibrators, settings)
+            residual.finish_residual_quantizers(points, quantized)
     return qmodel.eval()
 
 

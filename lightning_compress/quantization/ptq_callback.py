@@ -22,6 +22,7 @@ from lightning_compress.quantization.ptq import (
     resolve_specs,
 )
 from lightning_compress.quantization.quantizers import validate_flag
+from lightning_compress.quantization.residual import check_residual_options
 from lightning_compress.utils import compression_target, log_scalars
 from lightning_compress.utils.data import ChecksNetworkInput, stage_loader
 
@@ -63,6 +64,8 @@ class PostTrainingQuantization(ChecksNetworkInput, Callback):
         num_bins: histogram bins (>= 2).
         reduce_range: inputs one bit narrower, for an int8 export that runs exactly under the ``x86`` kernels on
             any x86 CPU (see :class:`~lightning_compress.QuantizationAwareTraining`).
+        residual_quantizers: in the ``"static"`` mode, also quantize the tensors its int8 export stores in 8 bits
+            (outputs feeding residual additions, the residual stream; :mod:`~lightning_compress.quantization.residual`).
 
     Raises:
         ValueError: an unknown mode, no mode, or any invalid setting (in ``__init__``); a layer pattern matching
@@ -84,8 +87,11 @@ class PostTrainingQuantization(ChecksNetworkInput, Callback):
         percentile: float = 99.99,
         num_bins: int = 2048,
         reduce_range: bool = False,
+        residual_quantizers: bool = False,
     ) -> None:
         self.modes = _validate_modes(modes)
+        check_residual_options(residual_quantizers, "static", calibration)
+        self.residual_quantizers = residual_quantizers
         _validate_bit_widths(num_bits, bit_widths, reduce_range)
         self._settings = _Calibration(calibration, amax, percentile, num_bins)
         _validate_calibration_batches(calibration_batches)
@@ -120,7 +126,9 @@ class PostTrainingQuantization(ChecksNetworkInput, Callback):
         data = self._calibration_data if self._calibration_data is not None else loader
         self.results = {"fp32": self.evaluate(target, loader, pl_module.device)}
         for mode in self.modes:
-            self.models[mode] = quantize_model(target, mode, data if mode == "static" else None, **self.options)
+            residual = {"residual_quantizers": self.residual_quantizers} if mode == "static" else {}
+            self.models[mode] = quantize_model(target, mode, data if mode == "static" else None, **self.options,
+                                               **residual)
             self.results[mode] = self.evaluate(self.models[mode], loader, pl_module.device)
         log_scalars(trainer, {f"ptq/{mode}/acc": acc for mode, acc in self.results.items()})
         return self.results

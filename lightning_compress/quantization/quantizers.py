@@ -32,6 +32,7 @@ from lightning_compress.quantization.functional import (
     qrange,
     validate_num_bits,
 )
+from lightning_compress.quantization.residual import remove_residual_quantizers
 from lightning_compress.quantization.spec import (  # noqa: F401  (re-exported: their home before spec.py)
     LEARN_MODES,
     QuantSpec,
@@ -334,7 +335,8 @@ def quantized_layers(model: nn.Module) -> dict[str, Any]:
 
 
 def remove_quantizers(model: nn.Module) -> list[str]:
-    """Swap every quantized layer of ``model`` back to its float class and delete its quantizers.
+    """Swap every quantized layer of ``model`` back to its float class and delete its quantizers (and the residual
+    quantizers of :mod:`~lightning_compress.quantization.residual`).
 
     Returns the names of the layers restored. The float weights are untouched (fake quantization never writes
     them), so the model is exactly the float model that was trained.
@@ -344,6 +346,7 @@ def remove_quantizers(model: nn.Module) -> list[str]:
     >>> remove_quantizers(model), type(model[0]).__name__, sorted(model.state_dict())
     (['0'], 'Linear', ['0.bias', '0.weight'])
     """
+    remove_residual_quantizers(model)
     names = []
     for name, module in list(model.named_modules()):
         if is_quantized(module):
@@ -360,6 +363,6 @@ def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """
     def is_quantizer_key(key: str) -> bool:
         parts = key.split(".")
-        return any(part in _QUANTIZER_NAMES for part in parts[:-1])
+        return any(part in (*_QUANTIZER_NAMES, "residual_quantizer") for part in parts[:-1])
 
     return {key: value for key, value in state_dict.items() if not is_quantizer_key(key)}

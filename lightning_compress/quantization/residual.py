@@ -1,0 +1,201 @@
+"""Residual quantizers: the tensors an int8 graph stores in 8 bits besides the quantized layers' inputs.
+
+A fake-quantized network quantizes the input of every quantized layer; its int8 export (``torch.ao`` FX graph mode,
+:func:`~lightning_compress.export.int8.export_int8`) also stores in 8 bits every tensor between quantized operators:
+
+- the output of a quantized layer (after its folded BatchNorm) that feeds something other than a quantized layer,
+  e.g. a residual addition (``bn2`` of a ResNet block, its ``downsample``): an 8-bit affine ``quint8`` tensor whose
+  scale and zero point a min/max observer chooses (kind ``"range"``);
+- a tensor that feeds a quantized layer and something else (a ResNet block's output feeds the next block's first
+  convolution and its identity shortcut; the stem's pooled output): stored once, at the step of the consuming
+  layers' input quantizer, with the ``quint8`` codes 0..255 (kind ``"consumers"``), so the shortcut carries those
+  quantized values.
+
+A :class:`ResidualQuantizer` at each of these points makes the fake-quantized model compute what the int8 model
+computes; :func:`export_int8` then uses their scales instead of observing. Each is a submodule named
+``residual_quantizer`` of the module whose output it quantizes (its ``scale`` / ``zero_point`` buffers are in the
+state dict), applied by a forward hook. The points are found by tracing the model with ``torch.fx``
+(:mod:`~lightning_compress.quantization.residual_points`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.quantization.functional import affine_qparams
+
+__all__ = ["KINDS", "NAME", "ResidualQuantizer", "check_residual_options", "finish_residual_quantizers",
+           "hook_residual_quantizer", "move_residual_quantizer", "remove_residual_quantizers", "residual_qparams",
+           "residual_quantizers"]
+
+#: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
+NAME = "residual_quantizer"
+KINDS = ("range", "consumers")
+QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
+
+
+class ResidualQuantizer(nn.Module):
+    """8-bit affine fake quantization ``s * (clamp(round(x / s) + z, 0, 255) - z)`` of one module's output.
+
+    Args:
+        kind: ``"range"``: ``scale`` / ``zero_point`` from the min / max of the calibration data (torch.ao's
+            ``MinMaxObserver`` for ``quint8``); ``"consumers"``: the step of the input quantizers of ``consumers``
+            (the widest, zero point 0 after a ReLU or when all are unsigned, else ``qmax + 1``).
+        consumers: names of the quantized layers whose input this tensor is (for ``"consumers"``).
+        relu: the tensor is a ReLU's output (non-negative).
+
+    >>> q = ResidualQuantizer()
+    >>> q.calibrating = True
+    >>> _ = q(torch.tensor([-1.0, 3.0]))
+    >>> q.finish_range(); round(q.scale.item() * 255, 4), q.zero_point.item()
+    (4.0, 64)
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+
+    def __init__(self, kind: str = "range", consumers: tuple[str, ...] = (), relu: bool = False) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not supported; allowed: {KINDS}")
+        self.kind, self.consumers, self.relu = kind, tuple(consumers), bool(relu)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.calibrating, self.enabled = False, True
+        self.min_seen, self.max_seen = math.inf, -math.inf
+
+    def extra_repr(self) -> str:
+        consumers = f", consumers={list(self.consumers)}" if self.consumers else ""
+        return f"kind={self.kind!r}{consumers}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            if x.numel():
+                self.min_seen = min(self.min_seen, float(x.detach().min()))
+                self.max_seen = max(self.max_seen, float(x.detach().max()))
+            return x
+        if not self.enabled:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.float(), self.zero_point.int(), QMIN, QMAX)
+
+    def finish_range(self) -> None:
+        """Set ``scale`` / ``zero_point`` from the range seen while calibrating (a ``"range"`` quantizer), and stop
+        calibrating."""
+        self.calibrating = False
+        if math.isinf(self.min_seen):
+            raise RuntimeError("a residual quantizer saw no calibration data")
+        low = max(self.min_seen, 0.0) if self.relu else self.min_seen  # hooked before the ReLU it stands for
+        scale, zero_point = affine_qparams(low, max(self.max_seen, low), QMIN, QMAX)
+        self.set_qparams(float(scale), int(zero_point))
+
+    def finish_consumers(self, inputs: list[tuple[float, bool, int]]) -> None:
+        """Set the step of the consuming layers' input quantizers, given as ``(amax, unsigned, qmax)`` in graph
+        order, combined as the int8 export combines them (the widest ``amax``; signed unless all are unsigned)."""
+        if not inputs:
+            raise RuntimeError("a residual quantizer has no quantized consumer left")
+        amax, unsigned, qmax = inputs[0]
+        for other_amax, other_unsigned, other_qmax in inputs[1:]:
+            amax = max(amax, other_amax)
+            if other_unsigned != unsigned:
+                unsigned, qmax = False, min(qmax, other_qmax, 127)
+        unsigned = unsigned or self.relu
+        self.set_qparams(max(amax, 1e-12) / qmax, 0 if unsigned else qmax + 1)
+
+    def set_qparams(self, scale: float, zero_point: int) -> None:
+        if not (scale > 0 and math.isfinite(scale)) or not QMIN <= zero_point <= QMAX:
+            raise ValueError(f"scale={scale!r} must be finite and positive, zero_point={zero_point!r} in [0, 255]")
+        with torch.no_grad():
+            self.scale.fill_(scale)
+            self.zero_point.fill_(zero_point)
+
+
+class _ApplyResidualQuantizer:
+    """The forward hook that passes a module's output through its ``residual_quantizer`` (picklable)."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        return getattr(module, NAME)(output) if isinstance(output, Tensor) else output
+
+
+def residual_quantizers(model: nn.Module) -> dict[str, ResidualQuantizer]:
+    """``{name of the module whose output is quantized: quantizer}`` (``named_modules`` order)."""
+    found = {name: module._modules.get(NAME) for name, module in model.named_modules()}
+    return {name: quantizer for name, quantizer in found.items() if isinstance(quantizer, ResidualQuantizer)}
+
+
+def hook_residual_quantizer(module: nn.Module, quantizer: ResidualQuantizer) -> None:
+    module.add_module(NAME, quantizer)
+    if not any(isinstance(h, _ApplyResidualQuantizer) for h in module._forward_hooks.values()):
+        module.register_forward_hook(_ApplyResidualQuantizer())
+
+
+def _unhook(module: nn.Module) -> ResidualQuantizer | None:
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, _ApplyResidualQuantizer)]:
+        del module._forward_hooks[key]
+    quantizer = module._modules.pop(NAME, None)
+    return quantizer if isinstance(quantizer, ResidualQuantizer) else None
+
+
+def remove_residual_quantizers(model: nn.Module) -> list[str]:
+    """Delete every residual quantizer of ``model`` and its hook; returns the names of the modules they were on."""
+    names = list(residual_quantizers(model))
+    for name in names:
+        _unhook(model.get_submodule(name))
+    return names
+
+
+def move_residual_quantizer(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a module replacing ``old`` in an export rewrite) the residual quantizer of ``old``, if any."""
+    quantizer = _unhook(old)
+    if quantizer is not None:
+        hook_residual_quantizer(new, quantizer)
+
+
+def check_residual_options(residual: Any, mode: str, method: str) -> bool:
+    """``residual_quantizers`` is a bool, and ``True`` only with a static mode calibrated on data."""
+    if not isinstance(residual, bool):
+        raise ValueError(f"residual_quantizers={residual!r} must be True or False")
+    if residual and (mode != "static" or method == "global"):
+        raise ValueError(f"residual_quantizers=True needs mode='static' with a calibration on data (got mode={mode!r}, "
+                         f"calibration={method!r}): the ranges of residual outputs are calibrated min / max")
+    return residual
+
+
+def finish_residual_quantizers(quantizers: Mapping[str, ResidualQuantizer], layers: Mapping[str, Any]) -> None:
+    """Set every quantizer's scale: ``"range"`` ones from their calibration range, ``"consumers"`` ones from the
+    calibrated input quantizers of their consumers among ``layers`` (``{name: quantized layer}``).
+
+    Raises:
+        RuntimeError: naming a quantizer that saw no data, or whose consumers were all left float.
+    """
+    for name, quantizer in quantizers.items():
+        quantizer.calibrating = False
+        try:
+            if quantizer.kind == "range":
+                quantizer.finish_range()
+            else:
+                quantizer.finish_consumers([
+                    (float(inq.current_amax()), bool(inq.unsigned or inq.learn == "pact"), inq.qmax)
+                    for inq in (layers[c].input_quantizer for c in quantizer.consumers if c in layers)
+                    if inq.enabled and not inq.dynamic])
+        except RuntimeError as error:
+            raise RuntimeError(f"residual quantizer of {name!r}: {error}") from None
+
+
+def residual_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
+    """``{module name: (scale, zero_point)}`` of the residual quantizers of ``model``, for an export.
+
+    Raises:
+        ValueError: a residual quantizer is disabled or still calibrating.
+    """
+    found = {}
+    for name, quantizer in residual_quantizers(model).items():
+        if quantizer.calibrating or not quantizer.enabled:
+            state = "calibrating" if quantizer.calibrating else "disabled"
+            raise ValueError(f"the residual quantizer of {name!r} is {state}; an export needs calibrated ones")
+        found[name] = (float(quantizer.scale), int(quantizer.zero_point))
+    return found

@@ -1,0 +1,211 @@
+"""Where an int8 graph stores tensors in 8 bits that a fake-quantized model keeps float (see
+:mod:`~lightning_compress.quantization.residual`), found on a ``torch.fx`` trace.
+
+The rules follow torch.ao's FX graph mode: a quantized layer is fused with the BatchNorm and the ReLU right after it
+and its output is requantized, unless it reaches the model's output (then it computes in float); an addition is
+quantized (with the ReLU after it); pooling, flattening, reshapes, dropout and ReLUs share the quantization of their
+input. A tensor so quantized whose value reaches only quantized layers (through ops that keep its grid) needs nothing
+more: those layers' input quantizers round it alike.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.quantization.quantizers import is_quantized
+from lightning_compress.quantization.residual import (
+    ResidualQuantizer,
+    hook_residual_quantizer,
+    remove_residual_quantizers,
+)
+
+__all__ = ["ModuleOutputTracer", "Point", "attach_residual_quantizers", "find_points"]
+
+_RELU_MODULES = (nn.ReLU,)
+_RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
+_ADD_CALLS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
+#: modules and calls that keep the grid of their input exactly (torch.ao shares their input's quantization)
+_EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
+                  nn.Dropout, nn.ReLU)
+_EXACT_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.max_pool1d,
+                F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu, F.relu,
+                "flatten", "reshape", "view", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "relu")
+#: ones that share it but round again (an average of codes)
+_ROUNDING_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_ROUNDING_CALLS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean")
+
+
+class ModuleOutputTracer(torch.fx.Tracer):
+    """A ``torch.fx`` tracer that records, for each module call, the node of its output (:attr:`outputs`, innermost
+    module first) and how often each module is called (:attr:`calls`). ``leaves``: more module types to keep as
+    leaves (besides torch.nn's layers)."""
+
+    def __init__(self, leaf: Any = None) -> None:
+        super().__init__()
+        self.leaf = leaf
+        self.outputs: dict[torch.fx.Node, list[str]] = {}
+        self.calls: Counter[str] = Counter()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (self.leaf is not None and self.leaf(m)) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        self.calls[name] += 1
+        if isinstance(out, torch.fx.Proxy):
+            self.outputs.setdefault(out.node, []).append(name)
+        return out
+
+    def module_node(self, name: str) -> torch.fx.Node | None:
+        """The node of the output of module ``name`` when it is called once, else ``None``."""
+        if self.calls[name] != 1:
+            return None
+        return next((node for node, names in self.outputs.items() if name in names), None)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A tensor to quantize: the output of ``module``; ``kind`` and ``consumers`` as in ``ResidualQuantizer``."""
+
+    module: str
+    kind: str
+    consumers: tuple[str, ...]
+    relu: bool
+
+
+def _module(root: nn.Module, node: Any) -> nn.Module | None:
+    return root.get_submodule(node.target) if getattr(node, "op", None) == "call_module" else None
+
+
+def _is(node: Any, root: nn.Module, modules: tuple[type, ...], calls: tuple[Any, ...]) -> bool:
+    op = getattr(node, "op", None)
+    if op == "call_module":
+        return isinstance(_module(root, node), modules)
+    return op in ("call_function", "call_method") and node.target in calls
+
+
+def _group_output(layer: torch.fx.Node, root: nn.Module) -> torch.fx.Node:
+    """The layer's node followed by the BatchNorm and the ReLU torch.ao fuses into it."""
+    node = layer
+    for kinds, calls in (((nn.modules.batchnorm._BatchNorm,), ()), (_RELU_MODULES, _RELU_CALLS)):
+        users = list(node.users)
+        if len(users) == 1 and _is(users[0], root, kinds, calls) and users[0].args[0] is node:
+            node = users[0]
+    return node
+
+
+def _reach(value: torch.fx.Node, root: nn.Module, layers: set[str]) -> tuple[list[str], bool, bool, bool]:
+    """Follow a quantized value through the ops that share its quantization: ``(consuming layers, reaches another
+    op, reaches the output, passes an op that rounds again)``."""
+    consumers: list[str] = []
+    other = output = rounding = False
+    frontier, seen = [value], {value}
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            first = user.args[0] if user.args else None
+            if user.op == "call_module" and user.target in layers and first is node:
+                consumers.append(str(user.target))
+            elif first is node and (_is(user, root, _EXACT_MODULES, _EXACT_CALLS)
+                                    or _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)):
+                rounding |= _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)
+                if user not in seen:
+                    seen.add(user)
+                    frontier.append(user)
+            else:
+                other, output = True, output or user.op == "output"
+    return consumers, other, output, rounding
+
+
+def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
+    """The innermost module, called once, whose output is ``node`` (or, for a ReLU that is its input's only user,
+    its input's: a quantizer with zero point 0 applies that ReLU itself)."""
+    candidates = list(tracer.outputs.get(node, []))
+    source = node.args[0] if node.args else None
+    if (_is(node, root, _RELU_MODULES, _RELU_CALLS) and isinstance(source, torch.fx.Node)
+            and len(source.users) == 1):
+        candidates += tracer.outputs.get(source, [])
+    return next((name for name in candidates if name and tracer.calls[name] == 1), None)
+
+
+def _describe(node: torch.fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target!r} (node {node.name!r})"
+
+
+def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
+    """The :class:`Point` s of ``model`` (quantized layers attached) and the descriptions of those that are no
+    module's output (they cannot be hooked).
+
+    Raises:
+        ValueError: ``torch.fx`` cannot trace ``model``.
+    """
+    tracer = ModuleOutputTracer(leaf=is_quantized)
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:
+        raise ValueError(f"residual_quantizers=True traces the model with torch.fx, which fails on "
+                         f"{type(model).__name__} ({type(error).__name__}: {error})") from error
+    layers = {name for name, module in model.named_modules() if is_quantized(module)}
+    values: list[tuple[torch.fx.Node, bool]] = []  # (quantized value, is a layer's output)
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layers:
+            values.append((_group_output(node, model), True))
+        elif _is(node, model, (), _ADD_CALLS) and any(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            users = list(node.users)
+            relu = len(users) == 1 and _is(users[0], model, _RELU_MODULES, _RELU_CALLS)
+            values.append((users[0] if relu else node, False))
+    points, unhookable, done = [], [], set()
+    for value, from_layer in values:
+        consumers, other, output, rounding = _reach(value, model, layers)
+        if from_layer and output:
+            continue  # an output layer: torch.ao computes it in float, nothing is requantized
+        if consumers and not (other or rounding):
+            continue  # only quantized layers read it, and they round it alike
+        if not consumers and not other:
+            continue
+        module = _hook_module(value, model, tracer)
+        if module is None:
+            unhookable.append(_describe(value))
+            continue
+        if module in done:
+            continue
+        done.add(module)
+        relu = _is(value, model, _RELU_MODULES, _RELU_CALLS)
+        points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
+    return points, unhookable
+
+
+def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> dict[str, ResidualQuantizer]:
+    """Trace ``model`` (with quantized layers attached) and put a fresh :class:`ResidualQuantizer` on every point
+    the int8 graph stores in 8 bits (replacing earlier ones), recording min / max if ``calibrating`` (until
+    :func:`finish_residual_quantizers`); returns ``{module name: quantizer}``. A point that is
+    not the output of a module called once stays float, with a warning naming the operation.
+
+    Raises:
+        ValueError: ``torch.fx`` cannot trace the model.
+    """
+    remove_residual_quantizers(model)
+    points, unhookable = find_points(model)
+    if unhookable:
+        warnings.warn(f"residual_quantizers: the int8 graph stores {unhookable} in 8 bits, but they are not the "
+                      "output of a module called once, so they stay float in the fake-quantized model (the int8 "
+                      "model can differ there); return them from a module's forward to quantize them", stacklevel=3)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    attached = {}
+    for point in points:
+        quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu).to(device)
+        quantizer.calibrating = calibrating
+        hook_residual_quantizer(model.get_submodule(point.module), quantizer)
+        attached[point.module] = quantizer
+    return attached
