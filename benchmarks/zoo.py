@@ -9,10 +9,10 @@ Per model (random weights, batch norm statistics and classifier randomised, 10 c
   Torch-Pruning: ``MagnitudePruner`` (L2, ``pruning_ratio=0.4``, last layer ignored). x fewer parameters, x fewer
   MACs, x faster at batch 1 and 16 (1 thread; dense, ours and Torch-Pruning alternated, median of rounds), and our
   compaction's relative output difference;
-- int8: ``quantize_model(..., "static", reduce_range=True)`` + ``export_int8`` (ours) and torch.ao FX
-  (``prepare_fx`` / ``convert_fx``, the engine's default qconfig) of the dense model, both calibrated on the same
-  batch: x faster than fp32 at batch 16 under the same engine, and our int8 model's agreement with its
-  fake-quantized model (``-`` where a path fails, with the reason below the table).
+- int8: ``quantize_model(..., "static", reduce_range=True, residual_quantizers=True)`` + ``export_int8`` (ours)
+  and torch.ao FX (``prepare_fx`` / ``convert_fx``, the engine's default qconfig) of the dense model, both
+  calibrated on the same batch: x faster than fp32 at batch 16 under the same engine, and our int8 model's
+  agreement with its fake-quantized model (``-`` where a path fails, with the reason below the table).
 
 torchvision, torch-pruning and transformers are bench extras (torchvision from an isolated install, see
 tests/zoo/zoo_support.py; Hugging Face models are built from small configs, nothing is downloaded).
@@ -106,8 +106,8 @@ def int8_row(model: nn.Module, x: torch.Tensor, rounds: int, notes: list[str], n
     """[ours x faster, agreement, torch.ao FX x faster] at batch 16 (``-`` where a path fails)."""
     engine = choose_engine(127)  # 7-bit inputs: exact under x86 on every x86 CPU
     paths: dict[str, Callable[[], nn.Module]] = {
-        "ours": lambda: export_int8(quantize_model(model, "static", x, reduce_range=True), x, engine=engine,
-                                    min_agreement=None),
+        "ours": lambda: export_int8(quantize_model(model, "static", x, reduce_range=True, residual_quantizers=True),
+                                    x, engine=engine, min_agreement=None),
         "torch.ao": lambda: torch_ao_fx(model, x, engine)}
     built: dict[str, nn.Module] = {"dense": model}
     for label, build in paths.items():
