@@ -126,9 +126,9 @@ class PostTrainingQuantization(ChecksNetworkInput, Callback):
         data = self._calibration_data if self._calibration_data is not None else loader
         self.results = {"fp32": self.evaluate(target, loader, pl_module.device)}
         for mode in self.modes:
-            residual = {"residual_quantizers": self.residual_quantizers} if mode == "static" else {}
-            self.models[mode] = quantize_model(target, mode, data if mode == "static" else None, **self.options,
-                                               **residual)
+            static = mode == "static"
+            self.models[mode] = quantize_model(target, mode, data if static else None, **self.options,
+                                               residual_quantizers=static and self.residual_quantizers)
             self.results[mode] = self.evaluate(self.models[mode], loader, pl_module.device)
         log_scalars(trainer, {f"ptq/{mode}/acc": acc for mode, acc in self.results.items()})
         return self.results
