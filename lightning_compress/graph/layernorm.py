@@ -7,11 +7,23 @@ BatchNorm's are for pruned filters). Over the ``K`` kept channels the norm then 
 
     mean = (sum_kept x + sum_removed v) / C,   var = (sum_kept (x - mean)^2 + sum_removed (v - mean)^2) / C,
 
-which :class:`CompactLayerNorm` does (the constants kept as a buffer and put back beside the kept channels for one
-fused ``F.layer_norm``, faster than a closed form in torch ops), so compaction stays exact. Modules qualify when
-they normalise over their input's channel dimension alone: ``nn.LayerNorm`` over the last dimension (channels-last
-blocks after a ``permute``), and subclasses checked numerically on the traced input (torchvision's ``LayerNorm2d``,
-Hugging Face's ``ConvNextLayerNorm`` in either data format normalise over dimension 1).
+which :class:`CompactLayerNorm` does, so compaction stays exact. It keeps the constants as a buffer and computes this
+in one of two forms. The padded form puts them back beside the kept channels for one fused ``F.layer_norm`` over ``C``
+and copies the kept channels out, contiguous (under autograd, tracing and compilation, on other devices and dtypes,
+and for small inputs). Float CPU inference on inputs of at least ``CompactLayerNorm.closed_form_size`` padded elements
+takes a closed form that never builds the ``C`` channels: with ``S`` the sum of all ``C`` inputs, ``d = x - S / C``
+the centred kept inputs and ``vbar`` the constants' mean,
+
+    C (var + eps) = sum_kept d^2 + sum_removed (v - vbar)^2 + (C - K) (S / C - vbar)^2 + C eps,
+
+then ``d * rsqrt(var + eps) * weight + bias`` in place (two passes over ``x`` for the statistics, as stable as the
+norm's own). It moves about half the memory of the padded form but makes eight torch calls to its three, which only
+pays on large inputs.
+
+Modules qualify when they normalise over their input's channel dimension alone: ``nn.LayerNorm`` over the last
+dimension (channels-last blocks after a ``permute``), and subclasses checked numerically on the traced input
+(torchvision's ``LayerNorm2d``, Hugging Face's ``ConvNextLayerNorm`` in either data format normalise over dimension
+1).
 
 >>> norm = nn.LayerNorm(4).eval()
 >>> with torch.no_grad():
@@ -34,6 +46,9 @@ from torch import Tensor, nn
 from lightning_compress.graph.tracing import Call
 
 __all__ = ["CompactLayerNorm", "layernorm_dim", "layernorm_reason", "visit_layernorm"]
+
+# bound once: CompactLayerNorm asks them per call (torch.compiler.is_compiling first, which dynamo folds to True)
+_is_compiling, _is_tracing, _grad_enabled = torch.compiler.is_compiling, torch._C._is_tracing, torch.is_grad_enabled
 
 
 class CompactLayerNorm(nn.LayerNorm):
@@ -78,32 +93,108 @@ class CompactLayerNorm(nn.LayerNorm):
                     getattr(small, name).copy_(getattr(norm, name)[keep.to(getattr(norm, name).device)])
         return small.train(norm.training)
 
+    closed_form_size = 65536
+    """Padded input size (rows times ``channels``) from which inference on the CPU takes the closed form."""
+
+    _inference: tuple[Any, ...] | None = None  # what inference on the last input's shape and dtype needs (see below)
+
     def forward(self, x: Tensor) -> Tensor:
-        dim, last = self.dim % x.dim(), x.dim() - 1  # non-negative: ONNX export takes no negative permutation
+        dim, last = self.dim % x.ndim, x.ndim - 1  # non-negative: ONNX export takes no negative permutation
         if dim != last:  # channels first: normalised channels last, as LayerNorm2d does
             return self._channels_last(x.movedim(dim, last)).movedim(last, dim)
         return self._channels_last(x)
 
     def _channels_last(self, x: Tensor) -> Tensor:
+        # inference runs this per layer and call, where each Python step costs: what depends on the parameters,
+        # constants and input shape only is prepared once, and the tensors are read without nn.Module.__getattr__
+        if _is_compiling() or _is_tracing() or (_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias)))):
+            return self._padded_form(x)
+        try:
+            weight, bias = self._parameters["weight"], self._parameters["bias"]
+            constants: Tensor = self._buffers["removed"]  # type: ignore[assignment]
+        except KeyError:  # a parametrization
+            weight, bias, constants = self.weight, self.bias, self.removed
+        try:
+            key: tuple[Any, ...] | None = (
+                x.shape, x.dtype, self.eps, self.closed_form_size, constants._version, constants.data_ptr(),
+                None if weight is None else weight._version, None if weight is None else weight.data_ptr(),
+                None if bias is None else bias._version, None if bias is None else bias.data_ptr())
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) count no versions: no cache
+            key = None
+        cache = self._inference
+        if key is None or cache is None or cache[0] != key:  # another shape or dtype, or tensors changed
+            cache = (key, *self._prepare(x, weight, bias, constants))
+            if key is not None:
+                self._inference = cache
+        _, kept, padded_weight, padded_bias, tail, terms = cache
+        if terms is not None:
+            return self._closed_form(x, weight, bias, terms)
+        if tail is None:  # nothing removed
+            return F.layer_norm(x, (kept,), weight, bias, self.eps)
+        full = torch.cat([x, tail], -1)  # contiguous result: the next Linear would copy a strided slice, slower
+        return torch.narrow_copy(F.layer_norm(full, (self.channels,), padded_weight, padded_bias, self.eps), -1, 0,
+                                 kept)
+
+    def _padded_form(self, x: Tensor) -> Tensor:
+        """Differentiable and traceable: shapes follow ``x``, and ONNX has no ``narrow_copy``."""
         kept = x.shape[-1]
         removed = self.channels - kept
         if not removed:
             return F.layer_norm(x, (kept,), self.weight, self.bias, self.eps)
-        # the removed channels' constants back in place: one fused norm (faster than a closed form in torch ops)
         full = torch.cat([x, self.removed.to(x.dtype).expand(*x.shape[:-1], removed)], -1)
-        weight, bias = self._padded(removed)
-        return F.layer_norm(full, (self.channels,), weight, bias, self.eps)[..., :kept]
+        weight = F.pad(self.weight, (0, removed)) if self.weight is not None else None
+        bias = F.pad(self.bias, (0, removed)) if self.bias is not None else None
+        return F.layer_norm(full, (self.channels,), weight, bias, self.eps)[..., :kept].contiguous()
 
-    def _padded(self, removed: int) -> tuple[Tensor | None, Tensor | None]:
-        """Scale and shift padded to ``channels`` (cached outside autograd until a parameter changes)."""
-        parameters = (self.weight, self.bias)
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in parameters):
-            return tuple(F.pad(p, (0, removed)) if p is not None else None for p in parameters)  # type: ignore[return-value]
-        key = tuple((p._version, p.data_ptr(), p.dtype) if p is not None else None for p in parameters)
-        if getattr(self, "_padded_key", None) != key:
-            self._padded_cache = tuple(F.pad(p.detach(), (0, removed)) if p is not None else None for p in parameters)
-            self._padded_key = key
-        return self._padded_cache  # type: ignore[return-value]
+    def _prepare(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, constants: Tensor) -> tuple[Any, ...]:
+        """For inference on inputs shaped like ``x``: the kept channels, the padded scale and shift and the constants
+        expanded beside the kept channels (``None`` where nothing was removed), and the closed form's constant
+        terms where it applies (float CPU tensors of at least ``closed_form_size`` padded elements): the constants'
+        sum and mean, and ``eps + sum (v - vbar)^2 / C`` as a 0-dim tensor."""
+        kept = x.shape[-1]
+        removed = self.channels - kept
+        if not removed:
+            return kept, None, None, None, None
+        padded = tuple(F.pad(p.detach(), (0, removed)) if p is not None else None for p in (weight, bias))
+        tail = constants.to(x.dtype).expand(*x.shape[:-1], removed)
+        terms = None
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and all(p is None or p.dtype == x.dtype for p in (weight, bias))
+                and x.numel() // kept * self.channels >= self.closed_form_size):
+            values = constants.detach().double()
+            vbar = float(values.mean())
+            spread = float((values - vbar).square().sum())
+            terms = (float(values.sum()), vbar, torch.tensor(self.eps + spread / self.channels, dtype=x.dtype,
+                                                              device=x.device), removed)
+        return kept, padded[0], padded[1], tail, terms
+
+    def _closed_form(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     terms: tuple[float, float, Tensor, int]) -> Tensor:
+        """The normalised kept channels without the removed ones (see the module docstring): the sum over all
+        channels, the centred kept inputs (a new contiguous tensor), their norm and the constants' share of the
+        variance, then two in-place passes."""
+        channels = self.channels
+        total, vbar, base, removed = terms
+        s = x.sum(-1, keepdim=True)
+        if total:
+            s.add_(total)
+        centred = torch.sub(x, s, alpha=1 / channels, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        scale = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+        scale = torch.addcmul(base, scale, scale, value=1 / channels)  # eps + (sum_kept d^2 + sum_removed ...) / C
+        shift = s.sub_(channels * vbar) if vbar else s  # C (mean - vbar)
+        scale.addcmul_(shift, shift, value=removed / channels ** 3).rsqrt_()
+        centred.mul_(scale)
+        if weight is not None and bias is not None:
+            return torch.addcmul(bias, centred, weight, out=centred)
+        if weight is not None:
+            return centred.mul_(weight)
+        return centred.add_(bias) if bias is not None else centred
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave what inference prepared behind
+        state = self.__dict__.copy()
+        state.pop("_inference", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channels={self.channels}, dim={self.dim}"

@@ -164,3 +164,159 @@ def test_a_replayed_compaction_takes_the_checkpoint_of_the_compacted_run() -> No
     fresh.load_state_dict(run.state_dict())
     with torch.no_grad():
         assert isinstance(fresh.norm, CompactLayerNorm) and relative(fresh(x), masked(x)) <= 1e-5
+
+
+# CompactLayerNorm against nn.LayerNorm over the padded input, in both of its forms
+
+
+def padded_reference(norm: nn.LayerNorm, x: torch.Tensor, constants: torch.Tensor, dim: int) -> torch.Tensor:
+    """``norm`` (over all channels, the removed ones last) on ``x`` with the constants put back, kept channels out."""
+    last = x.movedim(dim, -1)
+    full = torch.cat([last, constants.to(x.dtype).expand(*last.shape[:-1], constants.numel())], -1)
+    return norm(full)[..., :last.shape[-1]].movedim(-1, dim)
+
+
+def compact_pair(kept: int, channels: int, constants: torch.Tensor, dim: int,
+                 affine: tuple[bool, bool] = (True, True)) -> tuple[nn.LayerNorm, CompactLayerNorm]:
+    norm = nn.LayerNorm(channels, eps=1e-6, elementwise_affine=affine[0], bias=affine[1])
+    with torch.no_grad():
+        if norm.weight is not None:
+            norm.weight.uniform_(0.5, 1.5)
+        if norm.bias is not None:
+            norm.bias.normal_(0, 0.3)
+    removed = {kept + i: float(v) for i, v in enumerate(constants)}
+    return norm.eval(), CompactLayerNorm.from_layernorm(norm, removed, dim).eval()
+
+
+def inputs(rows: int, kept: int, dim: int, generator: torch.Generator, offset: float = 0.3) -> torch.Tensor:
+    x = torch.randn(2, rows // 2, kept, generator=generator) * 2 + offset
+    return x.movedim(-1, dim).contiguous() if dim == 1 else x  # channels first: contiguous in that layout
+
+
+FORMS = {"padded": 10 ** 12, "closed": 0}  # closed_form_size: never or always
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("nonzero", [False, True])
+@pytest.mark.parametrize(("kept", "channels"), [(58, 96), (115, 192), (16, 32), (1, 8), (7, 8)])
+def test_compact_layernorm_matches_the_norm_over_the_padded_input(form: str, dim: int, nonzero: bool, kept: int,
+                                                                  channels: int) -> None:
+    generator = torch.Generator().manual_seed(kept * channels + dim)
+    constants = (torch.randn(channels - kept, generator=generator) + 0.5 if nonzero
+                 else torch.zeros(channels - kept))
+    norm, small = compact_pair(kept, channels, constants, dim)
+    small.closed_form_size = FORMS[form]
+    x = inputs(64, kept, dim, generator)
+    with torch.no_grad():
+        out, reference = small(x), padded_reference(norm, x, constants, dim)
+    assert out.shape == x.shape and relative(out, reference) <= 2e-6
+    assert out.movedim(dim, -1).is_contiguous()  # channels last in memory, as LayerNorm2d's output
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (True, True)])
+def test_compact_layernorm_without_scale_or_shift(form: str, affine: tuple[bool, bool]) -> None:
+    generator = torch.Generator().manual_seed(1)
+    constants = torch.randn(40, generator=generator)
+    norm, small = compact_pair(24, 64, constants, -1, affine)
+    small.closed_form_size = FORMS[form]
+    x = inputs(32, 24, -1, generator)
+    with torch.no_grad():
+        assert relative(small(x), padded_reference(norm, x, constants, -1)) <= 2e-6
+
+
+def test_the_closed_form_stays_exact_far_from_zero_and_in_double() -> None:
+    """Inputs whose mean is 500 times their spread, the constants near it: the centred (two-pass) statistics keep
+    float32 as close to a float64 reference as the padded LayerNorm is."""
+    generator = torch.Generator().manual_seed(2)
+    constants = 1000 + torch.randn(38, generator=generator)
+    norm, small = compact_pair(58, 96, constants, -1)
+    x = inputs(64, 58, -1, generator, offset=1000.0)
+    with torch.no_grad():
+        exact = padded_reference(copy.deepcopy(norm).double(), x.double(), constants.double(), -1)
+        padded = padded_reference(norm, x, constants, -1)
+        small.closed_form_size = 0
+        closed = small(x)
+        assert relative(closed, exact) <= max(2 * relative(padded, exact), 1e-6)
+        double = copy.deepcopy(small).double()
+        assert double(x.double()).dtype == torch.float64 and relative(double(x.double()), exact) <= 1e-12
+
+
+def test_inference_takes_the_closed_form_on_large_float_cpu_inputs_only(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls: list[tuple[int, ...]] = []
+    closed_form = CompactLayerNorm._closed_form
+
+    def counted(self, x, *args):  # type: ignore[no-untyped-def]
+        calls.append(tuple(x.shape))
+        return closed_form(self, x, *args)
+
+    monkeypatch.setattr(CompactLayerNorm, "_closed_form", counted)
+    generator = torch.Generator().manual_seed(3)
+    _, small = compact_pair(58, 96, torch.zeros(38), 1)
+    large, few = inputs(1024, 58, 1, generator), inputs(16, 58, 1, generator)
+    assert 1024 * 96 >= small.closed_form_size > 16 * 96
+    with torch.no_grad():
+        small(large), small(few), small.half()(large.half())
+    with torch.inference_mode():
+        small.float()(large)
+    small(large).sum().backward()  # autograd: the padded form, differentiated as one layer_norm
+    assert calls == [(2, 512, 58), (2, 512, 58)] and small.weight.grad is not None
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_gradients_match_the_norm_over_the_padded_input(dim: int, nonzero: bool) -> None:
+    generator = torch.Generator().manual_seed(4)
+    constants = torch.randn(16, generator=generator) if nonzero else torch.zeros(16)
+    norm, small = compact_pair(16, 32, constants, dim)  # half of the channels removed
+    small.closed_form_size = 0  # autograd takes the padded form whatever the size
+    x = inputs(2048, 16, dim, generator).requires_grad_()
+    grad = torch.randn(x.shape, generator=generator)
+    (small(x) * grad).sum().backward()
+    reference_x = x.detach().clone().requires_grad_()
+    (padded_reference(norm, reference_x, constants, dim) * grad).sum().backward()
+    assert relative(x.grad, reference_x.grad) <= 1e-5
+    assert relative(small.weight.grad, norm.weight.grad[:16]) <= 1e-5
+    assert relative(small.bias.grad, norm.bias.grad[:16]) <= 1e-5
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_inference_follows_changes_of_parameters_constants_shapes_and_dtypes(form: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    constants = torch.zeros(38)
+    norm, small = compact_pair(58, 96, constants, -1)
+    small.closed_form_size = FORMS[form]
+    x = torch.randn(2, 8, 58, generator=generator)
+    with torch.no_grad():
+        for step in range(4):  # the same shape: what was prepared for it must follow the tensors changed in place
+            assert relative(small(x), padded_reference(norm, x, constants, -1)) <= 2e-6, step
+            if step == 0:
+                norm.weight.mul_(1.5), small.weight.mul_(1.5)
+            if step == 1:
+                norm.bias[:58].add_(0.1), small.bias.add_(0.1)
+            if step == 2:
+                constants[:5] = 2.0
+                small.removed[:5] = 2.0
+                norm.eps = small.eps = 1e-2
+        for shape in [(2, 300, 58), (3, 8, 58)]:
+            x = torch.randn(shape, generator=generator)
+            assert relative(small(x), padded_reference(norm, x, constants, -1)) <= 2e-6, shape
+        small.load_state_dict(small.state_dict())  # the non-zero constants come back through the state
+        assert relative(small(x), padded_reference(norm, x, constants, -1)) <= 2e-6
+        x = torch.randn(2, 400, 58, generator=generator, dtype=torch.float64)
+        double = copy.deepcopy(norm).double()
+        small.double()
+        assert relative(small(x), padded_reference(double, x, constants, -1)) <= 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_a_traced_compact_layernorm_follows_the_batch_size() -> None:
+    generator = torch.Generator().manual_seed(6)
+    constants = torch.randn(38, generator=generator)
+    norm, small = compact_pair(58, 96, constants, 1)
+    small.closed_form_size = 0
+    with torch.no_grad():
+        traced = torch.jit.trace(small, inputs(2048, 58, 1, generator))
+        x = inputs(64, 58, 1, generator)
+        assert relative(traced(x), padded_reference(norm, x, constants, 1)) <= 2e-6
