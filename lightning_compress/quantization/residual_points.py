@@ -4,8 +4,9 @@
 The rules follow torch.ao's FX graph mode: a quantized layer is fused with the BatchNorm and the ReLU right after it
 and its output is requantized, unless it reaches the model's output (then it computes in float); an addition is
 quantized (with the ReLU after it); pooling, flattening, reshapes, dropout and ReLUs share the quantization of their
-input. A tensor so quantized whose value reaches only quantized layers (through ops that keep its grid) needs nothing
-more: those layers' input quantizers round it alike.
+input, and a concatenation quantizes its inputs at its output's grid. A tensor so quantized whose value reaches
+only quantized layers (through ops that keep its grid) needs nothing more: those layers' input quantizers round it
+alike.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ _EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveM
 _EXACT_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.max_pool1d,
                 F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu, F.relu,
                 "flatten", "reshape", "view", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "relu")
+#: modules whose forward runs their children in turn: a quantizer attached to one would run as a layer too
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+#: concatenations: torch.ao quantizes every input at the output's grid (one observer shared by all)
+_CAT_CALLS = (torch.cat, torch.concat, "cat")
 #: ones that share it but round again (an average of codes)
 _ROUNDING_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _ROUNDING_CALLS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean")
@@ -116,6 +121,8 @@ def _reach(value: torch.fx.Node, root: nn.Module, layers: set[str]) -> tuple[lis
             first = user.args[0] if user.args else None
             if user.op == "call_module" and user.target in layers and first is node:
                 consumers.append(str(user.target))
+            elif _is(user, root, (), _CAT_CALLS) and isinstance(first, (list, tuple)) and node in first:
+                continue  # quantized at the concatenation's grid: the concatenation is a value of its own
             elif first is node and (_is(user, root, _EXACT_MODULES, _EXACT_CALLS)
                                     or _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)):
                 rounding |= _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)
@@ -128,14 +135,15 @@ def _reach(value: torch.fx.Node, root: nn.Module, layers: set[str]) -> tuple[lis
 
 
 def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
-    """The innermost module, called once, whose output is ``node`` (or, for a ReLU that is its input's only user,
-    its input's: a quantizer with zero point 0 applies that ReLU itself)."""
+    """The innermost module, called once and not a container, whose output is ``node`` (or, for a ReLU that is its
+    input's only user, its input's: a quantizer with zero point 0 applies that ReLU itself)."""
     candidates = list(tracer.outputs.get(node, []))
     source = node.args[0] if node.args else None
     if (_is(node, root, _RELU_MODULES, _RELU_CALLS) and isinstance(source, torch.fx.Node)
             and len(source.users) == 1):
         candidates += tracer.outputs.get(source, [])
-    return next((name for name in candidates if name and tracer.calls[name] == 1), None)
+    return next((name for name in candidates if name and tracer.calls[name] == 1
+                 and not isinstance(root.get_submodule(name), _CONTAINERS)), None)
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -161,6 +169,8 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layers:
             values.append((_group_output(node, model), True))
+        elif _is(node, model, (), _CAT_CALLS):
+            values.append((node, False))
         elif _is(node, model, (), _ADD_CALLS) and any(isinstance(a, torch.fx.Node) for a in node.args[:2]):
             users = list(node.users)
             relu = len(users) == 1 and _is(users[0], model, _RELU_MODULES, _RELU_CALLS)

@@ -197,3 +197,35 @@ def test_post_training_callback_adds_them_to_its_static_model_only(trainer_facto
     trainer.fit(ClassifierModule(ResidualCNN(width=4)), DigitsDataModule(batch_size=32))
     assert set(residual_quantizers(callback.models["static"])) == set(EXPECTED)
     assert not residual_quantizers(callback.models["dynamic"])
+
+
+class DenseBlock(nn.ModuleDict):
+    """DenseNet's pattern: a container whose forward runs its children, returning a concatenation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        features = [x]
+        for layer in self.values():
+            features.append(torch.relu(layer(torch.cat(features, 1))))
+        return torch.cat(features, 1)
+
+
+class DenseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = DenseBlock({"a": nn.Conv2d(4, 4, 3, padding=1), "b": nn.Conv2d(8, 4, 3, padding=1)})
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block(torch.relu(self.stem(x)))), 1))
+
+
+def test_a_container_is_never_given_a_quantizer_and_concatenations_share_their_grid(digits):
+    batches, test, _ = digits
+    torch.manual_seed(0)
+    model = DenseNet().eval()
+    with pytest.warns(UserWarning, match="call_function 'cat'"):  # the block's concatenation, pooled: float
+        fake = quantize_model(model, "static", batches, residual_quantizers=True)
+    assert not residual_quantizers(fake)  # not on the ModuleDict (it would run as a layer), not on the inputs of a cat
+    assert not hasattr(fake.block, "residual_quantizer")
+    assert fake(test).shape == (len(test), 10)
