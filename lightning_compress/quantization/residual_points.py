@@ -36,9 +36,10 @@ _RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
 _ADD_CALLS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
 #: modules and calls that keep the grid of their input exactly (torch.ao shares their input's quantization)
 _EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
-                  nn.Dropout, nn.ReLU)
+                  nn.Dropout, nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _EXACT_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.max_pool1d,
-                F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu, F.relu,
+                F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu, F.relu, F.relu6,
+                F.hardtanh,
                 "flatten", "reshape", "view", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "relu")
 #: modules whose forward runs their children in turn: a quantizer attached to one would run as a layer too
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
