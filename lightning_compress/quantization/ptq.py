@@ -357,7 +357,7 @@ def quantize_model(
                           per_channel=per_channel, unsigned=unsigned, learn="none", reduce_range=reduce_range)
     settings.check_covers(specs)  # before anything is attached (inplace leaves the model untouched)
     quantized = attach_all(qmodel, specs)
-    points = residual_points.attach_residual_quantizers(qmodel, calibrating=True) if with_residual else {}  # float pass
+    points = residual_points.set_residual_quantizers(qmodel, with_residual)  # calibrated in the float pass
     _set_modes(quantized, "frozen", "none")
     with torch.no_grad():
         _set_weight_amax(quantized)

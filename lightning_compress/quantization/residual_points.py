@@ -29,7 +29,7 @@ from lightning_compress.quantization.residual import (
     remove_residual_quantizers,
 )
 
-__all__ = ["ModuleOutputTracer", "Point", "attach_residual_quantizers", "find_points"]
+__all__ = ["ModuleOutputTracer", "Point", "attach_residual_quantizers", "find_points", "set_residual_quantizers"]
 
 _RELU_MODULES = (nn.ReLU,)
 _RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
@@ -195,6 +195,15 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
         relu = _is(value, model, _RELU_MODULES, _RELU_CALLS)
         points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
     return points, unhookable
+
+
+def set_residual_quantizers(model: nn.Module, enabled: bool) -> dict[str, ResidualQuantizer]:
+    """Fresh residual quantizers recording min / max (:func:`attach_residual_quantizers`) if ``enabled``, else none:
+    those of an earlier quantization are removed, as their scales belong to it."""
+    if enabled:
+        return attach_residual_quantizers(model, calibrating=True)
+    remove_residual_quantizers(model)
+    return {}
 
 
 def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> dict[str, ResidualQuantizer]:

@@ -268,3 +268,10 @@ def test_relu6_keeps_the_grid_of_its_input(digits):
         int8 = export_int8(reference, batches[0][0], check_inputs=test, min_agreement=None)
         errors[residual] = int8.verification["relative_error"]
     assert errors[True] < 0.5 * errors[False]
+
+
+def test_quantizing_again_without_the_option_drops_the_old_quantizers(digits, models):
+    batches, test, _ = digits
+    again = quantize_model(models[("reduce-range", True)], "static", batches, reduce_range=True)
+    assert not residual_quantizers(again)  # their scales belonged to the first quantization
+    torch.testing.assert_close(again(test), models[("reduce-range", False)](test))
