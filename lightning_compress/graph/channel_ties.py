@@ -51,6 +51,7 @@ class ChannelTies:
 
     units: list[int]
     balances: list[tuple[list[int], list[int]]]
+    routes: Any = None  # the group's channel_routes.Routes, where filters may be reordered instead
 
     @property
     def num_units(self) -> int:
@@ -240,6 +241,9 @@ def tied_keep_mask(scores: Tensor, k: int, ties: ChannelTies, tries: int = 8, ro
     of least summed score (:func:`exact_units`); where the exact search holds too many states, the greedy
     :func:`greedy_units` (``tries`` aims)."""
     check_rounding(rounding)
+    routed = ties.routes.keep_mask(scores, k, rounding) if ties.routes is not None else None
+    if routed is not None:
+        return routed
     units = torch.tensor(ties.units, dtype=torch.long)
     sizes, coef = ties.sizes(), ties.coefficients()
     mean = torch.zeros(ties.num_units, dtype=torch.float64).index_add_(0, units, scores.double().cpu())

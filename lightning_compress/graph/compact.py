@@ -72,6 +72,8 @@ class CompactionPlan:
         replacements: filled by :func:`compact`: every parameter it replaced.
         outputs_removed: filled by :func:`compact`: per module, the output channels it removed (also for modules
             without parameters, e.g. a BatchNorm without affine parameters whose running statistics were sliced).
+        orders: per ``(layer, "out" or "in")``, the kept indices in the order the compacted network needs them,
+            where a channel shuffle's filters are reordered (others keep their order).
     """
 
     groups: list[ChannelGroup]
@@ -80,6 +82,7 @@ class CompactionPlan:
     graph: DependencyGraph | None = None
     replacements: list[Replacement] = field(default_factory=list)
     outputs_removed: dict[str, list[int]] = field(default_factory=dict)
+    orders: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     @property
     def num_removable(self) -> int:
@@ -169,12 +172,30 @@ def plan_compaction(model: nn.Module, example_inputs: Any, method: str = "auto")
             for name, (count, _) in graph.grouped.items():
                 if name in group.producers:
                     _same_positions_per_group(group.producers[name], count, removable, kept_reasons)
-        if group.ties is not None:  # shuffles and equal splits: whole units, every split balanced
+        if group.ties is not None and _route(group, removable, kept_reasons, plan):
+            pass  # filters reordered through a channel shuffle
+        elif group.ties is not None:  # shuffles and equal splits: whole units, every split balanced
             for reason, positions in tied_removal(removable, group.ties).items():
                 kept_reasons.setdefault(reason, []).extend(positions)
         plan.removable.append(removable)
         plan.skipped += [(g, positions, reason) for reason, positions in kept_reasons.items()]
     return plan
+
+
+def _route(group: ChannelGroup, removable: list[int], kept_reasons: dict[str, list[int]],
+           plan: CompactionPlan) -> bool:
+    """Through a channel shuffle, whether the removable channels (when they are all the pruned ones) leave a network
+    that reordered filters keep exact (:mod:`~lightning_compress.graph.channel_routes`); records the orders."""
+    routes = group.ties.routes if group.ties is not None else None
+    if routes is None or kept_reasons or not removable:
+        return False
+    keep = torch.ones(group.size, dtype=torch.bool)
+    keep[removable] = False
+    orders = routes.orders(keep)
+    if isinstance(orders, str):
+        return False
+    plan.orders.update(orders)
+    return True
 
 
 def _same_positions_per_group(indices: list[int | None], groups: int, removable: list[int],
@@ -238,7 +259,8 @@ def compact(
         if name in norm_remove:
             plan.replacements += _shrink_layernorm(compacted, name, norm_remove[name], plan.graph.layernorm_dims[name])
         elif name in out_remove or name in in_remove:
-            plan.replacements += _shrink(name, module, out_remove.get(name, set()), in_remove.get(name, {}))
+            plan.replacements += _shrink(name, module, out_remove.get(name, set()), in_remove.get(name, {}),
+                                         plan.orders.get((name, "out")), plan.orders.get((name, "in")))
     parameters = dict(compacted.named_parameters())
     with torch.no_grad():
         for name in set(out_remove) & set(parameters):  # per-channel parameters of non-leaf modules
@@ -261,8 +283,10 @@ def _shrink_layernorm(model: nn.Module, name: str, removed: dict[int, float], di
             for p in ("weight", "bias") if getattr(norm, p) is not None]
 
 
-def _keep(n: int, removed: Any, device: torch.device) -> Tensor:
-    return torch.tensor([i for i in range(n) if i not in removed], dtype=torch.long, device=device)
+def _keep(n: int, removed: Any, device: torch.device, order: list[int] | None = None) -> Tensor:
+    """The indices of ``n`` that stay: ``order`` where given (a reordered layer), else all but ``removed``."""
+    kept = order if order is not None else [i for i in range(n) if i not in removed]
+    return torch.tensor(kept, dtype=torch.long, device=device)
 
 
 def _replace(name: str, module: nn.Module, attr: str, value: Tensor, index: tuple[Tensor, ...]) -> Replacement:
@@ -272,11 +296,12 @@ def _replace(name: str, module: nn.Module, attr: str, value: Tensor, index: tupl
     return Replacement(name, attr, old, new, index if old is not None else ())
 
 
-def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dict[int, float]) -> list[Replacement]:
+def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dict[int, float],
+            out_order: list[int] | None = None, in_order: list[int] | None = None) -> list[Replacement]:
     replaced = []
     with torch.no_grad():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            keep = _keep(module.num_features, out_removed, module.running_mean.device)  # type: ignore[union-attr]
+            keep = _keep(module.num_features, out_removed, module.running_mean.device, out_order)  # type: ignore
             for attr in ("weight", "bias"):
                 if getattr(module, attr) is not None:
                     replaced.append(_replace(name, module, attr, getattr(module, attr)[keep], (keep,)))
@@ -286,13 +311,13 @@ def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dic
             return replaced
         assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         weight = module.weight.detach()
-        keep_out = _keep(weight.shape[0], out_removed, weight.device)
+        keep_out = _keep(weight.shape[0], out_removed, weight.device, out_order)
         groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
         depthwise = groups > 1 and weight.shape[1] == 1 and getattr(module, "in_channels", 0) == groups
         if groups > 1 and not depthwise:  # grouped: the same positions go from every group
             keep_in = _keep(weight.shape[1], {i % weight.shape[1] for i in in_removed}, weight.device)
         else:
-            keep_in = keep_out if depthwise else _keep(weight.shape[1], in_removed, weight.device)
+            keep_in = keep_out if depthwise else _keep(weight.shape[1], in_removed, weight.device, in_order)
         bias = module.bias.detach().clone() if module.bias is not None else None
         folds = {i: c for i, c in in_removed.items() if c != 0}
         if folds and groups == 1:

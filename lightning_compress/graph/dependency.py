@@ -59,6 +59,7 @@ from lightning_compress.graph.channel_ops import (
     nan_values,
     unpadded,
 )
+from lightning_compress.graph.channel_routes import attach_routes
 from lightning_compress.graph.channel_ties import group_ties
 from lightning_compress.graph.channel_vars import ChannelVariables
 from lightning_compress.graph.layernorm import visit_layernorm
@@ -97,12 +98,12 @@ class DependencyGraph(ChannelVariables):
         for group in groups:
             convs = [name for name in group.producers if name in self.grouped]
             if convs:
-                groups_count, channels = self.grouped[convs[0]]
-                width = channels // groups_count
+                width = self.grouped[convs[0]][1] // self.grouped[convs[0]][0]  # channels per conv group
                 indices = [i for i in group.producers[convs[0]] if i is not None]
                 if len(indices) == group.size:
                     group.segments = [(i // width, i % width) for i in indices]
             group.ties = group_ties(group, ties, balances, self.grouped)
+            attach_routes(self, group)
         return groups
 
     def _opaque(self, call: Call, reason: str) -> None:
