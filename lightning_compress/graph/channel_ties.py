@@ -12,8 +12,9 @@ Two operations let channels go only in patterns, not one by one (see
 A network that splits a shuffled tensor in halves again and again (ShuffleNetV2) would collapse into one channel if
 both were taken as "the same channel"; as units and balances its stages keep their positions apart. A selection is
 searched exactly among the balanced ones (units alike for every balance are interchangeable, so it chooses how many
-of each kind go), greedily repaired where that search grows too large; a stage too deep for any balanced selection
-but the whole stays whole (torchvision's ``shufflenet_v2_x1_0``, stage 3: seven chunks).
+of each kind go), greedily repaired where that search grows too large. A stage too deep for any balanced selection
+but the whole (torchvision's ``shufflenet_v2_x1_0``, stage 3: seven chunks) is pruned by reordering filters instead
+(:mod:`~lightning_compress.graph.channel_routes`, tried first where ``ChannelTies.routes`` is set).
 
 Channels 0 and 4, 1 and 5 go together; channels 0-3 and 4-7 (two chunks) lose equally many:
 
