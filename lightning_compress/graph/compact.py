@@ -4,7 +4,8 @@ A channel is removed when every layer that reads it sees zero, or a constant tha
 bias (see :mod:`lightning_compress.graph.dependency`): its filter goes from every producer, its entry from every
 BatchNorm and depthwise convolution, its input slice from every consumer (a block of ``in_features`` after a
 flatten into a ``Linear``). Channels tied by residual additions are removed only where they are dead in every
-producer.
+producer. Through a channel shuffle the kept filters may be reordered so that each channel keeps its road
+(:mod:`~lightning_compress.graph.channel_routes`).
 
 The BatchNorm trap (Soft Filter Pruning's "reconstruct" step): in eval mode a zero filter followed by BatchNorm
 outputs the constant ``beta - gamma * mu / sigma``. Into a ``Linear`` or an unpadded convolution that constant is

@@ -1,0 +1,199 @@
+"""int8 export of briefly trained torchvision classifiers: does ``export_int8`` follow the fake-quantized model?
+
+Per model (``weights=None``, 10 classes): trained from scratch on the shapes workload
+(``ShapesDataModule(seed=0, samples_per_class=200)``: 1000 training images, upsampled to 3 x 32 x 32 as in
+tests/zoo/test_zoo_int8.py) with Adam, batch 64, for the epochs and learning rate of ``RECIPES`` (random weights
+make a quantized network's logits chaotic under rounding, so agreement would measure nothing), then its batch
+norm statistics recomputed over the training images with the final weights (MobileNetV3 and EfficientNet keep a
+momentum of 0.01, too slow for ~150 steps: without this they stay at chance in eval mode). Then
+``quantize_model(model, "static", calibration, reduce_range=True)`` with and without ``residual_quantizers``
+(calibration: the first 256 training images) and, for every quantized engine torch offers here,
+``export_int8(fake_quantized, calibration, engine=..., check_inputs=test)`` on the 600 test images. Columns:
+
+- float / fake-quant acc: top-1 accuracy on the test images (chance: 0.10);
+- agreement / rel. error: ``int8.verification`` (share of the 856 checked images, the 256 calibration and 600
+  test ones, whose int8 top-1 equals the fake-quantized model's; ``||int8 - fake logits|| / ||fake logits||``);
+- floor (input): the fake-quantized model's agreement with itself when each input pixel is multiplied by
+  ``1 + 1e-6 * N(0, 1)`` (mean over 3 draws); floor (layers): the same with every quantized layer's output
+  (each Conv / Linear) multiplied by ``1 + 1e-6 * N(0, 1)`` through forward hooks. Predictions that flip under such
+  noise are ties at the resolution of float rounding: no int8 kernel can be expected to reproduce them, so
+  agreement is meaningful only down to this floor.
+
+torchvision comes from the isolated install of tests/zoo/zoo_support.py (``$LIGHTNING_COMPRESS_ZOO``):
+
+    export LIGHTNING_COMPRESS_ZOO=/tmp/tvtest; nice -n 10 python benchmarks/zoo_int8.py --models resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
+from zoo_support import torchvision
+
+from lightning_compress.demo import ShapesDataModule
+from lightning_compress.export import export_int8
+from lightning_compress.export.engines import exact_engines, host_summary
+from lightning_compress.quantization import quantize_model
+
+MODELS = "resnet18,resnet50,mobilenet_v3_small,efficientnet_b0,regnet_y_400mf,shufflenet_v2_x1_0,convnext_tiny"
+#: (epochs, Adam learning rate) per model; others: ``--epochs`` at 2e-3
+RECIPES: dict[str, tuple[int, float]] = {"resnet18": (5, 2e-3), "resnet50": (8, 1e-3),
+                                         "mobilenet_v3_small": (15, 2e-3), "efficientnet_b0": (10, 2e-3),
+                                         "regnet_y_400mf": (8, 2e-3), "shufflenet_v2_x1_0": (10, 2e-3),
+                                         "convnext_tiny": (8, 2e-4)}
+NOISE = 1e-6
+
+
+def images(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=32).repeat(1, 3, 1, 1)  # the shapes workload as 3x32x32 images
+
+
+def cpu_line() -> str:
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    words = set(flags.split())
+    found = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f in words]
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Model name")), "?")
+    return f"CPU: {name}; flags: {', '.join(found) or 'none of avx2/avx512_vnni'}; {host_summary()}"
+
+
+def train(name: str, data: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float) -> nn.Module:
+    vision = torchvision()
+    assert vision is not None, "torchvision does not import (set LIGHTNING_COMPRESS_ZOO)"
+    torch.manual_seed(0)
+    model = vision.models.get_model(name, weights=None, num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = data
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 64):
+            batch = order[start:start + 64]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    # population statistics of the final weights (MobileNetV3 / EfficientNet keep momentum 0.01: too slow here)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        for start in range(0, len(x), 64):
+            model(x[start:start + 64])
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy_and_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Top-1 accuracy and the median top-1 softmax probability."""
+    logits = model(x)
+    return float((logits.argmax(1) == y).float().mean()), float(logits.softmax(1).amax(1).median())
+
+
+@torch.no_grad()
+def noise_floor(model: nn.Module, x: torch.Tensor, layers: bool, draws: int = 3) -> float:
+    """Mean agreement of ``model``'s top-1 with itself under ``1 + NOISE * N(0, 1)`` multiplicative noise on the
+    input (``layers=False``) or on every Conv / Linear output (``layers=True``)."""
+    reference = model(x).argmax(1)
+    generator = torch.Generator().manual_seed(1)
+
+    def perturb(t: torch.Tensor) -> torch.Tensor:
+        return t * (1 + NOISE * torch.randn(t.shape, generator=generator))
+
+    hooks = [m.register_forward_hook(lambda _m, _i, out: perturb(out)) for m in model.modules()
+             if layers and isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        agreements = [float((model(x if layers else perturb(x)).argmax(1) == reference).float().mean())
+                      for _ in range(draws)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(agreements) / draws
+
+
+def rows_for(name: str, args: argparse.Namespace, train_data: tuple[torch.Tensor, torch.Tensor],
+             test: tuple[torch.Tensor, torch.Tensor], notes: list[str]) -> list[list[str]]:
+    epochs, lr = RECIPES.get(name, (args.epochs, 2e-3))
+    epochs = args.epochs or epochs
+    start = time.perf_counter()
+    model = train(name, train_data, epochs, lr)
+    seconds = time.perf_counter() - start
+    x, y = test
+    calibration = train_data[0][:256]
+    float_acc, confidence = accuracy_and_confidence(model, x, y)
+    notes.append(f"{name}: {epochs} epochs at lr {lr:g} in {seconds:.0f} s; median top-1 probability "
+                 f"{confidence:.2f}")
+    print(notes[-1], file=sys.stderr, flush=True)  # progress
+    rows = []
+    for residual in (True, False):
+        label = f"{name} | {float_acc:.3f} | {'yes' if residual else 'no'}"
+        try:
+            fake = quantize_model(model, "static", calibration, reduce_range=True, residual_quantizers=residual)
+        except Exception as error:  # e.g. torch.fx cannot trace the model for the residual quantizers
+            notes.append(f"{name}, residual={residual}: quantize_model {type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:160]}")
+            rows.append([label, "-", "-", "-", "-", "-", "-"])
+            continue
+        fake_acc = accuracy_and_confidence(fake, x, y)[0]
+        floors = f"{noise_floor(fake, x, False):.3f} | {noise_floor(fake, x, True):.3f}"
+        for engine in args.engines:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints the traceback of a failed run
+                    int8 = export_int8(fake, calibration, engine=engine, check_inputs=x, min_agreement=None)
+                check = int8.verification
+                rows.append([label, f"{fake_acc:.3f}", engine, f"{check['agreement']:.3f}",
+                             f"{check['relative_error']:.4f}", floors])
+            except Exception as error:  # FX tracing, an engine refused on this CPU
+                notes.append(f"{name}, residual={residual}, {engine}: export_int8 {type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:160]}")
+                rows.append([label, f"{fake_acc:.3f}", engine, "-", "-", floors])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=MODELS, help="comma-separated torchvision model names")
+    parser.add_argument("--epochs", type=int, default=0, help="training epochs (0: each model's recipe)")
+    parser.add_argument("--engines", default="", help="comma-separated quantized engines (default: every engine "
+                        "this host computes 7-bit activations exactly with)")
+    args = parser.parse_args()
+    args.engines = args.engines.split(",") if args.engines else exact_engines(127)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    print(cpu_line(), flush=True)
+    data = ShapesDataModule(seed=0, samples_per_class=200)
+    data.setup()
+    train_x, train_y = data.train_set.tensors
+    test_x, test_y = data.test_set.tensors
+    train_data, test = (images(train_x), train_y), (images(test_x), test_y)
+    header = ["model", "float acc", "residual quantizers", "fake-quant acc", "engine", "agreement",
+              "rel. logit error", "floor (input)", "floor (layers)"]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    notes: list[str] = []
+    for name in args.models.split(","):
+        try:
+            for row in rows_for(name, args, train_data, test, notes):
+                print("| " + " | ".join(row) + " |", flush=True)
+        except Exception as error:
+            notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+    print()
+    for note in notes:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()
