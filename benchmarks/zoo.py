@@ -39,6 +39,7 @@ from zoo_support import classifier, hf_classifier, randomize
 
 from lightning_compress.export import export_int8
 from lightning_compress.export.engines import choose_engine, quantized_engine
+from lightning_compress.export.int8 import fx_device_cache_released
 from lightning_compress.graph import compact
 from lightning_compress.measure import count_macs, count_parameters
 from lightning_compress.pruning.groups import prune_filter_groups
@@ -95,7 +96,7 @@ def torch_ao_fx(model: nn.Module, x: torch.Tensor, engine: str) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    with quantized_engine(engine):
+    with quantized_engine(engine), fx_device_cache_released():  # torch.ao's cache would keep every copy alive
         prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (x,))
         with torch.no_grad():
             prepared(x)
