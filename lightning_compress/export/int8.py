@@ -82,6 +82,27 @@ def fx_device_cache_released() -> Iterator[None]:
             clear()
 
 
+def spatial_means_flattened(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``x.mean((a, a + 1))`` without ``keepdim`` as ``x.flatten(a, a + 1).mean(a)``, the same numbers: torch
+    2.13's quantized ``mean`` over ``[2, 3]`` refuses a 1x1 input with channels-last strides, what a quantized
+    convolution returns ("required rank 4 tensor to use channels_last format": ShuffleNetV2 on 32x32 images, in
+    torch.ao's own FX flow too)."""
+    for node in converted.graph.nodes:
+        is_mean = (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean))
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if not is_mean or keepdim or not isinstance(dims, (list, tuple)) or len(dims) != 2:
+            continue
+        first, second = dims
+        if not (isinstance(first, int) and isinstance(second, int) and second - first == 1 and first * second > 0):
+            continue
+        with converted.graph.inserting_before(node):
+            flat = converted.graph.call_method("flatten", (node.args[0], first, second))
+        node.op, node.target, node.args, node.kwargs = "call_method", "mean", (flat, first), {}
+    converted.recompile()
+    return converted
+
+
 class Int8Model(nn.Module):
     """The converted graph module, run under the quantized engine it was converted for (:attr:`engine`) with
     deterministic mode temporarily off; both settings are restored after each call.
@@ -229,7 +250,7 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
                           "that read their tensor; the int8 model uses the residual quantizers'", stacklevel=2)
         chosen = choose_engine(max_code, engine)
         with quantized_engine(chosen):
-            converted = views_as_reshapes(convert_fx(prepared))
+            converted = spatial_means_flattened(views_as_reshapes(convert_fx(prepared)))
             pack_output_layers(converted, {name: scales[name] for name in outputs})
             if chosen == "qnnpack":
                 contiguous_before_clips(converted)

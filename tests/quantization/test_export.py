@@ -282,3 +282,27 @@ def test_an_export_leaves_no_copy_of_the_model_behind() -> None:
         int8 = export_int8(fake_quantized, x, min_agreement=None)
         del int8
     assert graph_modules() == before
+
+
+class PooledByMean(nn.Module):
+    """Convolutions down to 1x1 positions, then ``mean([2, 3])`` as torchvision's ShuffleNetV2 pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.last = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.last(self.conv(x)).mean([2, 3]))
+
+
+def test_a_mean_over_one_position_exports_under_every_engine() -> None:
+    from lightning_compress.export.engines import exact_engines
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 7, 7)  # 3x3 after the first convolution, 1x1 after the second
+    fake_quantized = quantize_model(PooledByMean().eval(), "static", x, reduce_range=True)
+    for engine in exact_engines(127):  # x86, fbgemm and onednn refused the 1x1 mean before it was flattened
+        int8 = export_int8(fake_quantized, x, engine=engine, min_agreement=None)
+        assert int8.verification["agreement"] >= 0.95 and int8.verification["relative_error"] <= 0.05, engine
