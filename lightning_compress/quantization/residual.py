@@ -9,7 +9,13 @@ A fake-quantized network quantizes the input of every quantized layer; its int8 
 - a tensor that feeds a quantized layer and something else (a ResNet block's output feeds the next block's first
   convolution and its identity shortcut; the stem's pooled output): stored once, at the step of the consuming
   layers' input quantizer, with the ``quint8`` codes 0..255 (kind ``"consumers"``), so the shortcut carries those
-  quantized values.
+  quantized values;
+- the output of an op with fixed output quantization in torch.ao (sigmoid, hardsigmoid: scale 1/256, zero point 0;
+  tanh: 2/256, 128), e.g. a squeeze-excitation gate (kind ``"fixed"``);
+- the output of an average pooling of such a tensor: torch.ao averages its codes and rounds to the same grid (kind
+  ``"pool"``, on the pooling module: it averages the codes too, so ties round as the int8 kernel rounds them; a
+  float average of the values rounds them at random, and a squeeze-excitation gate spreads each flip over a whole
+  channel).
 
 A :class:`ResidualQuantizer` at each of these points makes the fake-quantized model compute what the int8 model
 computes; :func:`export_int8` then uses their scales instead of observing. Each is a submodule named
@@ -35,7 +41,7 @@ __all__ = ["KINDS", "NAME", "ResidualQuantizer", "check_residual_options", "fini
 
 #: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
 NAME = "residual_quantizer"
-KINDS = ("range", "consumers")
+KINDS = ("range", "consumers", "fixed", "pool")
 QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
 
 
@@ -45,9 +51,13 @@ class ResidualQuantizer(nn.Module):
     Args:
         kind: ``"range"``: ``scale`` / ``zero_point`` from the min / max of the calibration data (torch.ao's
             ``MinMaxObserver`` for ``quint8``); ``"consumers"``: the step of the input quantizers of ``consumers``
-            (the widest, zero point 0 after a ReLU or when all are unsigned, else ``qmax + 1``).
-        consumers: names of the quantized layers whose input this tensor is (for ``"consumers"``).
+            (the widest, zero point 0 after a ReLU or when all are unsigned, else ``qmax + 1``); ``"fixed"``: the
+            ``fixed`` ``(scale, zero_point)`` torch.ao gives the op's output; ``"pool"``: on an average pooling, the
+            grid of the quantizer of ``consumers[0]`` (the module whose output is pooled), averaging codes.
+        consumers: names of the quantized layers whose input this tensor is (for ``"consumers"``), or of the module
+            whose quantizer gives the grid (``"pool"``).
         relu: the tensor is a ReLU's output (non-negative).
+        fixed: ``(scale, zero_point)`` of a ``"fixed"`` quantizer.
 
     >>> q = ResidualQuantizer()
     >>> q.calibrating = True
@@ -59,14 +69,19 @@ class ResidualQuantizer(nn.Module):
     scale: Tensor
     zero_point: Tensor
 
-    def __init__(self, kind: str = "range", consumers: tuple[str, ...] = (), relu: bool = False) -> None:
+    def __init__(self, kind: str = "range", consumers: tuple[str, ...] = (), relu: bool = False,
+                 fixed: tuple[float, int] | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not supported; allowed: {KINDS}")
+        if (kind == "fixed") != (fixed is not None):
+            raise ValueError(f"fixed={fixed!r} goes with kind='fixed' only, and kind='fixed' needs it")
         self.kind, self.consumers, self.relu = kind, tuple(consumers), bool(relu)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.calibrating, self.enabled = False, True
+        if fixed is not None:
+            self.set_qparams(*fixed)
         self.min_seen, self.max_seen = math.inf, -math.inf
 
     def extra_repr(self) -> str:
@@ -82,6 +97,16 @@ class ResidualQuantizer(nn.Module):
         if not self.enabled:
             return x
         return torch.fake_quantize_per_tensor_affine(x, self.scale.float(), self.zero_point.int(), QMIN, QMAX)
+
+    def pool(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        """``module``'s average pooling of ``x`` computed on the codes of this grid and rounded half to even (the
+        integer sum is exact in float, so ties are exact); ``output`` as it is while calibrating or disabled."""
+        if self.calibrating or not self.enabled:
+            return output
+        scale, zero_point = self.scale.float(), self.zero_point.float()
+        codes = torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
+        averaged = module.forward(codes)  # not through __call__: no hooks
+        return (torch.clamp(torch.round(averaged), QMIN, QMAX) - zero_point) * scale
 
     def finish_range(self) -> None:
         """Set ``scale`` / ``zero_point`` from the range seen while calibrating (a ``"range"`` quantizer), and stop
@@ -118,7 +143,12 @@ class _ApplyResidualQuantizer:
     """The forward hook that passes a module's output through its ``residual_quantizer`` (picklable)."""
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        return getattr(module, NAME)(output) if isinstance(output, Tensor) else output
+        quantizer = getattr(module, NAME)
+        if not isinstance(output, Tensor):
+            return output
+        if isinstance(quantizer, ResidualQuantizer) and quantizer.kind == "pool" and args:
+            return quantizer.pool(module, args[0], output)
+        return quantizer(output)
 
 
 def residual_quantizers(model: nn.Module) -> dict[str, ResidualQuantizer]:
@@ -172,9 +202,12 @@ def finish_residual_quantizers(quantizers: Mapping[str, ResidualQuantizer], laye
     Raises:
         RuntimeError: naming a quantizer that saw no data, or whose consumers were all left float.
     """
+    pools = {name: q for name, q in quantizers.items() if q.kind == "pool"}
     for name, quantizer in quantizers.items():
         quantizer.calibrating = False
         try:
+            if quantizer.kind in ("fixed", "pool"):
+                continue
             if quantizer.kind == "range":
                 quantizer.finish_range()
             else:
@@ -184,16 +217,24 @@ def finish_residual_quantizers(quantizers: Mapping[str, ResidualQuantizer], laye
                     if inq.enabled and not inq.dynamic])
         except RuntimeError as error:
             raise RuntimeError(f"residual quantizer of {name!r}: {error}") from None
+    for name, quantizer in pools.items():
+        source = quantizers.get(quantizer.consumers[0]) if quantizer.consumers else None
+        if source is None:
+            raise RuntimeError(f"residual quantizer of {name!r}: the quantizer of its input is gone")
+        quantizer.set_qparams(float(source.scale), int(source.zero_point))
 
 
 def residual_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
-    """``{module name: (scale, zero_point)}`` of the residual quantizers of ``model``, for an export.
+    """``{module name: (scale, zero_point)}`` of the residual quantizers of ``model``, for an export (not the
+    ``"pool"`` ones: the int8 pooling keeps its input's grid by itself).
 
     Raises:
         ValueError: a residual quantizer is disabled or still calibrating.
     """
     found = {}
     for name, quantizer in residual_quantizers(model).items():
+        if quantizer.kind == "pool":
+            continue
         if quantizer.calibrating or not quantizer.enabled:
             state = "calibrating" if quantizer.calibrating else "disabled"
             raise ValueError(f"the residual quantizer of {name!r} is {state}; an export needs calibrated ones")

@@ -4,9 +4,10 @@
 The rules follow torch.ao's FX graph mode: a quantized layer is fused with the BatchNorm and the ReLU right after it
 and its output is requantized, unless it reaches the model's output (then it computes in float); an addition is
 quantized (with the ReLU after it); pooling, flattening, reshapes, dropout and ReLUs share the quantization of their
-input, and a concatenation quantizes its inputs at its output's grid. A tensor so quantized whose value reaches
-only quantized layers (through ops that keep its grid) needs nothing more: those layers' input quantizers round it
-alike.
+input, and a concatenation quantizes its inputs at its output's grid; sigmoid, hardsigmoid and tanh quantize their
+output with fixed parameters, and other activations (hardswish, SiLU, GELU, ...) requantize theirs. A tensor so
+quantized whose value reaches only quantized layers (through ops that keep its grid) needs nothing more: those
+layers' input quantizers round it alike.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ _CAT_CALLS = (torch.cat, torch.concat, "cat")
 #: ones that share it but round again (an average of codes)
 _ROUNDING_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _ROUNDING_CALLS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean")
+#: poolings whose average a ``"pool"`` quantizer computes on the codes of its input's grid
+_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+#: ops whose output torch.ao quantizes with fixed ``(scale, zero_point)`` (quint8), e.g. squeeze-excitation gates
+_FIXED = {nn.Sigmoid: (1 / 256, 0), nn.Hardsigmoid: (1 / 256, 0), nn.Tanh: (2 / 256, 128),
+          torch.sigmoid: (1 / 256, 0), F.sigmoid: (1 / 256, 0), F.hardsigmoid: (1 / 256, 0), "sigmoid": (1 / 256, 0),
+          torch.tanh: (2 / 256, 128), F.tanh: (2 / 256, 128), "tanh": (2 / 256, 128)}
+#: activations whose output the int8 graph stores in 8 bits again (its own observer, or the next op's)
+_ACTIVATION_MODULES = (nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish)
+_ACTIVATION_CALLS = (F.hardswish, F.silu, F.gelu, F.elu, F.leaky_relu, F.mish)
 
 
 class ModuleOutputTracer(torch.fx.Tracer):
@@ -87,6 +97,7 @@ class Point:
     kind: str
     consumers: tuple[str, ...]
     relu: bool
+    fixed: tuple[float, int] | None = None
 
 
 def _module(root: nn.Module, node: Any) -> nn.Module | None:
@@ -110,11 +121,13 @@ def _group_output(layer: torch.fx.Node, root: nn.Module) -> torch.fx.Node:
     return node
 
 
-def _reach(value: torch.fx.Node, root: nn.Module, layers: set[str]) -> tuple[list[str], bool, bool, bool]:
+def _reach(value: torch.fx.Node, root: nn.Module,
+           layers: set[str]) -> tuple[list[str], bool, bool, list[torch.fx.Node]]:
     """Follow a quantized value through the ops that share its quantization: ``(consuming layers, reaches another
-    op, reaches the output, passes an op that rounds again)``."""
+    op, reaches the output, the ops passed that round again)``."""
     consumers: list[str] = []
-    other = output = rounding = False
+    rounding: list[torch.fx.Node] = []
+    other = output = False
     frontier, seen = [value], {value}
     while frontier:
         node = frontier.pop(0)
@@ -126,13 +139,23 @@ def _reach(value: torch.fx.Node, root: nn.Module, layers: set[str]) -> tuple[lis
                 continue  # quantized at the concatenation's grid: the concatenation is a value of its own
             elif first is node and (_is(user, root, _EXACT_MODULES, _EXACT_CALLS)
                                     or _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)):
-                rounding |= _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)
+                if _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS) and user not in rounding:
+                    rounding.append(user)
                 if user not in seen:
                     seen.add(user)
                     frontier.append(user)
             else:
                 other, output = True, output or user.op == "output"
     return consumers, other, output, rounding
+
+
+def _fixed_qparams(node: torch.fx.Node, root: nn.Module) -> tuple[float, int] | None:
+    """The fixed output ``(scale, zero_point)`` torch.ao gives ``node``'s op, if any."""
+    if node.op == "call_module":
+        return next((v for k, v in _FIXED.items() if isinstance(k, type) and isinstance(_module(root, node), k)), None)
+    if node.op in ("call_function", "call_method"):
+        return next((v for k, v in _FIXED.items() if not isinstance(k, type) and k == node.target), None)
+    return None
 
 
 def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
@@ -167,10 +190,14 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
                          f"{type(model).__name__} ({type(error).__name__}: {error})") from error
     layers = {name for name, module in model.named_modules() if is_quantized(module)}
     values: list[tuple[torch.fx.Node, bool]] = []  # (quantized value, is a layer's output)
+    fixed: dict[torch.fx.Node, tuple[float, int]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layers:
             values.append((_group_output(node, model), True))
-        elif _is(node, model, (), _CAT_CALLS):
+        elif _is(node, model, _ACTIVATION_MODULES, _CAT_CALLS + _ACTIVATION_CALLS):
+            values.append((node, False))
+        elif (qparams := _fixed_qparams(node, model)) is not None and node.users:
+            fixed[node] = qparams
             values.append((node, False))
         elif _is(node, model, (), _ADD_CALLS) and any(isinstance(a, torch.fx.Node) for a in node.args[:2]):
             users = list(node.users)
@@ -181,9 +208,9 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
         consumers, other, output, rounding = _reach(value, model, layers)
         if from_layer and output:
             continue  # an output layer: torch.ao computes it in float, nothing is requantized
-        if consumers and not (other or rounding):
+        if consumers and not (other or rounding) and value not in fixed:
             continue  # only quantized layers read it, and they round it alike
-        if not consumers and not other:
+        if not consumers and not other and value not in fixed:
             continue
         module = _hook_module(value, model, tracer)
         if module is None:
@@ -193,7 +220,15 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
             continue
         done.add(module)
         relu = _is(value, model, _RELU_MODULES, _RELU_CALLS)
-        points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
+        if value in fixed:
+            points.append(Point(module, "fixed", (), False, fixed[value]))
+        else:
+            points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
+        for pool in rounding:  # averaged on the codes of this grid, as torch.ao's quantized pooling
+            name = str(pool.target)
+            if isinstance(_module(model, pool), _POOL_MODULES) and tracer.calls[name] == 1 and name not in done:
+                done.add(name)
+                points.append(Point(name, "pool", (module,), False))
     return points, unhookable
 
 
@@ -224,7 +259,7 @@ def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> d
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     attached = {}
     for point in points:
-        quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu).to(device)
+        quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu, point.fixed).to(device)
         quantizer.calibrating = calibrating
         hook_residual_quantizer(model.get_submodule(point.module), quantizer)
         attached[point.module] = quantizer
