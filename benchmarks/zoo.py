@@ -5,7 +5,8 @@ Per model (random weights, batch norm statistics and classifier randomised, 10 c
 
 - ours: the dependency groups (``prune_filter_groups`` + exact ``compact``, the selection ``FilterPruning`` makes),
   counting channels as Torch-Pruning does (``rounding="up"``: ``n - floor(0.6 n)`` of ``n``; ``--rounding nearest``
-  for the library's default, whose parameter reduction is printed in the second column either way);
+  for the library's default, whose parameter reduction is printed in the second column either way;
+  ``--layernorm-statistics kept``: pruned LayerNorms normalise over the kept channels, as Torch-Pruning's do);
   Torch-Pruning: ``MagnitudePruner`` (L2, ``pruning_ratio=0.4``, last layer ignored). x fewer parameters, x fewer
   MACs, x faster at batch 1 and 16 (1 thread; dense, ours and Torch-Pruning alternated, median of rounds), and our
   compaction's relative output difference;
@@ -67,9 +68,9 @@ def alternated_ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int
     return {name: medians["dense"] / value for name, value in medians.items()}
 
 
-def ours(model: nn.Module, x: torch.Tensor, rounding: str) -> tuple[nn.Module, float]:
+def ours(model: nn.Module, x: torch.Tensor, rounding: str, statistics: str = "all") -> tuple[nn.Module, float]:
     pruned = copy.deepcopy(model)
-    prune_filter_groups(pruned, x[:2], 0.4, rounding=rounding)
+    prune_filter_groups(pruned, x[:2], 0.4, rounding=rounding, layernorm_statistics=statistics)
     small = compact(pruned, x[:2])
     assert isinstance(small, nn.Module)
     with torch.no_grad():
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 columns")
     parser.add_argument("--rounding", default="up", choices=["up", "nearest", "down"],
                         help="channel count rounding of ours (up: Torch-Pruning's count)")
+    parser.add_argument("--layernorm-statistics", default="all", choices=["all", "kept"],
+                        help="what a pruned LayerNorm normalises by (kept: the kept channels, as Torch-Pruning)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -162,7 +165,7 @@ def main() -> None:
         size = SIZES.get(name, args.size)
         x = torch.randn(16, 3, size, size)
         params, macs = count_parameters(model), count_macs(model, x)[0]
-        small, difference = ours(model, x, args.rounding)
+        small, difference = ours(model, x, args.rounding, args.layernorm_statistics)
         alternative = params / count_parameters(ours(model, x, other)[0])
         theirs = NO_TORCH_PRUNING.get(name) or torch_pruning(model, x)
         models = {"dense": model, "ours": small} | ({} if isinstance(theirs, str) else {"tp": theirs})

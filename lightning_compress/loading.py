@@ -62,7 +62,7 @@ def load_compressed(checkpoint_path: str | Path, model: nn.Module, *, prefix: st
     state = _network_state(checkpoint.get("state_dict", checkpoint), prefix)
     for pruning in _callback_states(checkpoint, "events"):
         if pruning.get("events"):
-            replay_compactions(model, pruning["events"], pruning["example"])
+            replay_compactions(model, pruning["events"], pruning["example"], pruning.get("layernorm_statistics", "all"))
     recorded = [s for s in _callback_states(checkpoint, "specs") if s.get("attached", True)]
     if quantized and recorded:
         modules = dict(model.named_modules())

@@ -10,6 +10,8 @@
 - :mod:`~lightning_compress.graph.compact`: physical removal of pruned channels (a smaller dense model with the
   same outputs); :mod:`~lightning_compress.graph.batchnorm`: BatchNorm around pruned filters;
   :mod:`~lightning_compress.graph.blocks`: residual blocks that become the identity when zeroed;
+  :mod:`~lightning_compress.graph.layernorm` and :mod:`~lightning_compress.graph.layernorm_statistics`: LayerNorms
+  over pruned channels, exact (their constants kept) or over the kept channels only (plain after compaction);
 - :mod:`~lightning_compress.graph.heads`: attention heads and FFN neurons of transformers as prunable units, removed
   by :mod:`~lightning_compress.graph.heads_compact`.
 """
@@ -33,6 +35,7 @@ from lightning_compress.graph.heads import (
     taylor_scores,
 )
 from lightning_compress.graph.heads_compact import CompactMultiheadAttention, compact_units, unit_counts
+from lightning_compress.graph.layernorm_statistics import kept_layer_norm, set_kept_statistics
 from lightning_compress.graph.layers import LAYER_TYPES, check_layer_pattern, resolve_layer_types, select_layers
 from lightning_compress.graph.tracing import Call, Trace, called_through_weights, trace, unexecuted_layers
 
@@ -55,6 +58,7 @@ __all__ = [
     "compact_units",
     "filter_groups",
     "find_unit_groups",
+    "kept_layer_norm",
     "mask_units",
     "norm_scores",
     "plan_compaction",
@@ -62,6 +66,7 @@ __all__ = [
     "remove_blocks",
     "resolve_layer_types",
     "select_layers",
+    "set_kept_statistics",
     "taylor_scores",
     "trace",
     "unexecuted_layers",

@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+import lightning_compress.graph.layernorm_statistics as statistics
 from lightning_compress.graph.channel_ties import tied_removal
 from lightning_compress.graph.dependency import ChannelGroup, DependencyGraph, build_graph
 from lightning_compress.graph.layernorm import CompactLayerNorm, layernorm_reason
@@ -274,9 +275,10 @@ def compact(
 
 def _shrink_layernorm(model: nn.Module, name: str, removed: dict[int, float], dim: int) -> list[Replacement]:
     """Swap the LayerNorm ``name`` for a :class:`~lightning_compress.graph.layernorm.CompactLayerNorm` without the
-    ``removed`` channels (index -> constant input)."""
+    ``removed`` channels (index -> constant input); one with statistics over kept channels for a plain one."""
     norm = cast(nn.LayerNorm, model.get_submodule(name))
-    small = CompactLayerNorm.from_layernorm(norm, removed, dim)
+    small = (statistics.shrink_with_kept_statistics(norm, removed, dim) if statistics.kept_statistics(norm)
+             else CompactLayerNorm.from_layernorm(norm, removed, dim))
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, small)
     keep = _keep(norm.normalized_shape[0], removed, torch.device("cpu"))
@@ -340,17 +342,18 @@ def _shrink(name: str, module: nn.Module, out_removed: set[int], in_removed: dic
 
 
 def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: str = "auto",
-                               roles: tuple[str, ...] = ("batchnorm", "layernorm")) -> int:
-    """Zero, in place, the BatchNorm (and LayerNorm) scale and shift of channels whose producers' filters are all
-    zero.
+                               roles: tuple[str, ...] = ("batchnorm", "layernorm"),
+                               layernorm_statistics: str = "all") -> int:
+    """Zero, in place, the BatchNorm (and LayerNorm) scale and shift of channels whose filters are all zero.
 
     Afterwards those channels output exactly 0 in eval mode (the final prune of Soft Filter Pruning), so
     :func:`compact` can remove them even before padded convolutions (and from LayerNorms). Returns the number of
-    norm channels zeroed (``roles``: which norms).
+    norm channels zeroed (``roles``: which norms). ``layernorm_statistics="kept"``: those LayerNorms also take
+    their statistics over the other channels (:mod:`~lightning_compress.graph.layernorm_statistics`).
     """
     graph = build_graph(model, example_inputs, method)
     modules = dict(model.named_modules())
-    count, zero_rows = 0, {}  # type: tuple[int, dict[int, Tensor]]
+    count, zero_rows, excluded = 0, {}, {}  # type: tuple[int, dict[int, Tensor], dict[str, list[int]]]
     with torch.no_grad():
         for meta in graph.merged().values():
             producers = [(m, i) for m, role, i in meta.members if role == "producer"]
@@ -363,13 +366,18 @@ def zero_bn_for_pruned_filters(model: nn.Module, example_inputs: Any, method: st
                         if param is not None:
                             param[index] = 0
                     count += 1
+                    if isinstance(bn, nn.LayerNorm):
+                        excluded.setdefault(name, []).append(index)
+    if statistics.check_layernorm_statistics(layernorm_statistics) == "kept":
+        statistics.exclude_channels(modules, excluded, graph.layernorm_dims)
     return count
 
 
-def replay_compactions(model: nn.Module, events: list[dict[str, list[int]]], example_inputs: Any
-                       ) -> list[CompactionPlan]:
+def replay_compactions(model: nn.Module, events: list[dict[str, list[int]]], example_inputs: Any,
+                       layernorm_statistics: str = "all") -> list[CompactionPlan]:
     """Shrink ``model`` in place as a recorded run did: for each event ``{layer: removed filter indices}`` zero those
-    filters and compact (what ``FilterPruning`` records, so a fresh model takes its checkpoint).
+    filters and compact (what ``FilterPruning`` records, so a fresh model takes its checkpoint), LayerNorms under
+    the run's ``layernorm_statistics``.
 
     Returns:
         The plan of each compaction, in order.
@@ -384,7 +392,8 @@ def replay_compactions(model: nn.Module, events: list[dict[str, list[int]]], exa
                     modules[name].bias[rows] = 0
         device = next(model.parameters()).device
         if any(isinstance(m, nn.LayerNorm) for m in model.modules()):  # zeroed with the filters during the run
-            zero_bn_for_pruned_filters(model, example_inputs.to(device), roles=("layernorm",))
+            zero_bn_for_pruned_filters(model, example_inputs.to(device), roles=("layernorm",),
+                                       layernorm_statistics=layernorm_statistics)
         _, plan = cast(tuple[nn.Module, CompactionPlan],
                        compact(model, example_inputs.to(device), inplace=True, return_plan=True))
         plans.append(plan)

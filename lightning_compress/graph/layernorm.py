@@ -235,7 +235,11 @@ def layernorm_dim(module: nn.LayerNorm, x: Tensor, dims: tuple[int, ...]) -> int
         out = module(probe)
     except Exception as error:  # a subclass with another signature
         return f"{type(module).__name__} could not be replayed ({type(error).__name__})"
-    reference = F.layer_norm(probe.movedim(dim, -1), shape, module.weight, module.bias, module.eps).movedim(-1, dim)
+    from lightning_compress.graph.layernorm_statistics import kept_layer_norm, kept_statistics
+
+    hook = kept_statistics(module)  # pruned with layernorm_statistics="kept": statistics over the kept channels
+    keep = hook.keep if hook is not None else torch.ones(shape, dtype=torch.bool)
+    reference = kept_layer_norm(probe, keep, module.weight, module.bias, module.eps, dim)
     if not isinstance(out, Tensor) or out.shape != reference.shape or not torch.allclose(out, reference, 1e-4, 1e-5):
         return f"{type(module).__name__} does not compute a LayerNorm over its input's channel dimension"
     return dim

@@ -25,6 +25,7 @@ from lightning_compress.pruning.groups import (
     group_selection,
     producer_masks,
     pruned_channel_masks,
+    set_layernorm_statistics,
 )
 from lightning_compress.pruning.schedules import Schedule
 from lightning_compress.pruning.structured import filters_to_prune
@@ -102,6 +103,11 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         rounding: how a group's fractional channel count is rounded: ``"nearest"`` (the default), ``"up"`` (at
             least the rate: Torch-Pruning's count, ``n - floor(n * (1 - rate))``, which removes 4 of a grouped
             convolution's 8-channel groups at 0.4) or ``"down"`` (at most the rate).
+        layernorm_statistics: what a LayerNorm over pruned channels normalises by: ``"all"`` (the default) keeps
+            the pruned channels' constant inputs in its mean and variance (the others' outputs do not change;
+            compaction keeps the constants, a LayerNorm a little slower than a plain one), ``"kept"`` takes them
+            over the kept channels only (as Torch-Pruning's slicing; training adapts to it, and compaction gives
+            plain LayerNorms). See :mod:`~lightning_compress.graph.layernorm_statistics`.
         layers: names or regexes of layers to prune.
         types: layer types considered.
         exclude: names or regexes to skip (their whole group is skipped).
@@ -136,14 +142,16 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         log_histograms: bool = True,
         recovery_epochs: int | None = None,
         rounding: str = "nearest",
+        layernorm_statistics: str = "all",
     ) -> None:
         rates = check_options(sparsity, mode, p, granularity, recalibration_batches, compact_every_epoch,
-                              compact_at_schedule_end, rounding)
+                              compact_at_schedule_end, rounding, layernorm_statistics)
         super().__init__(0.0, schedule, layers, types or ["Conv1d", "Conv2d", "Linear"], exclude, prune_classifier,
                          log_histograms, recovery_epochs)
         self.sparsity = sparsity  # type: ignore[assignment]
         self.rates = rates
         self.mode, self.p, self.granularity, self.rounding = mode, p, granularity, rounding
+        self.layernorm_statistics = layernorm_statistics
         self.recalibration_batches = recalibration_batches
         self.compact_on_fit_end = compact_on_fit_end
         self.compact_every_epoch = compact_every_epoch
@@ -187,44 +195,6 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
         if stage != "fit":  # validate / test / predict from a checkpoint of a compacted network
             self._target = compression_target(pl_module)
         self._replay_before_loading(pl_module)
-
-    def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
-        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse. Called
-        by ``QuantizationAwareTraining.setup`` before it attaches anything, whichever callback comes first. With a
-        schedule in steps the compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that
-        only a start at epoch 0 is known to come first."""
-        from lightning_compress.quantization.qat_callback import QuantizationAwareTraining
-
-        self.resolve_schedule(trainer)  # the default schedule, if QuantizationAwareTraining's setup runs first
-        if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):
-            return
-        epoch = self._compaction_epoch(steps_per_epoch)
-        if trainer.max_epochs is not None and epoch is not None and 0 <= trainer.max_epochs <= epoch:
-            return  # fit ends first: no compaction in this fit
-        end = f"{self.schedule.end}" if self.schedule.unit == "epoch" else f"step {self.schedule.end}"
-        when = f"the end of epoch {epoch}" if epoch is not None else "the end of the epoch that reaches it"
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            start = getattr(callback, "start_epoch", 0)
-            if not isinstance(callback, QuantizationAwareTraining) or not isinstance(start, int):
-                continue
-            if start <= (epoch if epoch is not None else 0):
-                raise ValueError(
-                    f"QuantizationAwareTraining(start_epoch={start}) attaches quantizers before FilterPruning("
-                    f"compact_at_schedule_end=True) compacts the network at {when} (its schedule ends at {end}); "
-                    "quantization must start after the compaction: start_epoch >= "
-                    f"{'the epoch after it' if epoch is None else epoch + 1}.")
-
-    def _ends_before_compaction(self, trainer: pl.Trainer) -> bool:
-        max_steps = trainer.max_steps
-        return self.schedule.unit == "step" and max_steps is not None and 0 <= max_steps < self.schedule.end
-
-    def _compaction_epoch(self, steps_per_epoch: int | None) -> int | None:
-        """The epoch at whose end the schedule-end compaction happens (``None``: steps per epoch not known yet)."""
-        if self.schedule.unit == "epoch":
-            return max(self.schedule.end - 1, 0)
-        if steps_per_epoch is None:
-            return None
-        return max(math.ceil(self.schedule.end / steps_per_epoch) - 1, 0)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,7 +255,7 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             skipped[name] = "forward() never runs it, so the dependency trace cannot see its channels"
         groups = []
         for dependency_group in traced:
-            group = from_dependency_group(dependency_group)
+            group = from_dependency_group(dependency_group, graph.layernorm_dims)
             names = list(group.producers)
             if not selected & set(names):
                 continue
@@ -372,9 +342,12 @@ class FilterPruning(FilterState, FinalPruneSteps, PruningCallback):
             return
         zero_bn = self.mode == "hard" or self.finalized
         if self._zero_plan_source is not self.masks or self._zero_plan_bn != zero_bn:  # only when masks change
-            self._zero_plan = [pair for group in self.groups if (keep := self._group_keep(group)) is not None
+            selections = [(group, keep) for group in self.groups if (keep := self._group_keep(group)) is not None]
+            self._zero_plan = [pair for group, keep in selections
                                for pair in pruned_channel_masks(group, self._all_modules, keep, zero_bn)]
             self._zero_plan_source, self._zero_plan_bn = self.masks, zero_bn
+            if self.layernorm_statistics == "kept":
+                set_layernorm_statistics(selections, self._all_modules)
         with torch.no_grad():
             for tensor, pruned in self._zero_plan:
                 tensor.masked_fill_(pruned, 0)

@@ -101,6 +101,7 @@ class FinalPruneSteps:
     compact_at_schedule_end: bool
     fix_at_schedule_end: bool
     recalibration_batches: int
+    layernorm_statistics: str
     compaction: dict[str, Any]
     events: list[dict[str, list[int]]]
     masks: dict[str, torch.Tensor]
@@ -245,7 +246,7 @@ class FinalPruneSteps:
     def replay_compactions(self, events: list[dict[str, list[int]]], example: torch.Tensor) -> None:
         """Shrink a fresh model the way the interrupted run did, so that its checkpoint loads (strictly)."""
         self._refuse_quantized("when a run resumes")
-        for plan in replay_compactions(self._target, events, example):
+        for plan in replay_compactions(self._target, events, example, self.layernorm_statistics):
             record_origins(self._origins, plan, dict(self._target.named_modules()))
 
     def _refuse_quantized(self, when: str) -> None:

@@ -3,6 +3,7 @@ network back, and the sparsities it logs: a mixin of :class:`~lightning_compress
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_compress.graph.layernorm_statistics import check_layernorm_statistics
 from lightning_compress.graph.layers import check_layer_pattern
 from lightning_compress.pruning.callback_base import PruningCallback
 from lightning_compress.pruning.criteria import check_sparsity
@@ -26,7 +28,7 @@ GRANULARITIES = ("filter", "channel")
 
 def check_options(sparsity: float | dict[str, float], mode: str, p: int, granularity: str,
                   recalibration_batches: int, compact_every_epoch: bool, compact_at_schedule_end: bool,
-                  rounding: str = "nearest") -> dict[str, float]:
+                  rounding: str = "nearest", layernorm_statistics: str = "all") -> dict[str, float]:
     """Validate FilterPruning's constructor arguments; return the rates by layer pattern."""
     rates = sparsity if isinstance(sparsity, dict) else {".*": sparsity}
     for pattern, rate in rates.items():
@@ -38,6 +40,7 @@ def check_options(sparsity: float | dict[str, float], mode: str, p: int, granula
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     check_p(p)
     check_rounding(rounding)
+    check_layernorm_statistics(layernorm_statistics)
     if compact_every_epoch and mode != "hard":
         raise ValueError(f"compact_every_epoch needs mode='hard' (soft-pruned filters may regrow), got {mode!r}.")
     if compact_every_epoch and compact_at_schedule_end:
@@ -57,6 +60,7 @@ class FilterState(PruningCallback):
     revived_filters: int
     rates: dict[str, float]
     mode: str
+    layernorm_statistics: str
     compact_at_schedule_end: bool
     events: list[dict[str, list[int]]]
     original_sizes: dict[str, int]
@@ -78,6 +82,44 @@ class FilterState(PruningCallback):
                            "every update up to the end of fit, so no epoch trains with the final selection (a "
                            "zeroed filter regrows within an epoch, with Adam). Pass recovery_epochs=N to make the "
                            "selection permanent when the schedule ends, or leave schedule unset for the default.")
+
+    def check_quantization_starts_later(self, trainer: pl.Trainer, steps_per_epoch: int | None = None) -> None:
+        """Quantizers attached before the schedule-end compaction would be compacted with the layers: refuse. Called
+        by ``QuantizationAwareTraining.setup`` before it attaches anything, whichever callback comes first. With a
+        schedule in steps the compaction epoch is known once the trainer knows its ``steps_per_epoch``; before that
+        only a start at epoch 0 is known to come first."""
+        from lightning_compress.quantization.qat_callback import QuantizationAwareTraining
+
+        self.resolve_schedule(trainer)  # the default schedule, if QuantizationAwareTraining's setup runs first
+        if not self.compact_at_schedule_end or self.compacted_at is not None or self._ends_before_compaction(trainer):
+            return
+        epoch = self._compaction_epoch(steps_per_epoch)
+        if trainer.max_epochs is not None and epoch is not None and 0 <= trainer.max_epochs <= epoch:
+            return  # fit ends first: no compaction in this fit
+        end = f"{self.schedule.end}" if self.schedule.unit == "epoch" else f"step {self.schedule.end}"
+        when = f"the end of epoch {epoch}" if epoch is not None else "the end of the epoch that reaches it"
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            start = getattr(callback, "start_epoch", 0)
+            if not isinstance(callback, QuantizationAwareTraining) or not isinstance(start, int):
+                continue
+            if start <= (epoch if epoch is not None else 0):
+                raise ValueError(
+                    f"QuantizationAwareTraining(start_epoch={start}) attaches quantizers before FilterPruning("
+                    f"compact_at_schedule_end=True) compacts the network at {when} (its schedule ends at {end}); "
+                    "quantization must start after the compaction: start_epoch >= "
+                    f"{'the epoch after it' if epoch is None else epoch + 1}.")
+
+    def _ends_before_compaction(self, trainer: pl.Trainer) -> bool:
+        max_steps = trainer.max_steps
+        return self.schedule.unit == "step" and max_steps is not None and 0 <= max_steps < self.schedule.end
+
+    def _compaction_epoch(self, steps_per_epoch: int | None) -> int | None:
+        """The epoch at whose end the schedule-end compaction happens (``None``: steps per epoch not known yet)."""
+        if self.schedule.unit == "epoch":
+            return max(self.schedule.end - 1, 0)
+        if steps_per_epoch is None:
+            return None
+        return max(math.ceil(self.schedule.end / steps_per_epoch) - 1, 0)
 
     def _check_rate_patterns(self) -> None:
         """Every pattern of a ``sparsity`` mapping must name at least one selected layer."""
@@ -158,7 +200,8 @@ class FilterState(PruningCallback):
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "finalized": self.finalized, "revived_filters": self.revived_filters,
                  "events": self.events, "original_sizes": self.original_sizes,
-                 "original_filters": self.original_filters, "compacted_at": self.compacted_at}
+                 "original_filters": self.original_filters, "compacted_at": self.compacted_at,
+                 "layernorm_statistics": self.layernorm_statistics}
         if getattr(self, "_example", None) is not None:
             state["example"] = self._example
         return state
@@ -172,5 +215,9 @@ class FilterState(PruningCallback):
         self.original_sizes = dict(state_dict.get("original_sizes", {}))
         self.original_filters = dict(state_dict.get("original_filters", {}))
         self.compacted_at = state_dict.get("compacted_at")
+        saved = state_dict.get("layernorm_statistics", "all")
+        if self.events and saved != self.layernorm_statistics:
+            raise ValueError(f"The checkpoint was compacted with FilterPruning(layernorm_statistics={saved!r}), this "
+                             f"callback has {self.layernorm_statistics!r}: pass {saved!r} to resume it.")
         if "example" in state_dict:
             self._example = state_dict["example"]

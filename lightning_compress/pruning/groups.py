@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_compress.graph.channel_ties import ChannelTies, tied_keep_mask
+from lightning_compress.graph.layernorm_statistics import check_layernorm_statistics, set_kept_statistics
 from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.utils.rounding import check_rounding, round_count
@@ -37,6 +38,7 @@ class PrunableGroup:
     segments: list[tuple[int, int]] | ChannelTies | None = None  # (conv group, position) through a grouped
     # convolution; the channels that go together and the pieces that lose equally many through a shuffle or chunk
     layernorms: dict[str, torch.Tensor] = field(default_factory=dict)
+    layernorm_dims: dict[str, int] = field(default_factory=dict)  # the channel dimension each LayerNorm reads
 
     @property
     def size(self) -> int:
@@ -52,15 +54,17 @@ def _indices(mapping: dict[str, list[int | None]]) -> dict[str, torch.Tensor]:
             mapping.items()}
 
 
-def from_dependency_group(group: object) -> PrunableGroup:
-    """Convert a ``ChannelGroup`` of the dependency analysis."""
+def from_dependency_group(group: object, layernorm_dims: dict[str, int] | None = None) -> PrunableGroup:
+    """Convert a ``ChannelGroup`` of the dependency analysis (``layernorm_dims``: its graph's)."""
+    norms = getattr(group, "layernorms", {})
     return PrunableGroup(
         producers=_indices(group.producers),  # type: ignore[attr-defined]
         depthwise=_indices(group.depthwise),  # type: ignore[attr-defined]
         batchnorms=_indices(group.batchnorms),  # type: ignore[attr-defined]
         consumers=dict(group.consumers),  # type: ignore[attr-defined]
         segments=getattr(group, "ties", None) or getattr(group, "segments", None),
-        layernorms=_indices(getattr(group, "layernorms", {})),
+        layernorms=_indices(norms),
+        layernorm_dims={name: (layernorm_dims or {}).get(name, -1) for name in norms},
     )
 
 
@@ -165,6 +169,19 @@ def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: tor
             tensor.masked_fill_(pruned, 0)
 
 
+def set_layernorm_statistics(selections: list[tuple[PrunableGroup, torch.Tensor]], modules: dict[str, Any]) -> None:
+    """Each LayerNorm over channels of the groups takes its statistics over the channels that the groups' keep
+    masks keep (``layernorm_statistics="kept"``, :mod:`~lightning_compress.graph.layernorm_statistics`)."""
+    keeps: dict[str, tuple[torch.Tensor, int]] = {}
+    for group, keep in selections:
+        for name, index in group.layernorms.items():
+            mask = keeps.setdefault(name, (torch.ones(modules[name].normalized_shape[0], dtype=torch.bool),
+                                           group.layernorm_dims.get(name, -1)))[0]
+            mask[index[~keep.bool() & (index >= 0)]] = False
+    for name, (mask, dim) in keeps.items():
+        set_kept_statistics(modules[name], mask, dim)
+
+
 def group_selection(group: PrunableGroup, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The group's current keep mask, read from every producer's filter mask (a shuffle stage's or a
     concatenation's producers each carry their own channels of the group); ``None`` before any mask."""
@@ -190,27 +207,34 @@ def producer_masks(group: PrunableGroup, keep: torch.Tensor, modules: dict[str, 
 
 
 def prune_filter_groups(model: nn.Module, example_inputs: Any, sparsity: float, p: int = 2,
-                        rounding: str = "nearest") -> int:
+                        rounding: str = "nearest", layernorm_statistics: str = "all") -> int:
     """One-shot filter pruning without training: in every free dependency group of ``model`` (not the model
     output's), zero the ``round(sparsity * n)`` channels of lowest joint Lp norm (``rounding="up"``: Torch-Pruning's
     count, at least the rate), with their BatchNorm (and LayerNorm) scale and shift, so
-    :func:`~lightning_compress.graph.compact` removes them. Returns the number of channels zeroed.
+    :func:`~lightning_compress.graph.compact` removes them. ``layernorm_statistics="kept"``: LayerNorms over pruned
+    channels take their statistics over the kept ones (as Torch-Pruning's slicing; compaction then gives plain
+    LayerNorms) instead of all (``"all"``: the outputs of the other channels do not change). Returns the number of
+    channels zeroed.
 
     >>> from lightning_compress.demo import PlainCNN
     >>> prune_filter_groups(PlainCNN(width=4), torch.randn(2, 1, 8, 8), 0.5)
     10
     """
-    from lightning_compress.graph.dependency import filter_groups
+    from lightning_compress.graph.dependency import build_graph
 
     check_rounding(rounding)
+    check_layernorm_statistics(layernorm_statistics)
     modules = dict(model.named_modules())
-    zeroed = 0
-    for dependency_group in filter_groups(model, example_inputs):
+    graph = build_graph(model, example_inputs)
+    selections = []
+    for dependency_group in graph.groups():
         if dependency_group.blocked:
             continue
-        group = from_dependency_group(dependency_group)
+        group = from_dependency_group(dependency_group, graph.layernorm_dims)
         scores = group_scores(group, modules, p)
         keep = group_keep_mask(scores, filters_to_prune(scores, sparsity, rounding), group.segments, rounding)
         zero_group_channels(group, modules, keep, batchnorm=True)
-        zeroed += int((~keep).sum())
-    return zeroed
+        selections.append((group, keep))
+    if layernorm_statistics == "kept":
+        set_layernorm_statistics(selections, modules)
+    return sum(int((~keep).sum()) for _, keep in selections)

@@ -11,6 +11,8 @@ from torch import nn
 from zoo_support import torchvision
 
 from lightning_compress.graph import compact, filter_groups
+from lightning_compress.graph.layernorm import CompactLayerNorm
+from lightning_compress.graph.layernorm_statistics import kept_statistics
 from lightning_compress.measure import count_macs, count_parameters
 from lightning_compress.pruning.groups import prune_filter_groups
 
@@ -29,17 +31,21 @@ def randomize_batchnorm(model: nn.Module) -> None:
                 module.bias.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
 
 
-def pruned(name: str, sparsity: float = 0.4, rounding: str = "nearest") -> tuple[float, float, float, list[str]]:
-    """(params x, MACs x, relative output difference after compaction, reasons of the blocked groups)."""
+def pruned(name: str, sparsity: float = 0.4, rounding: str = "nearest", statistics: str = "all"
+           ) -> tuple[float, float, float, list[str]]:
+    """(params x, MACs x, relative output difference after compaction, reasons of the blocked groups); LayerNorms
+    under ``layernorm_statistics=statistics``, and only plain ones after compaction with ``"kept"``."""
     assert VISION is not None
     model = VISION.models.get_model(name, weights=None, num_classes=10).eval()
     randomize_batchnorm(model)
     x = torch.randn(2, 3, 32, 32)
     params, macs = count_parameters(model), count_macs(model, x)[0]
     blocked = [reason for group in filter_groups(model, x) if group.blocked for reason in group.blocked]
-    prune_filter_groups(model, x, sparsity, rounding=rounding)
+    prune_filter_groups(model, x, sparsity, rounding=rounding, layernorm_statistics=statistics)
     small = compact(model, x)
     assert isinstance(small, nn.Module)
+    if statistics == "kept":
+        assert not any(isinstance(m, CompactLayerNorm) or kept_statistics(m) for m in small.modules())
     with torch.no_grad():
         reference, out = model(x), small(x)
     difference = float((out - reference).norm() / reference.norm())
@@ -82,3 +88,10 @@ def test_rounding_up_reaches_torch_pruning_on_grouped_convolutions(name: str, th
     assert params >= 0.99 * theirs and macs >= 0.95 * theirs
     nearest, _, _, _ = pruned(name)
     assert nearest < 0.92 * theirs  # the default removes fewer: the gap is the rounding
+
+
+@pytest.mark.slow
+def test_convnext_with_kept_statistics_compacts_to_plain_layernorms_exactly() -> None:
+    params, macs, difference, _ = pruned("convnext_tiny", rounding="up", statistics="kept")
+    assert difference <= 1e-4  # against the masked model, whose LayerNorms normalise over the kept channels
+    assert params >= 0.99 * 2.76 and macs >= 0.99 * 2.74  # Torch-Pruning 1.6 (benchmarks/zoo.py)
