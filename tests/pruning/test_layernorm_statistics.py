@@ -164,6 +164,32 @@ def test_filter_pruning_with_kept_statistics_compacts_every_epoch_and_resumes_ex
         run(tmp_path, "all", ckpt_path=tmp_path / "full" / "epoch=1.ckpt", tag="mismatch")
 
 
+def test_soft_pruning_with_kept_statistics_compacts_at_fit_end_to_plain_layernorms(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(TinyConvNeXt(), lr=3e-3, lr_scheduler="none")
+    pruning = FilterPruning(sparsity=0.5, mode="soft", recalibration_batches=0, compact_on_fit_end=True,
+                            layernorm_statistics="kept")
+    seen = []
+
+    class Spy(pl.Callback):  # the masked network in training: hooks on the three LayerNorms of the stream
+        def on_train_epoch_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            seen.append(sorted(n for n, m in pl_module.compression_target.named_modules() if kept_statistics(m)))
+
+        def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]  # before FilterPruning's
+            seen.append(copy.deepcopy(pl_module.compression_target).eval())
+
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[Spy(), pruning])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert seen[-2] == ["head_norm", "norm", "stem_norm"]
+    small, masked, x = module.compression_target.eval(), seen[-1], torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert relative(small(x), masked(x)) <= 1e-5
+    assert small.stem.out_channels == 4 and type(small.norm) is nn.LayerNorm and type(small.stem_norm) is LayerNorm2d
+    assert not any(kept_statistics(m) for m in small.modules())
+
+
 def test_an_unknown_layernorm_statistics_is_refused_before_training() -> None:
     with pytest.raises(ValueError, match=r"layernorm_statistics must be one of \('all', 'kept'\).*'mean'"):
         FilterPruning(layernorm_statistics="mean")
