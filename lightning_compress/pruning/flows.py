@@ -63,7 +63,9 @@ def rewind(pruned: nn.Module, early_state: Mapping[str, torch.Tensor], example_i
 def pruned_architecture(model: nn.Module, sparsity: float, example_inputs: Any, seed: int | None = None) -> nn.Module:
     """The compact architecture ``FilterPruning(sparsity)`` leaves of ``model`` (the same channel counts: every free
     dependency group but the output's loses ``round(sparsity * n)`` channels), freshly initialised: the reference
-    a pruned network is measured against (Liu et al. 2019, "train from scratch"). ``model`` is left untouched.
+    a pruned network is measured against (Liu et al. 2019, "train from scratch"). ``model`` is left untouched. A
+    LayerNorm over pruned channels becomes a plain one over the kept channels (``layernorm_statistics="kept"``): the
+    network as if built that wide.
 
     >>> from lightning_compress.demo import PlainCNN
     >>> small = pruned_architecture(PlainCNN(width=10), 0.4, torch.randn(2, 1, 8, 8))
@@ -71,5 +73,5 @@ def pruned_architecture(model: nn.Module, sparsity: float, example_inputs: Any, 
     [6, 12, 12]
     """
     copy_ = copy.deepcopy(model)
-    prune_filter_groups(copy_, example_inputs, sparsity)
+    prune_filter_groups(copy_, example_inputs, sparsity, layernorm_statistics="kept")
     return reinitialize(cast(nn.Module, compact(copy_, example_inputs)), seed)

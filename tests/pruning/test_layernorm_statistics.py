@@ -22,6 +22,7 @@ from lightning_compress.graph.layernorm_statistics import (
     kept_statistics,
     set_kept_statistics,
 )
+from lightning_compress.pruning import pruned_architecture
 from lightning_compress.pruning.groups import prune_filter_groups
 from lightning_compress.pruning.schedules import AGP
 
@@ -188,6 +189,12 @@ def test_soft_pruning_with_kept_statistics_compacts_at_fit_end_to_plain_layernor
         assert relative(small(x), masked(x)) <= 1e-5
     assert small.stem.out_channels == 4 and type(small.norm) is nn.LayerNorm and type(small.stem_norm) is LayerNorm2d
     assert not any(kept_statistics(m) for m in small.modules())
+
+
+def test_the_pruned_architecture_of_a_convnext_has_plain_layernorms() -> None:
+    small = pruned_architecture(TinyConvNeXt(), 0.5, torch.randn(2, 1, 8, 8), seed=0)
+    assert type(small.norm) is nn.LayerNorm and type(small.stem_norm) is LayerNorm2d
+    assert small.norm.normalized_shape == (4,) and not any(kept_statistics(m) for m in small.modules())
 
 
 def test_an_unknown_layernorm_statistics_is_refused_before_training() -> None:
