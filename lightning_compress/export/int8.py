@@ -40,6 +40,7 @@ from lightning_compress.export.int8_graph import (
     views_as_reshapes,
 )
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
+from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
 from lightning_compress.quantization.residual import residual_qparams
 
@@ -172,7 +173,9 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     final logits) are observed with a min/max affine observer on ``example_inputs``: pass a representative batch.
     A model quantized with ``quantize_model(..., residual_quantizers=True)`` has quantizers at those tensors
     (:mod:`~lightning_compress.quantization.residual`): their scales and zero points are used instead, so the int8
-    model computes what the fake-quantized model computes.
+    model computes what the fake-quantized model computes; their int32 bias rounding
+    (:mod:`~lightning_compress.quantization.bias_rounding`) is written into the biases, so ``qnnpack``, which stores
+    biases as int32, and the float-bias engines compute the same.
     When one tensor feeds several quantized layers (a block input feeding a convolution and a shortcut), it is
     quantized once with the largest of their input ``amax`` values. Layers without quantizers stay float.
 
@@ -217,6 +220,7 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     float_model = copy.deepcopy(model).cpu().eval()
     scales = _layer_scales(float_model)
     points = residual_qparams(float_model)
+    rounded_biases(float_model)  # the int32 biases the fake-quantized model simulates (bias_rounding)
     remove_quantizers(float_model)
     uneven = explicit_padding(float_model)
     if uneven:

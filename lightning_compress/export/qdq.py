@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.graph.batchnorm import batchnorm_links
+from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.functional import qrange
 from lightning_compress.quantization.quantizers import TensorQuantizer, is_quantized
 from lightning_compress.quantization.residual import NAME, move_residual_quantizer, residual_quantizers
@@ -326,6 +327,7 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
             ``"zeros"``.
     """
     copied = copy.deepcopy(model).eval()
+    rounded_biases(copied)  # the int32 biases the fake-quantized model simulates (bias_rounding)
     folds = batchnorm_folds(copied, example_inputs) if fold_bn else {}
     for parent_name, parent in list(copied.named_modules()):
         for name in list(parent._modules):
@@ -344,7 +346,9 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
         copied.set_submodule(bn, identity)
     layers = [m for m in copied.modules() if isinstance(m, QDQLayer)]
     if not (integer_kernels or (integer_kernels is None and all(layer.integer_kernels for layer in layers))):
-        for name in residual_quantizers(copied):
+        for name, quantizer in residual_quantizers(copied).items():
+            if quantizer.kind == "mul":
+                continue  # it already computes with float operators (a product requantized on codes)
             holder = copied.get_submodule(name)
             holder._modules[NAME] = RoundedResidual(getattr(holder, NAME))
     return copied

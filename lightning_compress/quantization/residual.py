@@ -15,7 +15,12 @@ A fake-quantized network quantizes the input of every quantized layer; its int8 
 - the output of an average pooling of such a tensor: torch.ao averages its codes and rounds to the same grid (kind
   ``"pool"``, on the pooling module: it averages the codes too, so ties round as the int8 kernel rounds them; a
   float average of the values rounds them at random, and a squeeze-excitation gate spreads each flip over a whole
-  channel).
+  channel);
+- the product of two such tensors (a squeeze-excitation gate times its input): torch.ao's ``quantized::mul``
+  multiplies the codes exactly and requantizes ``round(c * m)`` with ``m = s_a * s_b / s_out`` in float32 (kind
+  ``"mul"``, on the module whose output the product is: it recovers the integer product of the codes from the float
+  one and rounds alike; products of a 1/256 gate fall on exact ties in about 1% of the values, which the float
+  product then rounds at random: 2.6e-4 of MobileNetV3-Small's products differed, and the network amplifies each).
 
 A :class:`ResidualQuantizer` at each of these points makes the fake-quantized model compute what the int8 model
 computes; :func:`export_int8` then uses their scales instead of observing. Each is a submodule named
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.quantization.bias_rounding import remove_bias_rounding
 from lightning_compress.quantization.functional import affine_qparams
 
 __all__ = ["KINDS", "NAME", "ResidualQuantizer", "check_residual_options", "finish_residual_quantizers",
@@ -41,7 +47,7 @@ __all__ = ["KINDS", "NAME", "ResidualQuantizer", "check_residual_options", "fini
 
 #: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
 NAME = "residual_quantizer"
-KINDS = ("range", "consumers", "fixed", "pool")
+KINDS = ("range", "consumers", "fixed", "pool", "mul")
 QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
 
 
@@ -53,11 +59,14 @@ class ResidualQuantizer(nn.Module):
             ``MinMaxObserver`` for ``quint8``); ``"consumers"``: the step of the input quantizers of ``consumers``
             (the widest, zero point 0 after a ReLU or when all are unsigned, else ``qmax + 1``); ``"fixed"``: the
             ``fixed`` ``(scale, zero_point)`` torch.ao gives the op's output; ``"pool"``: on an average pooling, the
-            grid of the quantizer of ``consumers[0]`` (the module whose output is pooled), averaging codes.
+            grid of the quantizer of ``consumers[0]`` (the module whose output is pooled), averaging codes;
+            ``"mul"``: the product of two tensors on the grids of the quantizers of ``operands``, requantized as
+            ``quantized::mul`` does, to the grid of ``consumers`` (as ``"consumers"``; ``"range"`` without them).
         consumers: names of the quantized layers whose input this tensor is (for ``"consumers"``), or of the module
             whose quantizer gives the grid (``"pool"``).
         relu: the tensor is a ReLU's output (non-negative).
         fixed: ``(scale, zero_point)`` of a ``"fixed"`` quantizer.
+        operands: for ``"mul"``, the names of the two modules whose residual quantizers hold the factors' grids.
 
     >>> q = ResidualQuantizer()
     >>> q.calibrating = True
@@ -68,17 +77,23 @@ class ResidualQuantizer(nn.Module):
 
     scale: Tensor
     zero_point: Tensor
+    operand_scales: Tensor
 
     def __init__(self, kind: str = "range", consumers: tuple[str, ...] = (), relu: bool = False,
-                 fixed: tuple[float, int] | None = None) -> None:
+                 fixed: tuple[float, int] | None = None, operands: tuple[str, ...] = ()) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not supported; allowed: {KINDS}")
         if (kind == "fixed") != (fixed is not None):
             raise ValueError(f"fixed={fixed!r} goes with kind='fixed' only, and kind='fixed' needs it")
+        if (kind == "mul") != (len(operands) == 2):
+            raise ValueError(f"operands={operands!r}: two go with kind='mul' only, and kind='mul' needs them")
         self.kind, self.consumers, self.relu = kind, tuple(consumers), bool(relu)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.operands = tuple(operands)
+        if kind == "mul":
+            self.register_buffer("operand_scales", torch.ones(2, dtype=torch.float64))
         self.calibrating, self.enabled = False, True
         if fixed is not None:
             self.set_qparams(*fixed)
@@ -96,7 +111,28 @@ class ResidualQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.kind == "mul":
+            return self.multiply(x)
         return torch.fake_quantize_per_tensor_affine(x, self.scale.float(), self.zero_point.int(), QMIN, QMAX)
+
+    def multiply(self, product: Tensor) -> Tensor:
+        """The float product of two factors on the grids of ``operand_scales`` as ``quantized::mul`` requantizes it:
+        the integer product ``c`` of the codes (exact in float32 up to 2^24, recovered by rounding ``product /
+        (s_a s_b)``), then ``clamp(round(c * m) + z, 0, 255)`` with ``m = s_a * s_b * (1 / s)`` in float32, ties
+        to even.
+
+        >>> q = ResidualQuantizer("mul", operands=("gate", "x"))
+        >>> q.set_qparams(0.1, 0); _ = q.operand_scales.copy_(torch.tensor([1 / 256, 0.1]))
+        >>> q(torch.tensor([128 / 256 * 0.1, 384 / 256 * 0.1]))  # codes 0.5 -> 0 and 1.5 -> 2 (half to even)
+        tensor([0.0000, 0.2000])
+        """
+        first, second = (float(v) for v in self.operand_scales)
+        scale, zero_point = self.scale.float(), self.zero_point.float()
+        codes = torch.round(product.float() / (first * second))
+        multiplier = (torch.tensor(first, dtype=torch.float32) * torch.tensor(second, dtype=torch.float32)
+                      * (1.0 / scale.cpu())).to(product.device)
+        out = torch.clamp(torch.round(codes * multiplier) + zero_point, QMIN, QMAX)
+        return ((out - zero_point) * scale).to(product.dtype)
 
     def pool(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
         """``module``'s average pooling of ``x`` computed on the codes of this grid and rounded half to even (the
@@ -171,7 +207,9 @@ def _unhook(module: nn.Module) -> ResidualQuantizer | None:
 
 
 def remove_residual_quantizers(model: nn.Module) -> list[str]:
-    """Delete every residual quantizer of ``model`` and its hook; returns the names of the modules they were on."""
+    """Delete every residual quantizer of ``model`` and its hook (and the bias rounding hooks of
+    :mod:`~lightning_compress.quantization.bias_rounding`); returns the names of the modules they were on."""
+    remove_bias_rounding(model)
     names = list(residual_quantizers(model))
     for name in names:
         _unhook(model.get_submodule(name))
@@ -208,7 +246,7 @@ def finish_residual_quantizers(quantizers: Mapping[str, ResidualQuantizer], laye
         try:
             if quantizer.kind in ("fixed", "pool"):
                 continue
-            if quantizer.kind == "range":
+            if quantizer.kind == "range" or (quantizer.kind == "mul" and not quantizer.consumers):
                 quantizer.finish_range()
             else:
                 quantizer.finish_consumers([
@@ -222,6 +260,14 @@ def finish_residual_quantizers(quantizers: Mapping[str, ResidualQuantizer], laye
         if source is None:
             raise RuntimeError(f"residual quantizer of {name!r}: the quantizer of its input is gone")
         quantizer.set_qparams(float(source.scale), int(source.zero_point))
+    for name, quantizer in quantizers.items():
+        if quantizer.kind != "mul":
+            continue
+        factors = [quantizers.get(operand) for operand in quantizer.operands]
+        if any(factor is None for factor in factors):
+            raise RuntimeError(f"residual quantizer of {name!r}: the quantizer of a factor is gone")
+        with torch.no_grad():
+            quantizer.operand_scales.copy_(torch.tensor([float(f.scale) for f in factors if f is not None]))
 
 
 def residual_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:

@@ -5,9 +5,11 @@ The rules follow torch.ao's FX graph mode: a quantized layer is fused with the B
 and its output is requantized, unless it reaches the model's output (then it computes in float); an addition is
 quantized (with the ReLU after it); pooling, flattening, reshapes, dropout and ReLUs share the quantization of their
 input, and a concatenation quantizes its inputs at its output's grid; sigmoid, hardsigmoid and tanh quantize their
-output with fixed parameters, and other activations (hardswish, SiLU, GELU, ...) requantize theirs. A tensor so
+output with fixed parameters, and other activations (hardswish, SiLU, GELU, ...) requantize theirs; a product of two
+quantized tensors is computed on their codes and requantized (``quantized::mul``). A tensor so
 quantized whose value reaches only quantized layers (through ops that keep its grid) needs nothing more: those
-layers' input quantizers round it alike.
+layers' input quantizers round it alike, unless one is an output layer (computed in float), whose input grid
+torch.ao would observe instead of taking the layer's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.quantization.bias_rounding import hook_bias_rounding
 from lightning_compress.quantization.quantizers import is_quantized
 from lightning_compress.quantization.residual import (
     ResidualQuantizer,
@@ -30,11 +33,14 @@ from lightning_compress.quantization.residual import (
     remove_residual_quantizers,
 )
 
-__all__ = ["ModuleOutputTracer", "Point", "attach_residual_quantizers", "find_points", "set_residual_quantizers"]
+__all__ = ["ModuleOutputTracer", "Point", "attach_bias_rounding", "attach_residual_quantizers", "find_points",
+           "set_residual_quantizers"]
 
 _RELU_MODULES = (nn.ReLU,)
 _RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
 _ADD_CALLS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
+#: products of two tensors: torch.ao's ``quantized::mul`` (a squeeze-excitation gate times its input)
+_MUL_CALLS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__")
 #: modules and calls that keep the grid of their input exactly (torch.ao shares their input's quantization)
 _EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
                   nn.Dropout, nn.ReLU, nn.ReLU6, nn.Hardtanh)
@@ -98,6 +104,7 @@ class Point:
     consumers: tuple[str, ...]
     relu: bool
     fixed: tuple[float, int] | None = None
+    operands: tuple[str, ...] = ()
 
 
 def _module(root: nn.Module, node: Any) -> nn.Module | None:
@@ -170,9 +177,30 @@ def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTrace
                  and not isinstance(root.get_submodule(name), _CONTAINERS)), None)
 
 
+def _grid_module(node: Any, grids: dict[torch.fx.Node, str], root: nn.Module) -> str | None:
+    """The module whose residual quantizer gives ``node``'s value its grid, seen back through ops that keep it."""
+    while isinstance(node, torch.fx.Node) and node not in grids:
+        if not (node.args and _is(node, root, _EXACT_MODULES, _EXACT_CALLS)):
+            return None
+        node = node.args[0]
+    return grids.get(node) if isinstance(node, torch.fx.Node) else None
+
+
 def _describe(node: torch.fx.Node) -> str:
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return f"{node.op} {target!r} (node {node.name!r})"
+
+
+def _trace_quantized(model: nn.Module, what: str) -> tuple[ModuleOutputTracer, torch.fx.Graph, set[str]]:
+    """``model`` traced with its quantized layers as leaves, and their names; a ``ValueError`` naming ``what``
+    needs the trace when ``torch.fx`` fails."""
+    tracer = ModuleOutputTracer(leaf=is_quantized)
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:
+        raise ValueError(f"{what} traces the model with torch.fx, which fails on {type(model).__name__} "
+                         f"({type(error).__name__}: {error})") from error
+    return tracer, graph, {name for name, module in model.named_modules() if is_quantized(module)}
 
 
 def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
@@ -182,15 +210,10 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
     Raises:
         ValueError: ``torch.fx`` cannot trace ``model``.
     """
-    tracer = ModuleOutputTracer(leaf=is_quantized)
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:
-        raise ValueError(f"residual_quantizers=True traces the model with torch.fx, which fails on "
-                         f"{type(model).__name__} ({type(error).__name__}: {error})") from error
-    layers = {name for name, module in model.named_modules() if is_quantized(module)}
+    tracer, graph, layers = _trace_quantized(model, "residual_quantizers=True")
     values: list[tuple[torch.fx.Node, bool]] = []  # (quantized value, is a layer's output)
     fixed: dict[torch.fx.Node, tuple[float, int]] = {}
+    products: set[torch.fx.Node] = set()
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layers:
             values.append((_group_output(node, model), True))
@@ -203,25 +226,40 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
             users = list(node.users)
             relu = len(users) == 1 and _is(users[0], model, _RELU_MODULES, _RELU_CALLS)
             values.append((users[0] if relu else node, False))
+        elif _is(node, model, (), _MUL_CALLS) and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            products.add(node)
+            values.append((node, False))
     points, unhookable, done = [], [], set()
+    grids: dict[torch.fx.Node, str] = {}  # value -> the module whose quantizer gives its grid
+    # output layers compute in float in the int8 graph, on an input whose grid torch.ao observes unless a point
+    # gives it (MobileNetV3's classifier: hardswish -> dropout -> the last Linear)
+    output_layers = {str(node.target) for node in graph.nodes
+                     if node.op == "call_module" and node.target in layers and _reaches_output(node, layers)}
     for value, from_layer in values:
         consumers, other, output, rounding = _reach(value, model, layers)
         if from_layer and output:
             continue  # an output layer: torch.ao computes it in float, nothing is requantized
-        if consumers and not (other or rounding) and value not in fixed:
+        if (consumers and not (other or rounding) and value not in fixed and value not in products
+                and not output_layers.intersection(consumers)):
             continue  # only quantized layers read it, and they round it alike
         if not consumers and not other and value not in fixed:
             continue
         module = _hook_module(value, model, tracer)
+        operands = tuple(_grid_module(arg, grids, model) for arg in value.args[:2]) if value in products else ()
+        if value in products and (module is None or None in operands or module in done):
+            continue  # a product of tensors without a known grid (or no module of its own) stays float
         if module is None:
             unhookable.append(_describe(value))
             continue
         if module in done:
             continue
         done.add(module)
+        grids[value] = module
         relu = _is(value, model, _RELU_MODULES, _RELU_CALLS)
         if value in fixed:
             points.append(Point(module, "fixed", (), False, fixed[value]))
+        elif value in products:
+            points.append(Point(module, "mul", tuple(consumers), False, operands=operands))  # type: ignore[arg-type]
         else:
             points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
         for pool in rounding:  # averaged on the codes of this grid, as torch.ao's quantized pooling
@@ -257,10 +295,54 @@ def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> d
                       "output of a module called once, so they stay float in the fake-quantized model (the int8 "
                       "model can differ there); return them from a module's forward to quantize them", stacklevel=3)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    attach_bias_rounding(model)
     attached = {}
     for point in points:
-        quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu, point.fixed).to(device)
+        quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu, point.fixed, point.operands).to(device)
         quantizer.calibrating = calibrating
         hook_residual_quantizer(model.get_submodule(point.module), quantizer)
         attached[point.module] = quantizer
     return attached
+
+
+def _reaches_output(layer: torch.fx.Node, layers: set[str]) -> bool:
+    """Whether ``layer``'s output reaches the model's output without passing another quantized layer (torch.ao then
+    computes the layer in float: no int32 bias)."""
+    frontier, seen = list(layer.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen or (user.op == "call_module" and user.target in layers):
+            continue
+        seen.add(user)
+        if user.op == "output":
+            return True
+        frontier.extend(user.users)
+    return False
+
+
+def attach_bias_rounding(model: nn.Module) -> list[str]:
+    """Hook a :class:`~lightning_compress.quantization.bias_rounding.BiasRounding` on every quantized layer that
+    the int8 graph computes with an int32 bias (not an output layer), with the batch norm torch.ao folds into it
+    (the layer's only reader); returns the names of the layers hooked.
+
+    Raises:
+        ValueError: ``torch.fx`` cannot trace ``model``.
+    """
+    tracer, graph, layers = _trace_quantized(model, "bias rounding")
+    hooked = []
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in layers or tracer.calls[str(node.target)] != 1:
+            continue
+        if _reaches_output(node, layers):
+            continue
+        users = list(node.users)
+        bn = None
+        if (len(users) == 1 and _is(users[0], model, (nn.modules.batchnorm._BatchNorm,), ())
+                and users[0].args[0] is node and tracer.calls[str(users[0].target)] == 1):
+            bn = model.get_submodule(str(users[0].target))
+        layer = model.get_submodule(str(node.target))
+        if bn is None and getattr(layer, "bias", None) is None:
+            continue
+        hook_bias_rounding(layer, bn)
+        hooked.append(str(node.target))
+    return hooked
