@@ -29,7 +29,9 @@ from lightning_compress.export.counting import quantized_counts
 from lightning_compress.export.engines import choose_engine, host_summary, quantized_engine
 from lightning_compress.export.int8_graph import (
     ResidualPointError,
+    clips_as_calls,
     contiguous_before_clips,
+    drop_point_markers,
     explicit_padding,
     insert_clips,
     output_layers,
@@ -254,10 +256,11 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
                           "that read their tensor; the int8 model uses the residual quantizers'", stacklevel=2)
         chosen = choose_engine(max_code, engine)
         with quantized_engine(chosen):
-            converted = spatial_means_flattened(views_as_reshapes(convert_fx(prepared)))
+            converted = spatial_means_flattened(views_as_reshapes(drop_point_markers(convert_fx(prepared))))
             pack_output_layers(converted, {name: scales[name] for name in outputs})
             if chosen == "qnnpack":
                 contiguous_before_clips(converted)
+            clips_as_calls(converted)
             _check_runs(converted, args)
     int8 = Int8Model(converted, chosen).eval()
     int8.verification = {"engine": chosen, "max_activation_code": max_code, **host_summary(),

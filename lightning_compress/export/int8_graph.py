@@ -304,6 +304,37 @@ def views_as_reshapes(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return converted
 
 
+def drop_point_markers(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the ``nn.Identity`` markers of :func:`insert_point_markers` once converted (their observers are gone:
+    each was one more module call per residual point at inference)."""
+    markers = [n for n in converted.graph.nodes if n.op == "call_module" and str(n.target).startswith(_POINT_PREFIX)]
+    for node in markers:
+        node.replace_all_uses_with(node.args[0])
+        converted.graph.erase_node(node)
+        converted.delete_submodule(str(node.target))
+    if markers:
+        converted.recompile()
+    return converted
+
+
+def clips_as_calls(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Each clip module as a direct call of ``aten::hardtanh`` (its quantized kernel): the same integer clamp
+    without a module call's Python layers, which cost several percent of a small model's batch-1 latency."""
+    clips = [n for n in converted.graph.nodes if _is_clip(n)]
+    for node in clips:
+        clip = converted.get_submodule(str(node.target))
+        assert isinstance(clip, nn.Hardtanh)
+        with converted.graph.inserting_before(node):
+            call = converted.graph.call_function(torch.ops.aten.hardtanh,
+                                                 (node.args[0], clip.min_val, clip.max_val))
+        node.replace_all_uses_with(call)
+        converted.graph.erase_node(node)
+        converted.delete_submodule(str(node.target))
+    if clips:
+        converted.recompile()
+    return converted
+
+
 def contiguous_before_clips(converted: torch.fx.GraphModule) -> None:
     """``x.contiguous()`` in front of every clip: qnnpack's quantized ``hardtanh`` / ``clamp`` read a channels-last
     input (what quantized convolutions return) as if it were contiguous and scramble it (torch 2.13)."""
