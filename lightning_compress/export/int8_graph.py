@@ -79,7 +79,8 @@ def _is_clip(node: Any) -> bool:
 
 def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]],
                  points: dict[str, tuple[float, int]] | None = None) -> torch.fx.GraphModule:
-    """Trace ``model`` (torch.fx) and call a ``Hardtanh`` clip at ``amax`` right before every quantized layer, and
+    """Trace ``model`` (torch.fx) and call a ``Hardtanh`` clip at ``amax`` right before every quantized layer (but
+    those with unsigned 8-bit inputs, which quantization itself clamps alike), and
     an ``nn.Identity`` marker after the output of every module in ``points`` (:func:`insert_point_markers`).
 
     The clips are new root modules (``_input_clip_<i>``); the user's modules keep their names and types (a forward
@@ -94,6 +95,8 @@ def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]],
     insert_point_markers(traced, tracer, points or {})
     clips = {}
     for index, (name, s) in enumerate(scales.items()):
+        if s["unsigned"] and s["qmax"] == 255:
+            continue  # quint8 with zero point 0 clamps to [0, 255 * scale] itself: the clip would change nothing
         clips[name] = f"{_CLIP_PREFIX}{index}"
         low = 0.0 if s["unsigned"] else -s["amax"]
         traced.add_submodule(clips[name], nn.Hardtanh(low, max(s["amax"], 1e-12)))

@@ -126,15 +126,18 @@ def test_with_vnni_full_range_uses_x86(quantized, monkeypatch):
     assert engines.choose_engine(255) == "qnnpack"
 
 
-def test_activations_beyond_amax_are_clipped_like_the_fake_quantized_model():
-    """A ReLU output 3x past the next layer's amax: the int8 model clips it at amax, as fake quantization does."""
+@pytest.mark.parametrize(("unsigned", "clips"), [(False, 2), ("auto", 1)])
+def test_activations_beyond_amax_are_clipped_like_the_fake_quantized_model(unsigned, clips):
+    """A ReLU output 3x past the next layer's amax: the int8 model clips it at amax, as fake quantization does (an
+    unsigned 8-bit input needs no clip: quantizing to quint8 clamps it alike)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     calibration = torch.randn(256, 8) * 0.3
-    model = quantize_model(net, "static", [calibration], calibration="max")
+    model = quantize_model(net, "static", [calibration], calibration="max", unsigned=unsigned)
     big = torch.randn(256, 8) * 3.0  # far outside the calibrated ranges
     for engine in exact_engines(255):
         int8 = export_int8(model, calibration, engine=engine, check_inputs=big)
         assert int8.verification["agreement"] == 1.0, (engine, int8.verification)
+        assert sum(n.target is torch.ops.aten.hardtanh for n in int8.model.graph.nodes) == clips
         with torch.no_grad():
             torch.testing.assert_close(int8(big), model(big), atol=0.05 * float(model(big).abs().max()), rtol=0)
