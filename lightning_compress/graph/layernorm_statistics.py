@@ -97,10 +97,14 @@ def set_kept_statistics(module: nn.LayerNorm, keep: Tensor | None, dim: int) -> 
     if not full and isinstance(module, CompactLayerNorm) and module.removed.numel():
         raise ValueError("This CompactLayerNorm keeps removed channels in its statistics (layernorm_statistics='all'"
                          "); it cannot also take them over kept channels only.")
-    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, KeptStatistics)]:
-        del module._forward_hooks[key]
+    _drop_hooks(module)
     if not full:
         module.register_forward_hook(KeptStatistics(cast(Tensor, keep), dim))
+
+
+def _drop_hooks(module: nn.Module) -> None:
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, KeptStatistics)]:
+        del module._forward_hooks[key]
 
 
 def exclude_channels(modules: dict[str, nn.Module], excluded: dict[str, list[int]], dims: dict[str, int]) -> None:
@@ -149,8 +153,7 @@ def _sliced(norm: nn.LayerNorm, index: Tensor, dim: int) -> nn.LayerNorm:
     elif not isinstance(norm, CompactLayerNorm):
         small = copy.deepcopy(norm)
         small.normalized_shape = (kept,)
-        for key in [k for k, h in small._forward_hooks.items() if isinstance(h, KeptStatistics)]:
-            del small._forward_hooks[key]
+        _drop_hooks(small)
     if small is not None:
         _set_parameters(small, norm, parameters)
     if small is None or (type(small) is not nn.LayerNorm and not _computes_layer_norm(small, dim)):

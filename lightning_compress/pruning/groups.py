@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_compress.graph.channel_ties import ChannelTies, tied_keep_mask
-from lightning_compress.graph.layernorm_statistics import check_layernorm_statistics, set_kept_statistics
+from lightning_compress.graph.layernorm_statistics import check_layernorm_statistics, exclude_channels
 from lightning_compress.pruning.criteria import lowest_k_mask
 from lightning_compress.pruning.structured import check_p, filters_to_prune
 from lightning_compress.utils.rounding import check_rounding, round_count
@@ -172,14 +172,13 @@ def zero_group_channels(group: PrunableGroup, modules: dict[str, Any], keep: tor
 def set_layernorm_statistics(selections: list[tuple[PrunableGroup, torch.Tensor]], modules: dict[str, Any]) -> None:
     """Each LayerNorm over channels of the groups takes its statistics over the channels that the groups' keep
     masks keep (``layernorm_statistics="kept"``, :mod:`~lightning_compress.graph.layernorm_statistics`)."""
-    keeps: dict[str, tuple[torch.Tensor, int]] = {}
+    excluded: dict[str, list[int]] = {}
+    dims: dict[str, int] = {}
     for group, keep in selections:
         for name, index in group.layernorms.items():
-            mask = keeps.setdefault(name, (torch.ones(modules[name].normalized_shape[0], dtype=torch.bool),
-                                           group.layernorm_dims.get(name, -1)))[0]
-            mask[index[~keep.bool() & (index >= 0)]] = False
-    for name, (mask, dim) in keeps.items():
-        set_kept_statistics(modules[name], mask, dim)
+            excluded.setdefault(name, []).extend(index[~keep.bool() & (index >= 0)].tolist())
+            dims[name] = group.layernorm_dims.get(name, -1)
+    exclude_channels(modules, excluded, dims)
 
 
 def group_selection(group: PrunableGroup, masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
