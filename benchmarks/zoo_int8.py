@@ -2,17 +2,20 @@
 
 Per model (``weights=None``, 10 classes): trained from scratch on the shapes workload
 (``ShapesDataModule(seed=0, samples_per_class=200)``: 1000 training images, upsampled to 3 x 32 x 32 as in
-tests/zoo/test_zoo_int8.py) with Adam, batch 64, for the epochs and learning rate of ``RECIPES`` (random weights
-make a quantized network's logits chaotic under rounding, so agreement would measure nothing), then its batch
+tests/zoo/test_zoo_int8.py) at batch 64 with the recipe of ``RECIPES`` (Adam; AdamW with warm-up and cosine decay for
+Swin-T and ViT-B/16, the latter built for 32 x 32 inputs; random weights make a quantized network's logits chaotic
+under rounding, so agreement would measure nothing), then its batch
 norm statistics recomputed over the training images with the final weights (MobileNetV3 and EfficientNet keep a
 momentum of 0.01, too slow for ~150 steps: without this they stay at chance in eval mode). Then
-``quantize_model(model, "static", calibration, reduce_range=True)`` with and without ``residual_quantizers``
-(calibration: the first 256 training images) and, for every quantized engine torch offers here,
-``export_int8(fake_quantized, calibration, engine=..., check_inputs=test)`` on the 600 test images. Columns:
+``quantize_model(model, "static", calibration, reduce_range=True, residual_quantizers=True)`` (also without
+``residual_quantizers`` with ``--without-residual``; calibration: the first 256 training images; ViT-B/16, which
+``export_int8`` exports by its dynamic path for ``nn.MultiheadAttention``, with ``mode="dynamic"``) and, for every
+quantized engine torch offers here, ``export_int8(fake_quantized, calibration, engine=..., check_inputs=test)`` on
+the first ``--check-images`` of the 600 test images. Columns:
 
 - float / fake-quant acc: top-1 accuracy on the test images (chance: 0.10);
-- agreement / rel. error: ``int8.verification`` (share of the 856 checked images, the 256 calibration and 600
-  test ones, whose int8 top-1 equals the fake-quantized model's; ``||int8 - fake logits|| / ||fake logits||``);
+- agreement / rel. error: ``int8.verification`` (share of the checked images, the 256 calibration and the test
+  ones, whose int8 top-1 equals the fake-quantized model's; ``||int8 - fake logits|| / ||fake logits||``);
 - floor (input): the fake-quantized model's agreement with itself when each input pixel is multiplied by
   ``1 + 1e-6 * N(0, 1)`` (mean over 3 draws); floor (layers): the same with every quantized layer's output
   (each Conv / Linear) multiplied by ``1 + 1e-6 * N(0, 1)`` through forward hooks. Predictions that flip under such
@@ -21,7 +24,9 @@ momentum of 0.01, too slow for ~150 steps: without this they stay at chance in e
 
 torchvision comes from the isolated install of tests/zoo/zoo_support.py (``$LIGHTNING_COMPRESS_ZOO``):
 
-    export LIGHTNING_COMPRESS_ZOO=/tmp/tvtest; nice -n 10 python benchmarks/zoo_int8.py --models resnet18
+    export LIGHTNING_COMPRESS_ZOO=$PWD/.cache/zoo/torchvision
+    nice -n 10 python benchmarks/zoo_int8.py --models resnet18
+    nice -n 10 python benchmarks/zoo_int8.py --models swin_t,vit_b_16 --check-images 200
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,17 +53,35 @@ from zoo_support import torchvision
 from lightning_compress.demo import ShapesDataModule
 from lightning_compress.export import export_int8
 from lightning_compress.export.engines import exact_engines, host_summary
+from lightning_compress.export.int8 import resolve_method
 from lightning_compress.quantization import quantize_model
 
-MODELS = "resnet18,resnet50,mobilenet_v3_small,efficientnet_b0,regnet_y_400mf,shufflenet_v2_x1_0,convnext_tiny"
-#: (epochs, Adam learning rate) per model; others: ``--epochs`` at 2e-3. EfficientNet-B0 and RegNetY-400MF were
-#: barely trained at 10 / 8 epochs (1 thread: float acc 0.41 / 0.41, median top-1 probability 0.54 / 0.68, and
-#: EfficientNet's fake-quantized model near chance, 0.14); at 30 epochs 0.54 / 0.51, 0.81 / 0.94, fake-quantized
-#: EfficientNet 0.41 (134 s / 57 s of training)
-RECIPES: dict[str, tuple[int, float]] = {"resnet18": (5, 2e-3), "resnet50": (8, 1e-3),
-                                         "mobilenet_v3_small": (15, 2e-3), "efficientnet_b0": (30, 2e-3),
-                                         "regnet_y_400mf": (30, 2e-3), "shufflenet_v2_x1_0": (10, 2e-3),
-                                         "convnext_tiny": (8, 2e-4)}
+MODELS = ("resnet18,resnet50,mobilenet_v3_small,efficientnet_b0,regnet_y_400mf,shufflenet_v2_x1_0,convnext_tiny,"
+          "swin_t,vit_b_16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained: ``epochs`` over the 1000 images at batch 64 with Adam at ``lr``, or, for the
+    transformers, AdamW (weight decay 0.05) with a linear warm-up over the first ``warmup_epochs`` and a cosine
+    decay to zero (Adam at 2e-3 barely trains Swin-T: median top-1 probability 0.23 after 10 epochs)."""
+
+    epochs: int
+    lr: float
+    adamw: bool = False
+    warmup_epochs: int = 0
+
+
+#: EfficientNet-B0 and RegNetY-400MF were barely trained at 10 / 8 epochs (1 thread: float acc 0.41 / 0.41, median
+#: top-1 probability 0.54 / 0.68, and EfficientNet's fake-quantized model near chance, 0.14); at 30 epochs 0.54 /
+#: 0.51, 0.81 / 0.94, fake-quantized EfficientNet 0.41 (134 s / 57 s of training). Others: ``--epochs`` at 2e-3.
+RECIPES: dict[str, Recipe] = {"resnet18": Recipe(5, 2e-3), "resnet50": Recipe(8, 1e-3),
+                              "mobilenet_v3_small": Recipe(15, 2e-3), "efficientnet_b0": Recipe(30, 2e-3),
+                              "regnet_y_400mf": Recipe(30, 2e-3), "shufflenet_v2_x1_0": Recipe(10, 2e-3),
+                              "convnext_tiny": Recipe(8, 2e-4), "swin_t": Recipe(10, 5e-4, True, 2),
+                              "vit_b_16": Recipe(10, 3e-4, True, 2)}
+#: constructor arguments beyond ``num_classes``: ViT-B/16's position embeddings fix its input size (2 x 2 patches)
+MODEL_ARGUMENTS: dict[str, dict[str, int]] = {"vit_b_16": {"image_size": 32}}
 NOISE = 1e-6
 
 
@@ -72,15 +97,21 @@ def cpu_line() -> str:
     return f"CPU: {name}; flags: {', '.join(found) or 'none of avx2/avx512_vnni'}; {host_summary()}"
 
 
-def train(name: str, data: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float) -> nn.Module:
+def train(name: str, data: tuple[torch.Tensor, torch.Tensor], recipe: Recipe) -> nn.Module:
     vision = torchvision()
     assert vision is not None, "torchvision does not import (set LIGHTNING_COMPRESS_ZOO)"
     torch.manual_seed(0)
-    model = vision.models.get_model(name, weights=None, num_classes=10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model = vision.models.get_model(name, weights=None, num_classes=10, **MODEL_ARGUMENTS.get(name, {}))
     x, y = data
+    steps_per_epoch = -(-len(x) // 64)
+    if recipe.adamw:
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.05)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    schedule = warmup_cosine(optimizer, recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch) \
+        if recipe.adamw else None
     model.train()
-    for _ in range(epochs):
+    for _ in range(recipe.epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 64):
             batch = order[start:start + 64]
@@ -88,6 +119,8 @@ def train(name: str, data: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: f
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
     # population statistics of the final weights (MobileNetV3 / EfficientNet keep momentum 0.01: too slow here)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -97,6 +130,17 @@ def train(name: str, data: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: f
         for start in range(0, len(x), 64):
             model(x[start:start + 64])
     return model.eval()
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -129,22 +173,28 @@ def noise_floor(model: nn.Module, x: torch.Tensor, layers: bool, draws: int = 3)
 
 def rows_for(name: str, args: argparse.Namespace, train_data: tuple[torch.Tensor, torch.Tensor],
              test: tuple[torch.Tensor, torch.Tensor], notes: list[str]) -> list[list[str]]:
-    epochs, lr = RECIPES.get(name, (args.epochs, 2e-3))
-    epochs = args.epochs or epochs
+    recipe = RECIPES.get(name, Recipe(args.epochs, 2e-3))
+    recipe = replace(recipe, epochs=args.epochs or recipe.epochs)
     start = time.perf_counter()
-    model = train(name, train_data, epochs, lr)
+    model = train(name, train_data, recipe)
     seconds = time.perf_counter() - start
-    x, y = test
+    x, y = test[0][:args.check_images], test[1][:args.check_images]
     calibration = train_data[0][:256]
     float_acc, confidence = accuracy_and_confidence(model, x, y)
-    notes.append(f"{name}: {epochs} epochs at lr {lr:g} in {seconds:.0f} s; median top-1 probability "
+    notes.append(f"{name}: {recipe.epochs} epochs at lr {recipe.lr:g}"
+                 f"{' (AdamW, warm-up, cosine)' if recipe.adamw else ''} in {seconds:.0f} s; median top-1 probability "
                  f"{confidence:.2f}")
     print(notes[-1], file=sys.stderr, flush=True)  # progress
     rows = []
-    for residual in (True, False):
+    for residual in (True, False)[:2 if args.both else 1]:
         label = f"{name} | {float_acc:.3f} | {'yes' if residual else 'no'}"
+        # transformers (nn.MultiheadAttention) export by the dynamic path: compare with the matching fake model
+        mode = "dynamic" if resolve_method(model, "auto") == "dynamic" else "static"
+        if mode == "dynamic":
+            label = f"{name} | {float_acc:.3f} | - (dynamic)"
         try:
-            fake = quantize_model(model, "static", calibration, reduce_range=True, residual_quantizers=residual)
+            fake = quantize_model(model, mode, calibration if mode == "static" else None, reduce_range=True,
+                                  residual_quantizers=residual and mode == "static")
         except Exception as error:  # e.g. torch.fx cannot trace the model for the residual quantizers
             notes.append(f"{name}, residual={residual}: quantize_model {type(error).__name__}: "
                          f"{str(error).splitlines()[0][:160]}")
@@ -172,6 +222,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="training epochs (0: each model's recipe)")
     parser.add_argument("--engines", default="", help="comma-separated quantized engines (default: every engine "
                         "this host computes 7-bit activations exactly with)")
+    parser.add_argument("--check-images", type=int, default=600, help="test images to check on (of 600)")
+    parser.add_argument("--without-residual", dest="both", action="store_true",
+                        help="also quantize without residual quantizers")
     args = parser.parse_args()
     args.engines = args.engines.split(",") if args.engines else exact_engines(127)
     torch.set_num_threads(1)

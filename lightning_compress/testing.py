@@ -3,6 +3,7 @@ int8 export beyond the digits demo (a Conv1d network on noisy sines, a Linear ->
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,17 @@ def train_briefly(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
             nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
     return model.eval()
+
+
+def digits_trained(build: Callable[[], nn.Module], epochs: int,
+                   seed: int = 0) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, nn.Module]:
+    """The digits training batches (batch 64), the test images, and the model ``build()`` makes after
+    ``torch.manual_seed(seed)``, trained on those batches by :func:`train_briefly` for ``epochs`` (eval mode)."""
+    from lightning_compress.demo import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64, seed=seed)
+    data.setup()
+    batches = list(data.train_dataloader())
+    test = torch.cat([batch[0] for batch in data.test_dataloader()])
+    torch.manual_seed(seed)
+    return batches, test, train_briefly(build(), batches, epochs)

@@ -41,6 +41,7 @@ from lightning_compress.export.int8_graph import (
     set_point_observers,
     views_as_reshapes,
 )
+from lightning_compress.export.int8_rewrites import constant_products_in_float
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
 from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
@@ -257,6 +258,7 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
         chosen = choose_engine(max_code, engine)
         with quantized_engine(chosen):
             converted = spatial_means_flattened(views_as_reshapes(drop_point_markers(convert_fx(prepared))))
+            constant_products_in_float(converted)
             pack_output_layers(converted, {name: scales[name] for name in outputs})
             if chosen == "qnnpack":
                 contiguous_before_clips(converted)

@@ -12,11 +12,14 @@ from torch import Tensor, nn
 from torch.ao.nn.intrinsic import _FusedModule
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
 
+from lightning_compress.export.int8_rewrites import shared_grid_calls
 from lightning_compress.export.int8_weight import int8_weight_layer
 from lightning_compress.quantization.quantizers import absmax
+from lightning_compress.quantization.residual import quantizer_module
 from lightning_compress.quantization.residual_points import ModuleOutputTracer
 
 _CLIP_PREFIX = "_input_clip_"  # root-level Hardtanh modules, one per quantized layer, called right before it
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _POINT_PREFIX = "_residual_point_"  # root-level Identity modules marking the output of a residual quantizer's module
 
 
@@ -93,6 +96,7 @@ def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]],
     graph = tracer.trace(model)
     traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     insert_point_markers(traced, tracer, points or {})
+    shared_grid_calls(traced)
     clips = {}
     for index, (name, s) in enumerate(scales.items()):
         if s["unsigned"] and s["qmax"] == 255:
@@ -112,19 +116,24 @@ def insert_clips(model: nn.Module, scales: dict[str, dict[str, Any]],
 def insert_point_markers(traced: torch.fx.GraphModule, tracer: ModuleOutputTracer,
                          points: dict[str, tuple[float, int]]) -> None:
     """Call a root ``nn.Identity`` (``_residual_point_<i>``, ``points`` order) on the output of each module named
-    in ``points``, read by every former reader of that output; past a ReLU that is its only reader when the zero
-    point is 0 (the quantizer then applies that ReLU itself), so torch.ao still fuses the ReLU.
+    in ``points`` (on its first input for a ``"<module>:input"`` key), read by every former reader of that value;
+    past a ReLU that is its only reader when the zero point is 0 (the quantizer then applies that ReLU itself), so
+    torch.ao still fuses the ReLU.
 
     Raises:
         ResidualPointError: a module of ``points`` that is not called exactly once in the traced forward.
     """
-    for index, (name, (_, zero_point)) in enumerate(points.items()):
-        node = tracer.module_node(name)
-        if node is None:
-            raise ResidualPointError(f"the residual quantizer of {name!r} quantizes a module that the traced forward "
+    for index, (key, (_, zero_point)) in enumerate(points.items()):
+        name, on_input = quantizer_module(key)
+        called: Any = tracer.module_node(name)
+        if on_input:  # the module's first input
+            called = called.args[0] if called is not None and called.op == "call_module" and called.args else None
+        if not isinstance(called, torch.fx.Node):
+            raise ResidualPointError(f"the residual quantizer of {key!r} quantizes a module that the traced forward "
                                      f"does not call exactly once ({tracer.calls[name]} calls); re-create them")
+        node = called
         users = list(node.users)
-        if zero_point == 0 and len(users) == 1 and _is_relu(users[0], traced):
+        if zero_point == 0 and not on_input and len(users) == 1 and _is_relu(users[0], traced):
             node = users[0]
         marker = f"{_POINT_PREFIX}{index}"
         traced.add_submodule(marker, nn.Identity())
@@ -169,12 +178,15 @@ def qconfig_mapping(model: nn.Module, scales: dict[str, dict[str, Any]]) -> QCon
     for name, module in model.named_modules():
         if name and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in scales:
             mapping.set_module_name(name, None)  # layers the user left float stay float
+    for call in _LAYER_CALLS:  # so do layers called through their weights, which quantize_model leaves float
+        mapping.set_object_type(call, None)
     for name, s in scales.items():
         weight = _WeightAmaxObserver.with_args(amax=s["w_amax"], ref_absmax=s["w_ref"], qmax=s["w_qmax"])
         mapping.set_module_name(name, QConfig(activation=_AmaxObserver, weight=weight))
     return mapping
 
 
+_LAYER_CALLS = (nn.functional.linear, nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)
 _RELUS = (nn.ReLU, nn.ReLU6)
 _RELU_CALLS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, "relu", "relu_")
 
@@ -213,7 +225,8 @@ def _after_relu(node: Any, root: nn.Module) -> bool:
 
 
 def _input_observers(node: Any, root: nn.Module) -> tuple[list[_AmaxObserver], Any]:
-    """The observers on the path into a quantized layer (through its clip), and the node that produced the value.
+    """The observers on the path into a quantized layer (through its clip and dropouts), and the node that produced
+    the value.
 
     (FX shares one observer instance between a clip's input and output, which ``named_modules`` lists once: look
     every node's module up by its target.)
@@ -224,7 +237,7 @@ def _input_observers(node: Any, root: nn.Module) -> tuple[list[_AmaxObserver], A
         module = root.get_submodule(source.target)
         if isinstance(module, _AmaxObserver):
             observers.append(module)
-        elif not _is_clip(source):
+        elif not (_is_clip(source) or isinstance(module, _DROPOUTS)):  # a dropout passes the codes of its input
             break
         source = source.args[0] if source.args else None
     return observers, source

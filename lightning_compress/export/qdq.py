@@ -40,7 +40,13 @@ from lightning_compress.graph.batchnorm import batchnorm_links
 from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.functional import qrange
 from lightning_compress.quantization.quantizers import TensorQuantizer, is_quantized
-from lightning_compress.quantization.residual import NAME, move_residual_quantizer, residual_quantizers
+from lightning_compress.quantization.residual import (
+    INPUT_NAME,
+    NAME,
+    move_residual_quantizer,
+    quantizer_module,
+    residual_quantizers,
+)
 
 __all__ = ["Int8Embedding", "QDQLayer", "RoundedResidual", "batchnorm_folds", "exact_everywhere", "qdq_model",
            "quantized_weight", "register_symbolics"]
@@ -349,8 +355,9 @@ def qdq_model(model: nn.Module, fold_bn: bool = True, integer_kernels: bool | No
         for name, quantizer in residual_quantizers(copied).items():
             if quantizer.kind == "mul":
                 continue  # it already computes with float operators (a product requantized on codes)
-            holder = copied.get_submodule(name)
-            holder._modules[NAME] = RoundedResidual(getattr(holder, NAME))
+            module, on_input = quantizer_module(name)
+            holder, attribute = copied.get_submodule(module), INPUT_NAME if on_input else NAME
+            holder._modules[attribute] = RoundedResidual(getattr(holder, attribute))
     return copied
 
 

@@ -25,8 +25,12 @@ A fake-quantized network quantizes the input of every quantized layer; its int8 
 A :class:`ResidualQuantizer` at each of these points makes the fake-quantized model compute what the int8 model
 computes; :func:`export_int8` then uses their scales instead of observing. Each is a submodule named
 ``residual_quantizer`` of the module whose output it quantizes (its ``scale`` / ``zero_point`` buffers are in the
-state dict), applied by a forward hook. The points are found by tracing the model with ``torch.fx``
-(:mod:`~lightning_compress.quantization.residual_points`).
+state dict), applied by a forward hook. A tensor that no module returns (the first addition of a Swin block) is
+quantized instead by an ``input_residual_quantizer`` of the module that reads it first, which a forward pre-hook
+applies in place, so its later readers (the addition after) read the rounded tensor too; :func:`residual_quantizers`
+lists it as ``"<module>:input"``. (Concatenations are left to their readers: torch.ao shares one observer among a
+concatenation's inputs and the concatenations that read it, as in DenseNet.) The points are found by tracing the
+model with ``torch.fx`` (:mod:`~lightning_compress.quantization.residual_points`).
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ from torch import Tensor, nn
 from lightning_compress.quantization.bias_rounding import remove_bias_rounding
 from lightning_compress.quantization.functional import affine_qparams
 
-__all__ = ["KINDS", "NAME", "ResidualQuantizer", "check_residual_options", "finish_residual_quantizers",
-           "hook_residual_quantizer", "move_residual_quantizer", "remove_residual_quantizers", "residual_qparams",
-           "residual_quantizers"]
+__all__ = ["INPUT", "INPUT_NAME", "KINDS", "NAME", "ResidualQuantizer", "check_residual_options",
+           "finish_residual_quantizers", "hook_residual_quantizer", "move_residual_quantizer", "quantizer_module",
+           "remove_residual_quantizers", "residual_qparams", "residual_quantizers"]
 
 #: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
 NAME = "residual_quantizer"
+INPUT_NAME = "input_residual_quantizer"
+INPUT = ":input"  # the suffix of an input quantizer's key in residual_quantizers()
 KINDS = ("range", "consumers", "fixed", "pool", "mul")
 QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
 
@@ -187,40 +193,73 @@ class _ApplyResidualQuantizer:
         return quantizer(output)
 
 
+class _ApplyInputResidualQuantizer:
+    """The forward pre-hook that rounds a module's first input through its ``input_residual_quantizer`` in place
+    (picklable): the other readers of that tensor read it rounded too, as the int8 graph stores it. Gradients pass
+    straight through (the copy is not recorded)."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        quantizer = getattr(module, INPUT_NAME)
+        if args and isinstance(args[0], Tensor):
+            rounded = quantizer(args[0])
+            if rounded is not args[0]:
+                with torch.no_grad():
+                    args[0].copy_(rounded)
+
+
 def residual_quantizers(model: nn.Module) -> dict[str, ResidualQuantizer]:
-    """``{name of the module whose output is quantized: quantizer}`` (``named_modules`` order)."""
-    found = {name: module._modules.get(NAME) for name, module in model.named_modules()}
-    return {name: quantizer for name, quantizer in found.items() if isinstance(quantizer, ResidualQuantizer)}
+    """``{name of the module whose output is quantized: quantizer}``, and ``{name + ":input": quantizer}`` for the
+    quantizers of a module's input (``named_modules`` order)."""
+    found = {}
+    for name, module in model.named_modules():
+        for attribute, suffix in ((NAME, ""), (INPUT_NAME, INPUT)):
+            quantizer = module._modules.get(attribute)
+            if isinstance(quantizer, ResidualQuantizer):
+                found[name + suffix] = quantizer
+    return found
 
 
-def hook_residual_quantizer(module: nn.Module, quantizer: ResidualQuantizer) -> None:
+def quantizer_module(key: str) -> tuple[str, bool]:
+    """The module name in a :func:`residual_quantizers` key, and whether the quantizer is on its input."""
+    return (key[:-len(INPUT)], True) if key.endswith(INPUT) else (key, False)
+
+
+def hook_residual_quantizer(module: nn.Module, quantizer: ResidualQuantizer, on_input: bool = False) -> None:
+    if on_input:
+        module.add_module(INPUT_NAME, quantizer)
+        if not any(isinstance(h, _ApplyInputResidualQuantizer) for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_ApplyInputResidualQuantizer())
+        return
     module.add_module(NAME, quantizer)
     if not any(isinstance(h, _ApplyResidualQuantizer) for h in module._forward_hooks.values()):
         module.register_forward_hook(_ApplyResidualQuantizer())
 
 
-def _unhook(module: nn.Module) -> ResidualQuantizer | None:
-    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, _ApplyResidualQuantizer)]:
-        del module._forward_hooks[key]
-    quantizer = module._modules.pop(NAME, None)
-    return quantizer if isinstance(quantizer, ResidualQuantizer) else None
+def _unhook(module: nn.Module) -> dict[bool, ResidualQuantizer]:
+    """Remove ``module``'s residual quantizers and their hooks: ``{on its input: quantizer}``."""
+    for hooks, kind in ((module._forward_hooks, _ApplyResidualQuantizer),
+                        (module._forward_pre_hooks, _ApplyInputResidualQuantizer)):
+        for key in [k for k, h in hooks.items() if isinstance(h, kind)]:
+            del hooks[key]
+    found = {on_input: module._modules.pop(attribute, None) for on_input, attribute in ((False, NAME),
+                                                                                          (True, INPUT_NAME))}
+    return {on_input: q for on_input, q in found.items() if isinstance(q, ResidualQuantizer)}
 
 
 def remove_residual_quantizers(model: nn.Module) -> list[str]:
     """Delete every residual quantizer of ``model`` and its hook (and the bias rounding hooks of
-    :mod:`~lightning_compress.quantization.bias_rounding`); returns the names of the modules they were on."""
+    :mod:`~lightning_compress.quantization.bias_rounding`); returns their :func:`residual_quantizers` keys."""
     remove_bias_rounding(model)
     names = list(residual_quantizers(model))
     for name in names:
-        _unhook(model.get_submodule(name))
+        _unhook(model.get_submodule(quantizer_module(name)[0]))
     return names
 
 
 def move_residual_quantizer(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` (a module replacing ``old`` in an export rewrite) the residual quantizer of ``old``, if any."""
-    quantizer = _unhook(old)
-    if quantizer is not None:
-        hook_residual_quantizer(new, quantizer)
+    """Give ``new`` (a module replacing ``old`` in an export rewrite) the residual quantizers of ``old``, if any."""
+    for on_input, quantizer in _unhook(old).items():
+        hook_residual_quantizer(new, quantizer, on_input)
 
 
 def check_residual_options(residual: Any, mode: str, method: str) -> bool:

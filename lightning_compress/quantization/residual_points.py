@@ -4,17 +4,16 @@
 The rules follow torch.ao's FX graph mode: a quantized layer is fused with the BatchNorm and the ReLU right after it
 and its output is requantized, unless it reaches the model's output (then it computes in float); an addition is
 quantized (with the ReLU after it); pooling, flattening, reshapes, dropout and ReLUs share the quantization of their
-input, and a concatenation quantizes its inputs at its output's grid; sigmoid, hardsigmoid and tanh quantize their
-output with fixed parameters, and other activations (hardswish, SiLU, GELU, ...) requantize theirs; a product of two
-quantized tensors is computed on their codes and requantized (``quantized::mul``). A tensor so
-quantized whose value reaches only quantized layers (through ops that keep its grid) needs nothing more: those
-layers' input quantizers round it alike, unless one is an output layer (computed in float), whose input grid
-torch.ao would observe instead of taking the layer's.
+input (so does an eval-mode stochastic depth, which the export drops), and a concatenation quantizes its inputs at
+its output's grid; sigmoid, hardsigmoid and tanh quantize their output with fixed parameters, and other activations
+(hardswish, SiLU, GELU, ...) requantize theirs; a product of two quantized tensors is computed on their codes and
+requantized (``quantized::mul``). A tensor so quantized whose value reaches only quantized layers (through ops that
+keep its grid) needs nothing more: those layers' input quantizers round it alike, unless one is an output layer
+(computed in float), whose input grid torch.ao would observe instead of taking the layer's.
 """
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -22,12 +21,35 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.quantization.bias_rounding import hook_bias_rounding
+from lightning_compress.quantization.fx_ops import (
+    ACTIVATION_CALLS,
+    ACTIVATION_MODULES,
+    ADD_CALLS,
+    CAT_CALLS,
+    CONTAINERS,
+    EXACT_CALLS,
+    EXACT_MODULES,
+    FIXED,
+    MUL_CALLS,
+    NORM_CALLS,
+    NORM_MODULES,
+    POOL_MODULES,
+    RELU_CALLS,
+    RELU_MODULES,
+    RESAMPLING_CALLS,
+    RESAMPLING_MODULES,
+    ROUNDING_CALLS,
+    ROUNDING_MODULES,
+    is_inference_identity,
+    is_op,
+    module_of,
+)
 from lightning_compress.quantization.quantizers import is_quantized
 from lightning_compress.quantization.residual import (
+    INPUT,
     ResidualQuantizer,
     hook_residual_quantizer,
     remove_residual_quantizers,
@@ -35,36 +57,6 @@ from lightning_compress.quantization.residual import (
 
 __all__ = ["ModuleOutputTracer", "Point", "attach_bias_rounding", "attach_residual_quantizers", "find_points",
            "set_residual_quantizers"]
-
-_RELU_MODULES = (nn.ReLU,)
-_RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
-_ADD_CALLS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
-#: products of two tensors: torch.ao's ``quantized::mul`` (a squeeze-excitation gate times its input)
-_MUL_CALLS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__")
-#: modules and calls that keep the grid of their input exactly (torch.ao shares their input's quantization)
-_EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
-                  nn.Dropout, nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_EXACT_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, F.max_pool1d,
-                F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu, F.relu, F.relu6,
-                F.hardtanh,
-                "flatten", "reshape", "view", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "relu")
-#: modules whose forward runs their children in turn: a quantizer attached to one would run as a layer too
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-#: concatenations: torch.ao quantizes every input at the output's grid (one observer shared by all)
-_CAT_CALLS = (torch.cat, torch.concat, "cat")
-#: ones that share it but round again (an average of codes)
-_ROUNDING_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_ROUNDING_CALLS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean")
-#: poolings whose average a ``"pool"`` quantizer computes on the codes of its input's grid
-_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-#: ops whose output torch.ao quantizes with fixed ``(scale, zero_point)`` (quint8), e.g. squeeze-excitation gates
-_FIXED = {nn.Sigmoid: (1 / 256, 0), nn.Hardsigmoid: (1 / 256, 0), nn.Tanh: (2 / 256, 128),
-          torch.sigmoid: (1 / 256, 0), F.sigmoid: (1 / 256, 0), F.hardsigmoid: (1 / 256, 0), "sigmoid": (1 / 256, 0),
-          torch.tanh: (2 / 256, 128), F.tanh: (2 / 256, 128), "tanh": (2 / 256, 128)}
-#: activations whose output the int8 graph stores in 8 bits again (its own observer, or the next op's)
-_ACTIVATION_MODULES = (nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish)
-_ACTIVATION_CALLS = (F.hardswish, F.silu, F.gelu, F.elu, F.leaky_relu, F.mish)
-
 
 class ModuleOutputTracer(torch.fx.Tracer):
     """A ``torch.fx`` tracer that records, for each module call, the node of its output (:attr:`outputs`, innermost
@@ -97,7 +89,8 @@ class ModuleOutputTracer(torch.fx.Tracer):
 
 @dataclass(frozen=True)
 class Point:
-    """A tensor to quantize: the output of ``module``; ``kind`` and ``consumers`` as in ``ResidualQuantizer``."""
+    """A tensor to quantize: the output of ``module`` (or its first input); ``kind`` and ``consumers`` as in
+    ``ResidualQuantizer``."""
 
     module: str
     kind: str
@@ -105,25 +98,20 @@ class Point:
     relu: bool
     fixed: tuple[float, int] | None = None
     operands: tuple[str, ...] = ()
+    on_input: bool = False  # the first input of ``module`` instead (a tensor no module returns)
 
-
-def _module(root: nn.Module, node: Any) -> nn.Module | None:
-    return root.get_submodule(node.target) if getattr(node, "op", None) == "call_module" else None
-
-
-def _is(node: Any, root: nn.Module, modules: tuple[type, ...], calls: tuple[Any, ...]) -> bool:
-    op = getattr(node, "op", None)
-    if op == "call_module":
-        return isinstance(_module(root, node), modules)
-    return op in ("call_function", "call_method") and node.target in calls
+    @property
+    def key(self) -> str:
+        """Its key in :func:`~lightning_compress.quantization.residual.residual_quantizers`."""
+        return self.module + INPUT if self.on_input else self.module
 
 
 def _group_output(layer: torch.fx.Node, root: nn.Module) -> torch.fx.Node:
     """The layer's node followed by the BatchNorm and the ReLU torch.ao fuses into it."""
     node = layer
-    for kinds, calls in (((nn.modules.batchnorm._BatchNorm,), ()), (_RELU_MODULES, _RELU_CALLS)):
+    for kinds, calls in (((nn.modules.batchnorm._BatchNorm,), ()), (RELU_MODULES, RELU_CALLS)):
         users = list(node.users)
-        if len(users) == 1 and _is(users[0], root, kinds, calls) and users[0].args[0] is node:
+        if len(users) == 1 and is_op(users[0], root, kinds, calls) and users[0].args[0] is node:
             node = users[0]
     return node
 
@@ -142,11 +130,11 @@ def _reach(value: torch.fx.Node, root: nn.Module,
             first = user.args[0] if user.args else None
             if user.op == "call_module" and user.target in layers and first is node:
                 consumers.append(str(user.target))
-            elif _is(user, root, (), _CAT_CALLS) and isinstance(first, (list, tuple)) and node in first:
+            elif is_op(user, root, (), CAT_CALLS) and isinstance(first, (list, tuple)) and node in first:
                 continue  # quantized at the concatenation's grid: the concatenation is a value of its own
-            elif first is node and (_is(user, root, _EXACT_MODULES, _EXACT_CALLS)
-                                    or _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS)):
-                if _is(user, root, _ROUNDING_MODULES, _ROUNDING_CALLS) and user not in rounding:
+            elif first is node and (is_op(user, root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(user)
+                                    or is_op(user, root, ROUNDING_MODULES, ROUNDING_CALLS)):
+                if is_op(user, root, ROUNDING_MODULES, ROUNDING_CALLS) and user not in rounding:
                     rounding.append(user)
                 if user not in seen:
                     seen.add(user)
@@ -159,28 +147,70 @@ def _reach(value: torch.fx.Node, root: nn.Module,
 def _fixed_qparams(node: torch.fx.Node, root: nn.Module) -> tuple[float, int] | None:
     """The fixed output ``(scale, zero_point)`` torch.ao gives ``node``'s op, if any."""
     if node.op == "call_module":
-        return next((v for k, v in _FIXED.items() if isinstance(k, type) and isinstance(_module(root, node), k)), None)
+        module = module_of(root, node)
+        return next((v for k, v in FIXED.items() if isinstance(k, type) and isinstance(module, k)), None)
     if node.op in ("call_function", "call_method"):
-        return next((v for k, v in _FIXED.items() if not isinstance(k, type) and k == node.target), None)
+        return next((v for k, v in FIXED.items() if not isinstance(k, type) and k == node.target), None)
     return None
+
+
+def _float_inputs(graph: torch.fx.Graph, root: nn.Module, quantized: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Values computed in float (no quantized value seen back through ops that keep a grid) that an addition or a
+    normalization reads: torch.ao quantizes them at a range of their own first (Swin's attention, called as a
+    function, and the output of its patch merging's padding function, read by a LayerNorm)."""
+    found: list[torch.fx.Node] = []
+    for node in graph.nodes:
+        if is_op(node, root, (), ADD_CALLS):
+            operands = node.args[:2]
+        elif is_op(node, root, NORM_MODULES, NORM_CALLS):
+            operands = node.args[:1]
+        else:
+            continue
+        for operand in operands:
+            source = operand
+            while isinstance(source, torch.fx.Node) and source not in quantized and source.args and (
+                    is_op(source, root, EXACT_MODULES + ROUNDING_MODULES + RESAMPLING_MODULES,
+                        EXACT_CALLS + ROUNDING_CALLS + RESAMPLING_CALLS) or is_inference_identity(source)):
+                source = source.args[0]  # ops that torch.ao computes on their input's grid
+            computed = getattr(source, "op", None) in ("call_module", "call_function", "call_method")
+            if computed and source not in quantized and source not in found:
+                found.append(source)  # before the ops that keep its grid: there it is some module's output
+    return found
 
 
 def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
     """The innermost module, called once and not a container, whose output is ``node`` (or, for a ReLU that is its
-    input's only user, its input's: a quantizer with zero point 0 applies that ReLU itself)."""
+    input's only user, its input's: a quantizer with zero point 0 applies that ReLU itself); else that of the only
+    op reading ``node`` if it keeps the grid (a permute back, as in torchvision's ``LayerNorm2d``)."""
     candidates = list(tracer.outputs.get(node, []))
     source = node.args[0] if node.args else None
-    if (_is(node, root, _RELU_MODULES, _RELU_CALLS) and isinstance(source, torch.fx.Node)
+    if (is_op(node, root, RELU_MODULES, RELU_CALLS) and isinstance(source, torch.fx.Node)
             and len(source.users) == 1):
         candidates += tracer.outputs.get(source, [])
-    return next((name for name in candidates if name and tracer.calls[name] == 1
-                 and not isinstance(root.get_submodule(name), _CONTAINERS)), None)
+    found = next((name for name in candidates if name and tracer.calls[name] == 1
+                  and not isinstance(root.get_submodule(name), CONTAINERS)), None)
+    users = list(node.users)
+    if found is None and len(users) == 1 and users[0].args and users[0].args[0] is node and (
+            is_op(users[0], root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(users[0])):
+        return _hook_module(users[0], root, tracer)  # the same grid after a move (torchvision's LayerNorm2d)
+    return found
+
+
+def _first_reader(value: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
+    """The module called once (a leaf, not a container) that reads ``value`` as its first input before any other
+    op reads it, if any: a forward pre-hook on it can round ``value`` in place for every reader."""
+    order = {node: index for index, node in enumerate(value.graph.nodes)}
+    first = min(value.users, key=order.__getitem__, default=None)
+    if first is None or first.op != "call_module" or not first.args or first.args[0] is not value:
+        return None
+    name = str(first.target)
+    return name if tracer.calls[name] == 1 and not isinstance(root.get_submodule(name), CONTAINERS) else None
 
 
 def _grid_module(node: Any, grids: dict[torch.fx.Node, str], root: nn.Module) -> str | None:
     """The module whose residual quantizer gives ``node``'s value its grid, seen back through ops that keep it."""
     while isinstance(node, torch.fx.Node) and node not in grids:
-        if not (node.args and _is(node, root, _EXACT_MODULES, _EXACT_CALLS)):
+        if not (node.args and (is_op(node, root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(node))):
             return None
         node = node.args[0]
     return grids.get(node) if isinstance(node, torch.fx.Node) else None
@@ -217,18 +247,19 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layers:
             values.append((_group_output(node, model), True))
-        elif _is(node, model, _ACTIVATION_MODULES, _CAT_CALLS + _ACTIVATION_CALLS):
+        elif is_op(node, model, ACTIVATION_MODULES, CAT_CALLS + ACTIVATION_CALLS):
             values.append((node, False))
         elif (qparams := _fixed_qparams(node, model)) is not None and node.users:
             fixed[node] = qparams
             values.append((node, False))
-        elif _is(node, model, (), _ADD_CALLS) and any(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+        elif is_op(node, model, (), ADD_CALLS) and any(isinstance(a, torch.fx.Node) for a in node.args[:2]):
             users = list(node.users)
-            relu = len(users) == 1 and _is(users[0], model, _RELU_MODULES, _RELU_CALLS)
+            relu = len(users) == 1 and is_op(users[0], model, RELU_MODULES, RELU_CALLS)
             values.append((users[0] if relu else node, False))
-        elif _is(node, model, (), _MUL_CALLS) and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+        elif is_op(node, model, (), MUL_CALLS) and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
             products.add(node)
             values.append((node, False))
+    values += [(operand, False) for operand in _float_inputs(graph, model, {value for value, _ in values})]
     points, unhookable, done = [], [], set()
     grids: dict[torch.fx.Node, str] = {}  # value -> the module whose quantizer gives its grid
     # output layers compute in float in the int8 graph, on an input whose grid torch.ao observes unless a point
@@ -248,25 +279,32 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
         operands = tuple(_grid_module(arg, grids, model) for arg in value.args[:2]) if value in products else ()
         if value in products and (module is None or None in operands or module in done):
             continue  # a product of tensors without a known grid (or no module of its own) stays float
-        if module is None:
+        # (not a concatenation: torch.ao shares one observer among its inputs and the concatenations reading them)
+        reader = (_first_reader(value, model, tracer)
+                  if module is None and value not in fixed and not is_op(value, model, (), CAT_CALLS) else None)
+        if module is None and reader is None:
             unhookable.append(_describe(value))
             continue
-        if module in done:
+        if (module or f"{reader}{INPUT}") in done:
             continue
-        done.add(module)
-        grids[value] = module
-        relu = _is(value, model, _RELU_MODULES, _RELU_CALLS)
-        if value in fixed:
+        done.add(module or f"{reader}{INPUT}")
+        relu = is_op(value, model, RELU_MODULES, RELU_CALLS)
+        if module is None:  # rounded in place on its way into the module that reads it first
+            points.append(Point(str(reader), "consumers" if consumers else "range", tuple(consumers), relu,
+                                on_input=True))
+        elif value in fixed:
             points.append(Point(module, "fixed", (), False, fixed[value]))
         elif value in products:
             points.append(Point(module, "mul", tuple(consumers), False, operands=operands))  # type: ignore[arg-type]
         else:
             points.append(Point(module, "consumers" if consumers else "range", tuple(consumers), relu))
+        if module is not None:
+            grids[value] = module
         for pool in rounding:  # averaged on the codes of this grid, as torch.ao's quantized pooling
             name = str(pool.target)
-            if isinstance(_module(model, pool), _POOL_MODULES) and tracer.calls[name] == 1 and name not in done:
+            if isinstance(module_of(model, pool), POOL_MODULES) and tracer.calls[name] == 1 and name not in done:
                 done.add(name)
-                points.append(Point(name, "pool", (module,), False))
+                points.append(Point(name, "pool", (points[-1].key if module is None else module,), False))
     return points, unhookable
 
 
@@ -282,8 +320,9 @@ def set_residual_quantizers(model: nn.Module, enabled: bool) -> dict[str, Residu
 def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> dict[str, ResidualQuantizer]:
     """Trace ``model`` (with quantized layers attached) and put a fresh :class:`ResidualQuantizer` on every point
     the int8 graph stores in 8 bits (replacing earlier ones), recording min / max if ``calibrating`` (until
-    :func:`finish_residual_quantizers`); returns ``{module name: quantizer}``. A point that is
-    not the output of a module called once stays float, with a warning naming the operation.
+    :func:`finish_residual_quantizers`); returns ``{key: quantizer}`` (the module name, with ``":input"`` for a
+    quantizer of its input). A point that is neither the output of a module called once nor first read by one
+    stays float, with a warning naming the operation.
 
     Raises:
         ValueError: ``torch.fx`` cannot trace the model.
@@ -291,8 +330,8 @@ def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> d
     remove_residual_quantizers(model)
     points, unhookable = find_points(model)
     if unhookable:
-        warnings.warn(f"residual_quantizers: the int8 graph stores {unhookable} in 8 bits, but they are not the "
-                      "output of a module called once, so they stay float in the fake-quantized model (the int8 "
+        warnings.warn(f"residual_quantizers: the int8 graph stores {unhookable} in 8 bits, but no module called once "
+                      "returns them or reads them first, so they stay float in the fake-quantized model (the int8 "
                       "model can differ there); return them from a module's forward to quantize them", stacklevel=3)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     attach_bias_rounding(model)
@@ -300,8 +339,8 @@ def attach_residual_quantizers(model: nn.Module, calibrating: bool = False) -> d
     for point in points:
         quantizer = ResidualQuantizer(point.kind, point.consumers, point.relu, point.fixed, point.operands).to(device)
         quantizer.calibrating = calibrating
-        hook_residual_quantizer(model.get_submodule(point.module), quantizer)
-        attached[point.module] = quantizer
+        hook_residual_quantizer(model.get_submodule(point.module), quantizer, point.on_input)
+        attached[point.key] = quantizer
     return attached
 
 
@@ -337,7 +376,7 @@ def attach_bias_rounding(model: nn.Module) -> list[str]:
             continue
         users = list(node.users)
         bn = None
-        if (len(users) == 1 and _is(users[0], model, (nn.modules.batchnorm._BatchNorm,), ())
+        if (len(users) == 1 and is_op(users[0], model, (nn.modules.batchnorm._BatchNorm,), ())
                 and users[0].args[0] is node and tracer.calls[str(users[0].target)] == 1):
             bn = model.get_submodule(str(users[0].target))
         layer = model.get_submodule(str(node.target))

@@ -17,7 +17,7 @@ from lightning_compress.export.engines import exact_engines
 from lightning_compress.export.int8 import export_int8
 from lightning_compress.quantization import float_state_dict, quantize_model, remove_quantizers
 from lightning_compress.quantization.residual import ResidualQuantizer, residual_quantizers
-from lightning_compress.testing import train_briefly
+from lightning_compress.testing import digits_trained, train_briefly
 
 EXPECTED = {"stem.bn": ("consumers", ("stage1.0.conv1",)), "stage1.0.bn2": ("range", ()),
             "stage2.0.bn2": ("range", ()), "stage2.0.shortcut.1": ("range", ()),
@@ -26,12 +26,7 @@ EXPECTED = {"stem.bn": ("consumers", ("stage1.0.conv1",)), "stage1.0.bn2": ("ran
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[list, torch.Tensor, nn.Module]:
-    dm = DigitsDataModule(batch_size=64, seed=0)
-    dm.setup()
-    batches = list(dm.train_dataloader())
-    test = torch.cat([batch[0] for batch in dm.test_dataloader()])
-    torch.manual_seed(0)
-    return batches, test, train_briefly(ResidualCNN(width=8), batches, 2).eval()
+    return digits_trained(lambda: ResidualCNN(width=8), 2)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +150,7 @@ class FunctionalResidual(nn.Module):
 
 def test_shared_relu_blocks_are_hooked_at_the_block_and_a_loose_addition_is_named(digits):
     batches, test, _ = digits
-    with pytest.warns(UserWarning, match=r"call_function 'relu'.*not the output of a module"):
+    with pytest.warns(UserWarning, match=r"call_function 'relu'.*no module called once returns them"):
         quantized = quantize_model(FunctionalResidual().eval(), "static", batches[:4], residual_quantizers=True)
     found = residual_quantizers(quantized)
     assert found["blocks.0"].kind == "consumers" and "blocks.0.relu" not in found  # the block, not its shared ReLU

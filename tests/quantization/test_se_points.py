@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.demo import DigitsDataModule
 from lightning_compress.export.engines import exact_engines
 from lightning_compress.export.int8 import export_int8
 from lightning_compress.quantization import quantize_model
 from lightning_compress.quantization.residual import ResidualQuantizer, residual_quantizers
-from lightning_compress.testing import train_briefly
+from lightning_compress.testing import digits_trained
 
 
 class SqueezeExcitation(nn.Module):
@@ -64,12 +63,7 @@ class SENet(nn.Module):
 
 @pytest.fixture(scope="module")
 def se_models() -> tuple[list, torch.Tensor, nn.Module, nn.Module]:
-    dm = DigitsDataModule(batch_size=64, seed=0)
-    dm.setup()
-    batches = list(dm.train_dataloader())
-    test = torch.cat([batch[0] for batch in dm.test_dataloader()])
-    torch.manual_seed(0)
-    model = train_briefly(SENet(), batches, 3).eval()
+    batches, test, model = digits_trained(SENet, 3)
     fake = quantize_model(model, "static", batches, reduce_range=True, residual_quantizers=True)
     return batches, test, model, fake
 
