@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["is_inference_identity", "is_op", "module_of"]
+__all__ = ["is_inference_identity", "is_op", "keeps_grid", "module_of"]
 
 RELU_MODULES = (nn.ReLU,)
 RELU_CALLS = (torch.relu, torch.relu_, F.relu, "relu", "relu_")
@@ -72,3 +72,9 @@ def is_inference_identity(node: Any) -> bool:
         return False
     training = node.kwargs.get("training", node.args[position] if len(node.args) > position else True)
     return training is False
+
+
+def keeps_grid(node: Any, root: nn.Module) -> bool:
+    """Whether ``node`` passes its first input's quantized values on unchanged (a move, a max, a dropout, a ReLU of
+    a zero-point-0 tensor, an eval-mode stochastic depth)."""
+    return is_op(node, root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(node)

@@ -30,8 +30,6 @@ from lightning_compress.quantization.fx_ops import (
     ADD_CALLS,
     CAT_CALLS,
     CONTAINERS,
-    EXACT_CALLS,
-    EXACT_MODULES,
     FIXED,
     MUL_CALLS,
     NORM_CALLS,
@@ -43,8 +41,8 @@ from lightning_compress.quantization.fx_ops import (
     RESAMPLING_MODULES,
     ROUNDING_CALLS,
     ROUNDING_MODULES,
-    is_inference_identity,
     is_op,
+    keeps_grid,
     module_of,
 )
 from lightning_compress.quantization.quantizers import is_quantized
@@ -132,8 +130,7 @@ def _reach(value: torch.fx.Node, root: nn.Module,
                 consumers.append(str(user.target))
             elif is_op(user, root, (), CAT_CALLS) and isinstance(first, (list, tuple)) and node in first:
                 continue  # quantized at the concatenation's grid: the concatenation is a value of its own
-            elif first is node and (is_op(user, root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(user)
-                                    or is_op(user, root, ROUNDING_MODULES, ROUNDING_CALLS)):
+            elif first is node and (keeps_grid(user, root) or is_op(user, root, ROUNDING_MODULES, ROUNDING_CALLS)):
                 if is_op(user, root, ROUNDING_MODULES, ROUNDING_CALLS) and user not in rounding:
                     rounding.append(user)
                 if user not in seen:
@@ -169,8 +166,8 @@ def _float_inputs(graph: torch.fx.Graph, root: nn.Module, quantized: set[torch.f
         for operand in operands:
             source = operand
             while isinstance(source, torch.fx.Node) and source not in quantized and source.args and (
-                    is_op(source, root, EXACT_MODULES + ROUNDING_MODULES + RESAMPLING_MODULES,
-                        EXACT_CALLS + ROUNDING_CALLS + RESAMPLING_CALLS) or is_inference_identity(source)):
+                    keeps_grid(source, root) or is_op(source, root, ROUNDING_MODULES + RESAMPLING_MODULES,
+                                                      ROUNDING_CALLS + RESAMPLING_CALLS)):
                 source = source.args[0]  # ops that torch.ao computes on their input's grid
             computed = getattr(source, "op", None) in ("call_module", "call_function", "call_method")
             if computed and source not in quantized and source not in found:
@@ -190,16 +187,16 @@ def _hook_module(node: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTrace
     found = next((name for name in candidates if name and tracer.calls[name] == 1
                   and not isinstance(root.get_submodule(name), CONTAINERS)), None)
     users = list(node.users)
-    if found is None and len(users) == 1 and users[0].args and users[0].args[0] is node and (
-            is_op(users[0], root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(users[0])):
+    if found is None and len(users) == 1 and users[0].args and users[0].args[0] is node and keeps_grid(users[0], root):
         return _hook_module(users[0], root, tracer)  # the same grid after a move (torchvision's LayerNorm2d)
     return found
 
 
-def _first_reader(value: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer) -> str | None:
+def _first_reader(value: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTracer,
+                  order: dict[torch.fx.Node, int]) -> str | None:
     """The module called once (a leaf, not a container) that reads ``value`` as its first input before any other
-    op reads it, if any: a forward pre-hook on it can round ``value`` in place for every reader."""
-    order = {node: index for index, node in enumerate(value.graph.nodes)}
+    op reads it (``order``: each node's position in the graph), if any: a forward pre-hook on it can round ``value``
+    in place for every reader."""
     first = min(value.users, key=order.__getitem__, default=None)
     if first is None or first.op != "call_module" or not first.args or first.args[0] is not value:
         return None
@@ -210,7 +207,7 @@ def _first_reader(value: torch.fx.Node, root: nn.Module, tracer: ModuleOutputTra
 def _grid_module(node: Any, grids: dict[torch.fx.Node, str], root: nn.Module) -> str | None:
     """The module whose residual quantizer gives ``node``'s value its grid, seen back through ops that keep it."""
     while isinstance(node, torch.fx.Node) and node not in grids:
-        if not (node.args and (is_op(node, root, EXACT_MODULES, EXACT_CALLS) or is_inference_identity(node))):
+        if not (node.args and keeps_grid(node, root)):
             return None
         node = node.args[0]
     return grids.get(node) if isinstance(node, torch.fx.Node) else None
@@ -261,6 +258,7 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
             values.append((node, False))
     values += [(operand, False) for operand in _float_inputs(graph, model, {value for value, _ in values})]
     points, unhookable, done = [], [], set()
+    order = {node: index for index, node in enumerate(graph.nodes)}
     grids: dict[torch.fx.Node, str] = {}  # value -> the module whose quantizer gives its grid
     # output layers compute in float in the int8 graph, on an input whose grid torch.ao observes unless a point
     # gives it (MobileNetV3's classifier: hardswish -> dropout -> the last Linear)
@@ -280,7 +278,7 @@ def find_points(model: nn.Module) -> tuple[list[Point], list[str]]:
         if value in products and (module is None or None in operands or module in done):
             continue  # a product of tensors without a known grid (or no module of its own) stays float
         # (not a concatenation: torch.ao shares one observer among its inputs and the concatenations reading them)
-        reader = (_first_reader(value, model, tracer)
+        reader = (_first_reader(value, model, tracer, order)
                   if module is None and value not in fixed and not is_op(value, model, (), CAT_CALLS) else None)
         if module is None and reader is None:
             unhookable.append(_describe(value))
