@@ -195,16 +195,20 @@ class _ApplyResidualQuantizer:
 
 class _ApplyInputResidualQuantizer:
     """The forward pre-hook that rounds a module's first input through its ``input_residual_quantizer`` in place
-    (picklable): the other readers of that tensor read it rounded too, as the int8 graph stores it. Gradients pass
-    straight through (the copy is not recorded)."""
+    (picklable): the other readers of that tensor read it rounded too, as the int8 graph stores it. A view (whose
+    base other ops may read) or a tensor autograd tracks is not changed in place: the module alone reads it rounded."""
 
-    def __call__(self, module: nn.Module, args: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any) -> Any:
         quantizer = getattr(module, INPUT_NAME)
-        if args and isinstance(args[0], Tensor):
-            rounded = quantizer(args[0])
-            if rounded is not args[0]:
-                with torch.no_grad():
-                    args[0].copy_(rounded)
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        rounded = quantizer(args[0])
+        if rounded is args[0]:
+            return None
+        if args[0]._base is not None or (torch.is_grad_enabled() and args[0].requires_grad):
+            return (rounded, *args[1:])
+        args[0].copy_(rounded)
+        return None
 
 
 def residual_quantizers(model: nn.Module) -> dict[str, ResidualQuantizer]:

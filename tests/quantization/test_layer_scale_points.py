@@ -18,7 +18,7 @@ from torch import nn
 from lightning_compress.export.engines import exact_engines
 from lightning_compress.export.int8 import export_int8
 from lightning_compress.quantization import quantize_model
-from lightning_compress.quantization.residual import residual_quantizers
+from lightning_compress.quantization.residual import ResidualQuantizer, hook_residual_quantizer, residual_quantizers
 from lightning_compress.testing import digits_trained
 
 
@@ -185,3 +185,20 @@ def test_tensors_no_module_returns_are_rounded_in_place_by_their_first_reader(tm
 
     deployed = export_onnx(fake, batches[0][0], tmp_path / "swin.onnx", check_inputs=test, min_agreement=0.995)
     assert deployed["relative_error"] <= 0.005, deployed
+
+
+def test_an_input_quantizer_rounds_in_place_only_where_that_is_safe():
+    layer = nn.LayerNorm(4)
+    quantizer = ResidualQuantizer("range", ())
+    quantizer.set_qparams(0.5, 128)
+    hook_residual_quantizer(layer, quantizer, on_input=True)
+    x = torch.tensor([[0.3, 0.7, -0.2, 1.1]])
+    rounded = torch.tensor([[0.5, 0.5, 0.0, 1.0]])
+    expected = F.layer_norm(rounded, (4,), layer.weight, layer.bias)
+    with torch.no_grad():
+        fresh = x.clone()
+        assert torch.allclose(layer(fresh), expected) and torch.equal(fresh, rounded)  # later readers see it rounded
+        base = x.clone()
+        assert torch.allclose(layer(base[:, :]), expected) and torch.equal(base, x)  # a view's base is left alone
+    tracked = x.clone().requires_grad_(True) * 1
+    assert torch.allclose(layer(tracked), expected) and torch.equal(tracked.detach(), x)  # autograd's tensor too
