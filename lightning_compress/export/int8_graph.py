@@ -14,12 +14,12 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QCon
 
 from lightning_compress.export.int8_rewrites import shared_grid_calls
 from lightning_compress.export.int8_weight import int8_weight_layer
+from lightning_compress.quantization.fx_ops import DROPOUT_MODULES
 from lightning_compress.quantization.quantizers import absmax
 from lightning_compress.quantization.residual import quantizer_module
 from lightning_compress.quantization.residual_points import ModuleOutputTracer
 
 _CLIP_PREFIX = "_input_clip_"  # root-level Hardtanh modules, one per quantized layer, called right before it
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _POINT_PREFIX = "_residual_point_"  # root-level Identity modules marking the output of a residual quantizer's module
 
 
@@ -237,7 +237,7 @@ def _input_observers(node: Any, root: nn.Module) -> tuple[list[_AmaxObserver], A
         module = root.get_submodule(source.target)
         if isinstance(module, _AmaxObserver):
             observers.append(module)
-        elif not (_is_clip(source) or isinstance(module, _DROPOUTS)):  # a dropout passes the codes of its input
+        elif not (_is_clip(source) or isinstance(module, DROPOUT_MODULES)):  # a dropout passes the codes of its input
             break
         source = source.args[0] if source.args else None
     return observers, source

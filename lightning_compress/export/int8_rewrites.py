@@ -22,8 +22,8 @@ _AS_FUNCTIONS = {"flatten": torch.flatten}
 
 
 def shared_grid_calls(traced: torch.fx.GraphModule) -> None:
-    """Remove the eval-mode stochastic depths (:func:`~lightning_compress.quantization.residual_points.
-    is_inference_identity`), call ``torch.permute`` / ``torch.reshape`` as tensor methods, and ``x.flatten(...)``
+    """Remove the eval-mode stochastic depths (:func:`~lightning_compress.quantization.fx_ops.is_inference_identity`),
+    call ``torch.permute`` / ``torch.reshape`` as tensor methods, and ``x.flatten(...)``
     and an ``nn.Flatten`` as ``torch.flatten``. torch.ao lists none of them as sharing its input's quantization: it
     would run each in float between a dequantize and a requantize on a grid of its own (an observer of the output's
     range), a second rounding the fake-quantized model does not have (EfficientNet, ConvNeXt, Swin; ``nn.Flatten``

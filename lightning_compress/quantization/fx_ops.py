@@ -18,8 +18,10 @@ ADD_CALLS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
 #: products of two tensors: torch.ao's ``quantized::mul`` (a squeeze-excitation gate times its input)
 MUL_CALLS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__")
 #: modules and calls that keep the grid of their input exactly (torch.ao shares their input's quantization)
+#: dropouts: the identity at inference, on quantized codes too
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 EXACT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
-                 nn.Dropout, nn.ReLU, nn.ReLU6, nn.Hardtanh)
+                 *DROPOUT_MODULES, nn.ReLU, nn.ReLU6, nn.Hardtanh)
 EXACT_CALLS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
                F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, torch.relu,
                F.relu, F.relu6, F.hardtanh,
