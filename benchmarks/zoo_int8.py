@@ -20,7 +20,15 @@ the first ``--check-images`` of the 600 test images. Columns:
   ``1 + 1e-6 * N(0, 1)`` (mean over 3 draws); floor (layers): the same with every quantized layer's output
   (each Conv / Linear) multiplied by ``1 + 1e-6 * N(0, 1)`` through forward hooks. Predictions that flip under such
   noise are ties at the resolution of float rounding: no int8 kernel can be expected to reproduce them, so
-  agreement is meaningful only down to this floor.
+  agreement is meaningful only down to this floor;
+- kernel near-tie / wrong: ``int8.verification["kernel"]`` (every int8 Conv / Linear's output codes on 16 calibration
+  images recomputed with integer arithmetic: codes that differ within float rounding of a tie / otherwise);
+- torch.ao agreement / rel. error: torch.ao's own pipeline on the same trained model and engine, the anchor:
+  ``prepare_qat_fx`` with the engine's default QAT qconfig mapping, its observers run over the same calibration
+  images in eval mode and then frozen (its fake-quantized model), against ``convert_fx`` of it (its int8 model).
+
+The notes after the table also give how often the int8 models of two engines agree with each other on the checked
+images: exact kernels that round ties differently part there as much as from the fake-quantized model.
 
 torchvision comes from the isolated install of tests/zoo/zoo_support.py (``$LIGHTNING_COMPRESS_ZOO``):
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -52,8 +61,9 @@ from zoo_support import torchvision
 
 from lightning_compress.demo import ShapesDataModule
 from lightning_compress.export import export_int8
-from lightning_compress.export.engines import exact_engines, host_summary
+from lightning_compress.export.engines import exact_engines, host_summary, quantized_engine
 from lightning_compress.export.int8 import resolve_method
+from lightning_compress.export.verify import output_agreement
 from lightning_compress.quantization import quantize_model
 
 MODELS = ("resnet18,resnet50,mobilenet_v3_small,efficientnet_b0,regnet_y_400mf,shufflenet_v2_x1_0,convnext_tiny,"
@@ -151,6 +161,25 @@ def accuracy_and_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 @torch.no_grad()
+def torch_ao_agreement(model: nn.Module, calibration: torch.Tensor, x: torch.Tensor, engine: str) -> str:
+    """torch.ao's fake-quantized model (QAT preparation, calibrated, observers frozen) against its int8 model:
+    ``"agreement / relative error"`` on ``x``."""
+    from torch.ao.quantization import disable_observer, get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    with quantized_engine(engine):
+        prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(engine),
+                                  example_inputs=(calibration[:1],)).eval()
+        for start in range(0, len(calibration), 64):  # observers update in eval mode; batch norm stays fixed
+            prepared(calibration[start:start + 64])
+        prepared.apply(disable_observer)
+        fake = prepared(x)
+        int8 = convert_fx(copy.deepcopy(prepared))(x)
+    check = output_agreement(fake, int8)
+    return f"{check['agreement']:.3f} / {check['relative_error']:.4f}"
+
+
+@torch.no_grad()
 def noise_floor(model: nn.Module, x: torch.Tensor, layers: bool, draws: int = 3) -> float:
     """Mean agreement of ``model``'s top-1 with itself under ``1 + NOISE * N(0, 1)`` multiplicative noise on the
     input (``layers=False``) or on every Conv / Linear output (``layers=True``)."""
@@ -185,7 +214,9 @@ def rows_for(name: str, args: argparse.Namespace, train_data: tuple[torch.Tensor
                  f"{' (AdamW, warm-up, cosine)' if recipe.adamw else ''} in {seconds:.0f} s; median top-1 probability "
                  f"{confidence:.2f}")
     print(notes[-1], file=sys.stderr, flush=True)  # progress
-    rows = []
+    rows: list[list[str]] = []
+    anchors: dict[str, str] = {}
+    predictions: dict[tuple[bool, str], torch.Tensor] = {}
     for residual in (True, False)[:2 if args.both else 1]:
         label = f"{name} | {float_acc:.3f} | {'yes' if residual else 'no'}"
         # transformers (nn.MultiheadAttention) export by the dynamic path: compare with the matching fake model
@@ -198,7 +229,7 @@ def rows_for(name: str, args: argparse.Namespace, train_data: tuple[torch.Tensor
         except Exception as error:  # e.g. torch.fx cannot trace the model for the residual quantizers
             notes.append(f"{name}, residual={residual}: quantize_model {type(error).__name__}: "
                          f"{str(error).splitlines()[0][:160]}")
-            rows.append([label, "-", "-", "-", "-", "-", "-"])
+            rows.append([label, "-", "-", "-", "-", "-", "-", "-", "-"])
             continue
         fake_acc = accuracy_and_confidence(fake, x, y)[0]
         floors = f"{noise_floor(fake, x, False):.3f} | {noise_floor(fake, x, True):.3f}"
@@ -206,14 +237,35 @@ def rows_for(name: str, args: argparse.Namespace, train_data: tuple[torch.Tensor
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints the traceback of a failed run
                     int8 = export_int8(fake, calibration, engine=engine, check_inputs=x, min_agreement=None)
+                with torch.no_grad():
+                    predictions[(residual, engine)] = int8(x).argmax(1)
                 check = int8.verification
+                kernel = check.get("kernel", {})
+                codes = f"{kernel['near_tie']} / {kernel['wrong']}" if kernel else "-"
+                if mode == "static" and engine not in anchors:  # the same for both residual settings
+                    anchors[engine] = torch_ao_agreement(model, calibration, x, engine)
+                anchor = anchors.get(engine, "-")
                 rows.append([label, f"{fake_acc:.3f}", engine, f"{check['agreement']:.3f}",
-                             f"{check['relative_error']:.4f}", floors])
+                             f"{check['relative_error']:.4f}", floors, codes, anchor])
             except Exception as error:  # FX tracing, an engine refused on this CPU
                 notes.append(f"{name}, residual={residual}, {engine}: export_int8 {type(error).__name__}: "
                              f"{str(error).splitlines()[0][:160]}")
-                rows.append([label, f"{fake_acc:.3f}", engine, "-", "-", floors])
+                rows.append([label, f"{fake_acc:.3f}", engine, "-", "-", floors, "-", "-"])
+    notes.extend(engines_among_themselves(name, predictions))
     return rows
+
+
+def engines_among_themselves(name: str, predictions: dict[tuple[bool, str], torch.Tensor]) -> list[str]:
+    """How often two engines' int8 models of the same fake-quantized model predict the same class on the test
+    images: the agreement that exact kernels reach with each other when the network amplifies rounding ties."""
+    notes = []
+    for residual in (True, False):
+        engines = [engine for (flag, engine) in predictions if flag == residual]
+        pairs = [f"{a}/{b} {float((predictions[(residual, a)] == predictions[(residual, b)]).float().mean()):.3f}"
+                 for i, a in enumerate(engines) for b in engines[i + 1:]]
+        if pairs:
+            notes.append(f"{name}, residual={residual}: int8 engines agree with each other on {', '.join(pairs)}")
+    return notes
 
 
 def main() -> None:
@@ -237,7 +289,8 @@ def main() -> None:
     test_x, test_y = data.test_set.tensors
     train_data, test = (images(train_x), train_y), (images(test_x), test_y)
     header = ["model", "float acc", "residual quantizers", "fake-quant acc", "engine", "agreement",
-              "rel. logit error", "floor (input)", "floor (layers)"]
+              "rel. logit error", "floor (input)", "floor (layers)", "kernel near-tie / wrong",
+              "torch.ao agreement / rel. error"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     notes: list[str] = []
     for name in args.models.split(","):

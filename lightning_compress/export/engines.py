@@ -12,30 +12,47 @@ So an exported model whose activation codes stay within ``[0, 127]`` (7-bit acti
 ``QuantizationAwareTraining(reduce_range=True)``, or inputs after a ReLU on a signed 8-bit grid) runs exactly under
 ``x86`` everywhere; a model with full 8-bit activation codes runs exactly under ``x86`` only with VNNI, and under
 ``qnnpack`` everywhere. :func:`choose_engine` applies these rules; :func:`host_summary` says what the host offers.
+
+FBGEMM and oneDNN can be held below VNNI on a VNNI CPU (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``); their kernels then saturate as on an AVX2-only CPU, and :func:`has_vnni` says so. This
+is how the tests check the AVX2 path on any x86 host.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["ENGINES", "choose_engine", "has_vnni", "host_summary", "quantized_engine", "validate_engine"]
+__all__ = ["ENGINES", "choose_engine", "has_vnni", "host_summary", "kernels_capped_below_vnni", "quantized_engine",
+           "validate_engine"]
 
 #: the engines an int8 export may name ("auto": :func:`choose_engine`)
 ENGINES = ("auto", "x86", "fbgemm", "onednn", "qnnpack")
 _SATURATING = ("x86", "fbgemm", "onednn")  # u8 x s8 pair sums in 16 bits (or halved weights) without VNNI
 #: the largest activation code the ``x86`` / ``fbgemm`` kernels compute exactly without VNNI
 SAFE_ACTIVATION_CODE = 127
+#: ``FBGEMM_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA`` values that keep the library's kernels below VNNI
+FBGEMM_BELOW_VNNI = ("AVX2", "AVX512", "AVX512_256")
+ONEDNN_BELOW_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def kernels_capped_below_vnni() -> bool:
+    """Whether the environment holds FBGEMM or oneDNN below VNNI instructions (read when the library is first used,
+    so set it before the process starts)."""
+    fbgemm = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
+    onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return fbgemm in FBGEMM_BELOW_VNNI or onednn in ONEDNN_BELOW_VNNI
 
 
 def has_vnni() -> bool:
     """Whether this CPU has AVX-512 VNNI (or AVX-VNNI), the int8 dot-product instructions FBGEMM needs to compute
-    full-range ``uint8`` activations exactly."""
+    full-range ``uint8`` activations exactly, and the environment lets FBGEMM and oneDNN use them."""
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(probe()) if callable(probe) else False
+    return bool(probe()) and not kernels_capped_below_vnni() if callable(probe) else False
 
 
 def _is_x86() -> bool:

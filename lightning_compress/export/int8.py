@@ -42,6 +42,7 @@ from lightning_compress.export.int8_graph import (
     views_as_reshapes,
 )
 from lightning_compress.export.int8_rewrites import constant_products_in_float
+from lightning_compress.export.kernel_check import check_kernel, kernel_exactness
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
 from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
@@ -203,13 +204,17 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
 
     Returns:
         An :class:`Int8Model` running int8 kernels on CPU; its ``verification`` holds the agreement, the largest
-        absolute output difference and the engine.
+        absolute output difference, the engine and ``kernel``: every int8 Conv / Linear's output codes on the
+        example batch recomputed with integer arithmetic (``wrong`` codes: an engine error; ``near_tie``: float
+        rounding every engine may do, which a sensitive network can still amplify into disagreement).
 
     Raises:
         ValueError: if ``model`` has no quantized layer, or one with a dynamic / uncalibrated input or > 8 bits; an
             unknown engine or one that cannot compute the model exactly on this host; a model FX cannot trace
             (Python on sizes or values in its forward), or a convolution with uneven ``padding="same"``.
-        Int8MismatchError: (a ``ValueError``) if the agreement is below ``min_agreement``.
+        Int8MismatchError: (a ``ValueError``) if the agreement is below ``min_agreement``, or (with
+            ``min_agreement`` set) if an int8 layer's kernel computed codes that integer arithmetic does not give
+            (:func:`~lightning_compress.export.kernel_check.kernel_exactness`).
     """
     if min_agreement is not None and not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1] or None")
@@ -264,8 +269,11 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
                 contiguous_before_clips(converted)
             clips_as_calls(converted)
             _check_runs(converted, args)
+            kernel = kernel_exactness(converted, args)
+    if min_agreement is not None:
+        check_kernel(kernel, chosen)
     int8 = Int8Model(converted, chosen).eval()
-    int8.verification = {"engine": chosen, "max_activation_code": max_code, **host_summary(),
+    int8.verification = {"engine": chosen, "max_activation_code": max_code, **host_summary(), "kernel": kernel,
                          **check_agreement(model, int8, args, check_inputs, min_agreement)}
     return int8
 

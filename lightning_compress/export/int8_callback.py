@@ -36,6 +36,7 @@ from lightning_compress.export.int8_dynamic import (
     load_int8_dynamic,
     save_int8_dynamic,
 )
+from lightning_compress.export.kernel_check import check_kernel
 from lightning_compress.export.verify import Int8MismatchError, check_export_settings
 from lightning_compress.quantization.quantizers import quantized_layers
 from lightning_compress.utils import compression_target, log_scalars, run_directory
@@ -294,6 +295,10 @@ class Int8Export(ChecksNetworkInput, Callback):
         """Fail the run (after logging the numbers) when the int8 model disagrees with the fake-quantized one."""
         assert self.results is not None
         measured = self.results if self.results.get("agreement") is not None else self.results["verification"]
+        kernel = self.results["verification"].get("kernel")
+        if self.min_agreement is not None and kernel and kernel["wrong"]:
+            self._log(trainer)
+            check_kernel(kernel, self.results["engine"])
         if self.min_agreement is None or measured["agreement"] >= self.min_agreement:
             return
         self._log(trainer)
@@ -337,6 +342,9 @@ class Int8Export(ChecksNetworkInput, Callback):
         names = {"acc": "export/acc", "fake_quant_acc": "export/fake_quant_acc", "agreement": "export/agreement",
                  "size_bytes": "export/size_bytes"}
         scalars = {tag: self.results[key] for key, tag in names.items() if self.results.get(key) is not None}
+        kernel = self.results.get("verification", {}).get("kernel")
+        if kernel:  # int8 output codes that integer arithmetic does not give (0 on an exact engine)
+            scalars["export/kernel_wrong_codes"] = kernel["wrong"]
         log_scalars(trainer, scalars)
         if self.results.get("acc") is not None:
             trainer.callback_metrics["export/acc"] = torch.tensor(float(self.results["acc"]))

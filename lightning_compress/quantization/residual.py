@@ -47,7 +47,7 @@ from lightning_compress.quantization.functional import affine_qparams
 
 __all__ = ["INPUT", "INPUT_NAME", "KINDS", "NAME", "ResidualQuantizer", "check_residual_options",
            "finish_residual_quantizers", "hook_residual_quantizer", "move_residual_quantizer", "quantizer_module",
-           "remove_residual_quantizers", "residual_qparams", "residual_quantizers"]
+           "remove_residual_quantizers", "residual_qparams", "residual_quantizers", "straight_through"]
 
 #: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
 NAME = "residual_quantizer"
@@ -55,6 +55,18 @@ INPUT_NAME = "input_residual_quantizer"
 INPUT = ":input"  # the suffix of an input quantizer's key in residual_quantizers()
 KINDS = ("range", "consumers", "fixed", "pool", "mul")
 QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
+
+
+def straight_through(x: Tensor, rounded: Tensor) -> Tensor:
+    """``rounded`` forward (bit for bit: ``x - x`` adds an exact zero), the gradient of ``x`` backward: the
+    straight-through estimator (Bengio et al., 2013, "Estimating or Propagating Gradients Through Stochastic
+    Neurons"), as ``torch.fake_quantize_per_tensor_affine`` passes it.
+
+    >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+    >>> y = straight_through(x, torch.round(x)); y.sum().backward(); y.detach(), x.grad
+    (tensor([0., 2.]), tensor([1., 1.]))
+    """
+    return rounded.detach() + (x - x.detach())
 
 
 class ResidualQuantizer(nn.Module):
@@ -138,7 +150,7 @@ class ResidualQuantizer(nn.Module):
         multiplier = (torch.tensor(first, dtype=torch.float32) * torch.tensor(second, dtype=torch.float32)
                       * (1.0 / scale.cpu())).to(product.device)
         out = torch.clamp(torch.round(codes * multiplier) + zero_point, QMIN, QMAX)
-        return ((out - zero_point) * scale).to(product.dtype)
+        return straight_through(product, ((out - zero_point) * scale).to(product.dtype))
 
     def pool(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
         """``module``'s average pooling of ``x`` computed on the codes of this grid and rounded half to even (the
@@ -148,7 +160,7 @@ class ResidualQuantizer(nn.Module):
         scale, zero_point = self.scale.float(), self.zero_point.float()
         codes = torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
         averaged = module.forward(codes)  # not through __call__: no hooks
-        return (torch.clamp(torch.round(averaged), QMIN, QMAX) - zero_point) * scale
+        return straight_through(output, (torch.clamp(torch.round(averaged), QMIN, QMAX) - zero_point) * scale)
 
     def finish_range(self) -> None:
         """Set ``scale`` / ``zero_point`` from the range seen while calibrating (a ``"range"`` quantizer), and stop

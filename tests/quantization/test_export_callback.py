@@ -104,6 +104,8 @@ def test_accuracy_agreement_and_size_are_logged(qat_run):
     assert scalars["export/agreement"][-1][1] == pytest.approx(results["agreement"])
     assert scalars["export/size_bytes"][-1][1] == results["size_bytes"]
     assert results["quantized_layers"] == 10
+    kernel = results["verification"]["kernel"]  # every int8 layer's codes checked, none wrong on an exact engine
+    assert kernel["codes"] > 0 and kernel["wrong"] == 0 and scalars["export/kernel_wrong_codes"][-1][1] == 0
 
 
 def test_report_measures_the_int8_model_and_the_export_runs_once(qat_run):

@@ -5,6 +5,8 @@ the same, so both agree."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,21 @@ def test_int8_se_network_follows_the_fake_quantized_model(se_models, engine):
     # 0.0000 (qnnpack; 0.019 before: its int32 biases)
     assert check["agreement"] >= 0.995, (engine, check)
     assert check["relative_error"] <= 0.005, (engine, check)
+
+
+def test_gradients_pass_the_pool_and_mul_quantizers(se_models):
+    """The pooled average and the gate product round like the int8 kernels forward and pass the gradient straight
+    through backward, as fake quantization does: training the fake-quantized network (fine-tuning after PTQ) still
+    reaches the stem (with a zero gradient there, fine-tuning would silently train the head alone)."""
+    fake = copy.deepcopy(se_models[3])
+    test = se_models[1]
+    with_points = [key for key, q in residual_quantizers(fake).items() if q.kind in ("pool", "mul")]
+    assert len(with_points) >= 4, with_points
+    x = test[:32].clone().requires_grad_(True)
+    fake(x).logsumexp(1).sum().backward()
+    stem = fake.stem[0].weight.grad
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0 and stem is not None
+    plain = quantize_model(se_models[2], "static", se_models[0], reduce_range=True)
+    plain(test[:32]).logsumexp(1).sum().backward()
+    cosine = torch.nn.functional.cosine_similarity(stem.flatten(), plain.stem[0].weight.grad.flatten(), dim=0)
+    assert float(cosine) > 0.5, float(cosine)  # the same direction as without the residual points
