@@ -197,7 +197,8 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
         min_agreement: the smallest share of samples on which the int8 and the fake-quantized model must predict
             the same class (argmax of the last dimension; for one output per sample, a relative error within 5%);
             ``None`` skips the check (the numbers are still in :attr:`Int8Model.verification`).
-        check_inputs: more inputs (a tensor, a tuple, or an iterable of batches) to check on, e.g. held-out data.
+        check_inputs: more inputs (a tensor, run 64 samples at a time; a tuple; or an iterable of batches) to
+            check on, e.g. held-out data.
         method: ``"fx"`` (above), ``"dynamic"`` (:func:`~lightning_compress.export.int8_dynamic.export_int8_dynamic`:
             int8 ``Linear`` / ``Conv1D`` swapped module by module, activations quantized per call, no tracing) or
             ``"auto"``: ``"dynamic"`` for transformers (attention modules, ``Conv1D``), else ``"fx"``.

@@ -135,3 +135,21 @@ def test_the_engine_tests_pass_on_an_emulated_avx2_only_cpu():
                           env={**os.environ, **AVX2_ONLY}, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def test_a_check_tensor_runs_in_chunks_with_the_numbers_of_one_pass():
+    """Some int8 kernels take workspace per sample (qnnpack's ConvNeXt-T: about 1.1 GB per 64 images), so a large
+    ``check_inputs`` tensor is run 64 samples at a time; the agreement and errors are those of one pass."""
+    from lightning_compress.export.verify import CHECK_CHUNK, check_agreement, output_agreement
+
+    torch.manual_seed(0)
+    reference, exported = nn.Linear(6, 4).eval(), nn.Linear(6, 4).eval()
+    seen: list[int] = []
+    exported.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    x, inputs = torch.randn(8, 6), torch.randn(150, 6)
+    result = check_agreement(reference, exported, (x,), inputs)
+    assert seen == [8, CHECK_CHUNK, CHECK_CHUNK, 150 - 2 * CHECK_CHUNK], seen
+    with torch.no_grad():
+        whole = output_agreement(reference(torch.cat([x, inputs])), exported(torch.cat([x, inputs])))
+    assert result["samples"] == 158 and result["agreement"] == whole["agreement"]
+    assert result["relative_error"] == pytest.approx(whole["relative_error"], rel=1e-6)
