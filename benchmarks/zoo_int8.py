@@ -21,8 +21,9 @@ the first ``--check-images`` of the 600 test images. Columns:
   (each Conv / Linear) multiplied by ``1 + 1e-6 * N(0, 1)`` through forward hooks. Predictions that flip under such
   noise are ties at the resolution of float rounding: no int8 kernel can be expected to reproduce them, so
   agreement is meaningful only down to this floor;
-- kernel near-tie / wrong: ``int8.verification["kernel"]`` (every int8 Conv / Linear's output codes on 16 calibration
-  images recomputed with integer arithmetic: codes that differ within float rounding of a tie / otherwise);
+- kernel near-tie / wrong: ``int8.verification["kernel"]`` (every int8 Conv / Linear's output codes on the first 4
+  calibration images recomputed with integer arithmetic: codes that differ within float rounding of a tie /
+  otherwise);
 - torch.ao agreement / rel. error: torch.ao's own pipeline on the same trained model and engine, the anchor:
   ``prepare_qat_fx`` with the engine's default QAT qconfig mapping, its observers run over the same calibration
   images in eval mode and then frozen (its fake-quantized model), against ``convert_fx`` of it (its int8 model).

@@ -83,8 +83,14 @@ def layer_code_errors(layer: nn.Module, quantized_input: Tensor, output: Tensor)
             "max_code_difference": float((reference - got).abs().max()) if differs.any() else 0.0}
 
 
+def _checkable(layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> bool:
+    """One per-tensor quantized input, a quantized output, zero padding."""
+    return (len(inputs) == 1 and isinstance(output, Tensor) and output.is_quantized and inputs[0].is_quantized
+            and inputs[0].qscheme() == torch.per_tensor_affine and getattr(layer, "padding_mode", "zeros") == "zeros")
+
+
 @torch.no_grad()
-def kernel_exactness(model: nn.Module, args: tuple[Any, ...], samples: int = 16) -> dict[str, Any]:
+def kernel_exactness(model: nn.Module, args: tuple[Any, ...], samples: int = 4) -> dict[str, Any]:
     """Run the int8 ``model`` (under the engine it was converted for) on ``args`` and check the codes of every
     layer in :data:`CHECKED_LAYERS` on the first ``samples`` samples (:func:`layer_code_errors`).
 
@@ -94,16 +100,14 @@ def kernel_exactness(model: nn.Module, args: tuple[Any, ...], samples: int = 16)
     per_layer: dict[str, dict[str, float]] = {}
 
     def check(name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if len(inputs) != 1 or not (isinstance(output, Tensor) and output.is_quantized):
-            return
-        if getattr(layer, "padding_mode", "zeros") != "zeros" or not inputs[0].is_quantized:
-            return
-        if inputs[0].qscheme() != torch.per_tensor_affine:
+        if not _checkable(layer, inputs, output):
             return
         result = layer_code_errors(layer, inputs[0][:samples], output[:samples])
-        previous = per_layer.get(name)
-        per_layer[name] = result if previous is None else {k: previous[k] + result[k] if k != "max_code_difference"
-                                                           else max(previous[k], result[k]) for k in result}
+        if name in per_layer:  # a layer called more than once
+            before = per_layer[name]
+            result = {**{k: before[k] + result[k] for k in ("codes", "near_tie", "wrong")},
+                      "max_code_difference": max(before["max_code_difference"], result["max_code_difference"])}
+        per_layer[name] = result
 
     hooks = [module.register_forward_hook(lambda layer, i, o, name=name: check(name, layer, i, o))
              for name, module in model.named_modules() if type(module) in CHECKED_LAYERS]
