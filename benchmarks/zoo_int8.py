@@ -29,7 +29,7 @@ the first ``--check-images`` of the 600 test images. Columns:
   images in eval mode and then frozen (its fake-quantized model), against ``convert_fx`` of it (its int8 model).
 
 The notes after the table also give how often the int8 models of two engines agree with each other on the checked
-images: exact kernels that round ties differently part there as much as from the fake-quantized model.
+test images: exact kernels that round ties differently part there as much as from the fake-quantized model.
 
 torchvision comes from the isolated install of tests/zoo/zoo_support.py (``$LIGHTNING_COMPRESS_ZOO``):
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.export.counting import quantized_counts
-from lightning_compress.export.engines import choose_engine, host_summary, quantized_engine
+from lightning_compress.export.engines import choose_engine, exact_engines, host_summary, quantized_engine
 from lightning_compress.export.int8_graph import (
     ResidualPointError,
     clips_as_calls,
@@ -269,7 +269,7 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
             if chosen == "qnnpack":
                 contiguous_before_clips(converted)
             clips_as_calls(converted)
-            _check_runs(converted, args)
+            _check_runs(converted, args, chosen, [e for e in exact_engines(max_code) if e != chosen])
             kernel = kernel_exactness(converted, args)
     if min_agreement is not None:
         check_kernel(kernel, chosen)
@@ -297,12 +297,14 @@ def resolve_method(model: nn.Module, method: str) -> str:
     return "dynamic" if method == "dynamic" or (method == "auto" and transformer) else "fx"
 
 
-def _check_runs(converted: nn.Module, args: tuple[Any, ...]) -> None:
-    """Run the int8 model once on the example batch, so a model that cannot run fails here, not at its first use."""
+def _check_runs(converted: nn.Module, args: tuple[Any, ...], engine: str, others: list[str]) -> None:
+    """Run the int8 model once on the example batch, so a model that cannot run fails here, not at its first use
+    (e.g. ``qnnpack``'s addition refuses input / output scale ratios outside [2^-14, 2^8))."""
     try:
         converted(*args)
     except Exception as error:
         raise RuntimeError(
-            f"the int8 model converted by torch.ao fails on the example inputs ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); the float and fake-quantized models are unchanged"
+            f"the int8 model converted by torch.ao for engine {engine!r} fails on the example inputs "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the float and "
+            f"fake-quantized models are unchanged. Other engines that compute it exactly here: {others}"
         ) from error

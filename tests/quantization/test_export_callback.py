@@ -194,3 +194,21 @@ def test_evaluation_follows_the_validation_limit(limit_val_batches, eval_batches
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Int8Export(**kwargs)
+
+
+def test_wrong_kernel_codes_fail_the_run_whatever_the_agreement(trainer_factory, tmp_path, monkeypatch):
+    """An engine whose kernels compute codes integer arithmetic does not give (as saturating kernels do) fails the
+    export even where the agreement passes: nothing is written, and the count is logged first."""
+    import lightning_compress.export.int8 as int8_module
+
+    def saturated(model, args):
+        return {"layers": 3, "codes": 600, "near_tie": 0, "wrong": 17, "max_code_difference": 40.0, "worst": "conv"}
+
+    monkeypatch.setattr(int8_module, "kernel_exactness", saturated)
+    exporter = Int8Export(output_dir=str(tmp_path / "out"), min_agreement=0.0)
+    qat = QuantizationAwareTraining(calibration_batches=1)
+    trainer = trainer_factory(callbacks=[qat, exporter], limit_train_batches=3, limit_val_batches=1)
+    with pytest.raises(ValueError, match="17 of 600 output codes differently from integer arithmetic"):
+        trainer.fit(ClassifierModule(PlainCNN(width=4)), DigitsDataModule(batch_size=32))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
+    assert exporter.results["verification"]["kernel"]["wrong"] == 17
