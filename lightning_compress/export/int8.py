@@ -206,8 +206,9 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
     Returns:
         An :class:`Int8Model` running int8 kernels on CPU; its ``verification`` holds the agreement, the largest
         absolute output difference, the engine and ``kernel``: every int8 Conv / Linear's output codes on the
-        example batch recomputed with integer arithmetic (``wrong`` codes: an engine error; ``near_tie``: float
-        rounding every engine may do, which a sensitive network can still amplify into disagreement).
+        first 4 samples of the example batch recomputed with integer arithmetic (``wrong`` codes: an engine error;
+        ``near_tie``: float rounding every engine may do, which a sensitive network can still amplify into
+        disagreement).
 
     Raises:
         ValueError: if ``model`` has no quantized layer, or one with a dynamic / uncalibrated input or > 8 bits; an

@@ -32,6 +32,7 @@ __all__ = [
     "pact_fake_quantize",
     "qrange",
     "quantize",
+    "straight_through",
     "validate_num_bits",
 ]
 
@@ -67,6 +68,18 @@ def _channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return t.reshape(shape)
+
+
+def straight_through(x: Tensor, rounded: Tensor) -> Tensor:
+    """``rounded`` forward (bit for bit: ``x - x`` adds an exact zero), the gradient of ``x`` backward: the
+    straight-through estimator (Bengio et al., 2013, "Estimating or Propagating Gradients Through Stochastic
+    Neurons"), as ``torch.fake_quantize_per_tensor_affine`` passes it.
+
+    >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+    >>> y = straight_through(x, torch.round(x)); y.sum().backward(); y.detach(), x.grad
+    (tensor([0., 2.]), tensor([1., 1.]))
+    """
+    return rounded.detach() + (x - x.detach())
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

@@ -43,11 +43,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.quantization.bias_rounding import remove_bias_rounding
-from lightning_compress.quantization.functional import affine_qparams
+from lightning_compress.quantization.functional import affine_qparams, straight_through
 
 __all__ = ["INPUT", "INPUT_NAME", "KINDS", "NAME", "ResidualQuantizer", "check_residual_options",
            "finish_residual_quantizers", "hook_residual_quantizer", "move_residual_quantizer", "quantizer_module",
-           "remove_residual_quantizers", "residual_qparams", "residual_quantizers", "straight_through"]
+           "remove_residual_quantizers", "residual_qparams", "residual_quantizers"]
 
 #: the attribute (and state-dict key part) of the quantizer on the module whose output it quantizes
 NAME = "residual_quantizer"
@@ -55,18 +55,6 @@ INPUT_NAME = "input_residual_quantizer"
 INPUT = ":input"  # the suffix of an input quantizer's key in residual_quantizers()
 KINDS = ("range", "consumers", "fixed", "pool", "mul")
 QMIN, QMAX = 0, 255  # quint8 codes, as torch.ao stores activations
-
-
-def straight_through(x: Tensor, rounded: Tensor) -> Tensor:
-    """``rounded`` forward (bit for bit: ``x - x`` adds an exact zero), the gradient of ``x`` backward: the
-    straight-through estimator (Bengio et al., 2013, "Estimating or Propagating Gradients Through Stochastic
-    Neurons"), as ``torch.fake_quantize_per_tensor_affine`` passes it.
-
-    >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
-    >>> y = straight_through(x, torch.round(x)); y.sum().backward(); y.detach(), x.grad
-    (tensor([0., 2.]), tensor([1., 1.]))
-    """
-    return rounded.detach() + (x - x.detach())
 
 
 class ResidualQuantizer(nn.Module):
