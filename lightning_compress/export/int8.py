@@ -46,7 +46,7 @@ from lightning_compress.export.kernel_check import check_kernel, kernel_exactnes
 from lightning_compress.export.verify import Int8MismatchError, check_agreement
 from lightning_compress.quantization.bias_rounding import rounded_biases
 from lightning_compress.quantization.quantizers import absmax, quantized_layers, remove_quantizers
-from lightning_compress.quantization.residual import residual_qparams
+from lightning_compress.quantization.residual import residual_qparams, residual_quantizers
 
 __all__ = ["METHODS", "Int8MismatchError", "Int8Model", "deterministic_off", "export_int8", "quantized_counts",
            "resolve_method"]
@@ -276,8 +276,19 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
         check_kernel(kernel, chosen)
     int8 = Int8Model(converted, chosen).eval()
     int8.verification = {"engine": chosen, "max_activation_code": max_code, **host_summary(), "kernel": kernel,
-                         **check_agreement(model, int8, args, check_inputs, min_agreement)}
+                         **check_agreement(model, int8, args, check_inputs, min_agreement, _advice(model))}
     return int8
+
+
+#: why a static model without residual quantizers may disagree, and the fix
+RESIDUAL_ADVICE = ("The fake-quantized model keeps in float the tensors the int8 graph stores in 8 bits (outputs "
+                   "feeding residual additions, activations, squeeze-excitation gates): quantize it with "
+                   "residual_quantizers=True (quantize_model, PostTrainingQuantization), which took a ResNet-50 from "
+                   "88% to 98% agreement. ")
+
+
+def _advice(model: nn.Module) -> str:
+    return "" if residual_quantizers(model) else RESIDUAL_ADVICE
 
 
 def resolve_method(model: nn.Module, method: str) -> str:

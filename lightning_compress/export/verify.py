@@ -86,14 +86,15 @@ def _batches(check_inputs: Any) -> Iterable[tuple[Any, ...]]:
 
 
 def check_agreement(reference: nn.Module, exported: nn.Module, args: tuple[Any, ...], check_inputs: Any = None,
-                    min_agreement: float | None = None) -> dict[str, Any]:
+                    min_agreement: float | None = None, advice: str = "") -> dict[str, Any]:
     """Run both models (eval mode, no gradients) on ``args`` and on every batch of ``check_inputs`` and compare.
 
     ``reference`` runs on its own device, ``exported`` on CPU. Returns :func:`output_agreement`'s numbers over all
     samples (``max_abs_diff`` the largest of any batch) and ``min_agreement``.
 
     Raises:
-        Int8MismatchError: when ``min_agreement`` is set and the agreement is below it.
+        Int8MismatchError: when ``min_agreement`` is set and the agreement is below it (its message ends with
+            ``advice``, the exporter's suggestion).
     """
     device = next((p.device for p in reference.parameters()), torch.device("cpu"))
     references, outputs = [], []
@@ -110,7 +111,7 @@ def check_agreement(reference: nn.Module, exported: nn.Module, args: tuple[Any, 
             f"the int8 model agrees with the fake-quantized model on {result['agreement']:.2%} of "
             f"{result['samples']} samples, below min_agreement={min_agreement} (largest output difference "
             f"{result['max_abs_diff']:.4g}); engine {getattr(exported, 'engine', None)!r} on a "
-            f"{torch.backends.cpu.get_cpu_capability()} CPU. Pass a more representative example batch, or "
+            f"{torch.backends.cpu.get_cpu_capability()} CPU. {advice}Pass a more representative example batch, or "
             "min_agreement=None to keep the model anyway")
     return result
 

@@ -270,3 +270,17 @@ def test_quantizing_again_without_the_option_drops_the_old_quantizers(digits, mo
     again = quantize_model(models[("reduce-range", True)], "static", batches, reduce_range=True)
     assert not residual_quantizers(again)  # their scales belonged to the first quantization
     torch.testing.assert_close(again(test), models[("reduce-range", False)](test))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_failed_agreement_without_residual_quantizers_advises_them(digits, models, residual, monkeypatch):
+    """Deep residual networks part from their int8 graph where the fake-quantized model keeps float what the graph
+    stores in 8 bits (ResNet-50: 88% agreement): the refusal names the option that fixes it, and only where the
+    model does not use it yet."""
+    import lightning_compress.export.verify as verify
+
+    real = verify.output_agreement
+    monkeypatch.setattr(verify, "output_agreement", lambda ref, out: {**real(ref, out), "agreement": 0.5})
+    with pytest.raises(verify.Int8MismatchError) as refused:
+        export_int8(models[("reduce-range", residual)], digits[1][:64])
+    assert ("residual_quantizers=True" in str(refused.value)) is not residual, str(refused.value)
