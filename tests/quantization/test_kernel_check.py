@@ -41,21 +41,27 @@ def _int8_layers(int8: nn.Module) -> int:
 
 @pytest.mark.parametrize("engine", list(torch.backends.quantized.supported_engines))
 def test_every_exact_engine_computes_every_layer_like_integer_arithmetic(engine):
+    """Full-range and 7-bit activations (the latter exact under every engine on every CPU but onednn without VNNI)."""
     signals, _ = noisy_sines(256, 0)
+    checked = 0
     for model, data in ((saturating_net(), torch.rand(64, 4, 8, 8)), (Conv1dNet().eval(), signals)):
-        fake = quantize_model(model, "static", [data], calibration="max")
-        code = export_int8(fake, data, min_agreement=None).verification["max_activation_code"]
-        if engine not in exact_engines(code):
-            continue
-        int8 = export_int8(fake, data, engine=engine, min_agreement=0.99)
-        kernel = int8.verification["kernel"]
-        assert kernel["layers"] == _int8_layers(int8) >= 2 and kernel["codes"] > 1000, kernel
-        assert kernel["wrong"] == 0 and kernel["near_tie"] <= 1e-3 * kernel["codes"], (engine, kernel)
+        for reduce_range in (False, True):
+            fake = quantize_model(model, "static", [data], calibration="max", reduce_range=reduce_range)
+            code = export_int8(fake, data, min_agreement=None).verification["max_activation_code"]
+            if engine not in exact_engines(code):  # refused here: test_export_engines checks the refusal
+                continue
+            int8 = export_int8(fake, data, engine=engine, min_agreement=0.99)
+            kernel = int8.verification["kernel"]
+            assert kernel["layers"] == _int8_layers(int8) >= 2 and kernel["codes"] > 1000, kernel
+            assert kernel["wrong"] == 0 and kernel["near_tie"] <= 1e-3 * kernel["codes"], (engine, kernel)
+            checked += 1
+    assert checked >= (2 if engine in exact_engines(127) else 0), (engine, checked)
 
 
 def test_a_kernel_whose_codes_are_off_is_caught():
+    net = saturating_net()  # seeds the generator
     data = torch.rand(64, 4, 8, 8)
-    int8 = export_int8(quantize_model(saturating_net(), "static", [data], calibration="max"), data)
+    int8 = export_int8(quantize_model(net, "static", [data], calibration="max"), data)
     layer = next(m for m in int8.modules() if type(m) in CHECKED_LAYERS)
 
     def shifted(_module, _inputs, output):  # what a wrong kernel would return: some codes 2 steps higher
@@ -95,8 +101,9 @@ EMULATED = textwrap.dedent("""
     from lightning_compress.quantization import quantize_model
 
     assert not engines.has_vnni()
+    net = saturating_net()  # seeds the generator
     data = torch.rand(64, 4, 8, 8)
-    fake = quantize_model(saturating_net(), "static", [data], calibration="max")
+    fake = quantize_model(net, "static", [data], calibration="max")
     auto = export_int8(fake, data, min_agreement=0.99)
     assert auto.engine == "qnnpack" and auto.verification["kernel"]["wrong"] == 0, auto.verification
     engines.has_vnni = lambda: True  # as if the rule let x86 compute full-range codes here
@@ -127,10 +134,12 @@ def test_an_avx2_only_cpu_emulated_saturates_and_is_caught():
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="FBGEMM and oneDNN run on x86 only")
 def test_the_engine_tests_pass_on_an_emulated_avx2_only_cpu():
-    """The int8 engine and bias tests again, in a process whose FBGEMM and oneDNN are held to AVX2: what an
+    """The int8 engine, bias and kernel tests again, in a process whose FBGEMM and oneDNN are held to AVX2: what an
     AVX2-only CI host runs, checked on every x86 host."""
     tests = os.path.dirname(__file__)
-    files = [os.path.join(tests, name) for name in ("test_export_engines.py", "test_bias_rounding.py")]
+    files = [os.path.join(tests, name) for name in (
+        "test_export_engines.py", "test_bias_rounding.py",
+        "test_kernel_check.py::test_every_exact_engine_computes_every_layer_like_integer_arithmetic")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files],
                           env={**os.environ, **AVX2_ONLY}, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
