@@ -270,8 +270,7 @@ def export_int8(model: nn.Module, example_inputs: Any, *, engine: str = "auto", 
             if chosen == "qnnpack":
                 contiguous_before_clips(converted)
             clips_as_calls(converted)
-            _check_runs(converted, args, chosen, [e for e in exact_engines(max_code) if e != chosen])
-            kernel = kernel_exactness(converted, args)
+            kernel = _run_checked(converted, args, chosen, [e for e in exact_engines(max_code) if e != chosen])
     if min_agreement is not None:
         check_kernel(kernel, chosen)
     int8 = Int8Model(converted, chosen).eval()
@@ -309,11 +308,12 @@ def resolve_method(model: nn.Module, method: str) -> str:
     return "dynamic" if method == "dynamic" or (method == "auto" and transformer) else "fx"
 
 
-def _check_runs(converted: nn.Module, args: tuple[Any, ...], engine: str, others: list[str]) -> None:
-    """Run the int8 model once on the example batch, so a model that cannot run fails here, not at its first use
-    (e.g. ``qnnpack``'s addition refuses input / output scale ratios outside [2^-14, 2^8))."""
+def _run_checked(converted: nn.Module, args: tuple[Any, ...], engine: str, others: list[str]) -> dict[str, Any]:
+    """Run the int8 model once on the example batch with the kernel check (:func:`kernel_exactness`), so a model
+    that cannot run fails here, not at its first use (e.g. ``qnnpack``'s addition refuses input / output scale
+    ratios outside [2^-14, 2^8))."""
     try:
-        converted(*args)
+        return kernel_exactness(converted, args)
     except Exception as error:
         raise RuntimeError(
             f"the int8 model converted by torch.ao for engine {engine!r} fails on the example inputs "
